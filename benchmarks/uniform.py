@@ -1,0 +1,93 @@
+"""Every number format at its usual settings, round to nearest, on the built-in models.
+
+    python benchmarks/uniform.py [--models smollm2-135m,qwen2.5-coder-0.5b] [--windows 16]
+
+Prints a table per model and writes benchmarks/results/uniform.json. Perplexity on the held-out
+halves of wiki and c4 (windows of 512 tokens, no overlap), KL(original || quantized) and top-1
+agreement against the unquantized (dequantized-GGUF, float32) model, bits per weight of the
+quantized linears, bytes of the whole model, and quantization time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _machine import describe, machine  # noqa: E402
+
+import ampq  # noqa: E402
+from ampq.data import make_windows  # noqa: E402
+from ampq.evaluate import Reference, evaluate  # noqa: E402
+from ampq.formats import STANDARD_FORMATS  # noqa: E402
+from ampq.report import block_linear_names, linear_bits, model_bytes, print_table  # noqa: E402
+
+
+def run_model(name: str, formats: list[str], corpora: list[str], windows: int, window: int) -> list[dict]:
+    model, tok = ampq.load_model(name)
+    names = block_linear_names(model)
+    texts = {c: make_windows(tok, c, "eval", window, windows) for c in corpora}
+    refs = {c: Reference(model, w, cache_bytes=6 << 30) for c, w in texts.items()}
+    rows = []
+    for fmt in formats:
+        print(f"[{name}] {fmt}", file=sys.stderr, flush=True)
+        q = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        ampq.quantize(q, fmt, progress=False)
+        seconds = time.perf_counter() - t0
+        row = {"model": name, "format": fmt, "bits_per_weight": linear_bits(q), "model_bytes": model_bytes(q),
+               "quantize_s": seconds}
+        for c, w in texts.items():
+            r = evaluate(q, w, refs[c], progress=False)
+            row[c] = r.as_dict()
+        rows.append(row)
+        del q
+        gc.collect()
+    base = {"model": name, "format": "original (fp32)", "bits_per_weight": linear_bits(model, names),
+            "model_bytes": model_bytes(model), "quantize_s": 0.0}
+    for c in corpora:
+        base[c] = refs[c].quality.as_dict()
+    return [base] + rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="smollm2-135m,qwen2.5-coder-0.5b")
+    p.add_argument("--formats", default=",".join(STANDARD_FORMATS))
+    p.add_argument("--corpora", default="wiki,c4")
+    p.add_argument("--windows", type=int, default=16, help="windows of --window tokens per text")
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "uniform.json"))
+    args = p.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    info = machine()
+    corpora = args.corpora.split(",")
+    results = []
+    for name in args.models.split(","):
+        rows = run_model(name, args.formats.split(","), corpora, args.windows, args.window)
+        results += rows
+        tokens = rows[0][corpora[0]]["tokens"]
+        print_table(f"{name}: uniform formats, round to nearest",
+                    ["format", "bits/weight", "model MB"] + [f"ppl {c}" for c in corpora] + ["KL", "top-1", "quantize s"],
+                    [[r["format"], r["bits_per_weight"], r["model_bytes"] / 1e6]
+                     + [r[c]["perplexity"] for c in corpora]
+                     + [sum(r[c]["kl"] for c in corpora) / len(corpora),
+                        sum(r[c]["top1"] for c in corpora) / len(corpora), r["quantize_s"]] for r in rows],
+                    f"{describe(info)}; {tokens} tokens per text, window {args.window}, stride {args.window}")
+        out = {"machine": info, "windows": args.windows, "window": args.window, "corpora": corpora, "rows": results}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(args.out + ".tmp")
+        tmp.write_text(json.dumps(out, indent=2))
+        os.replace(tmp, args.out)
+
+
+if __name__ == "__main__":
+    main()

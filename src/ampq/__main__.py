@@ -1,0 +1,5 @@
+import sys
+
+from ampq.cli import main
+
+sys.exit(main())

@@ -1,0 +1,224 @@
+"""The `ampq` command line: quantize, eval, inspect, formats, generate."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from ampq.errors import AmpqError
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", default="wiki", help="comma-separated texts to evaluate on: built-in "
+                   "wiki, c4, tiny, code, technical, multilingual, or a text file (default: wiki)")
+    p.add_argument("--window", type=int, default=512, help="tokens per evaluation window (default 512)")
+    p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: the window)")
+    p.add_argument("--windows", type=int, default=32, help="number of windows per text (default 32)")
+    p.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
+
+
+def _evaluate_pair(model, reference, tokenizer, args) -> list[dict]:
+    from ampq.data import make_windows
+    from ampq.evaluate import Reference, evaluate
+
+    results = []
+    for corpus in [c.strip() for c in args.corpus.split(",") if c.strip()]:
+        windows = make_windows(tokenizer, corpus, "eval", args.window, args.windows, args.stride)
+        ref = Reference(reference, windows) if reference is not None else None
+        q = evaluate(model, windows, ref)
+        results.append({"corpus": corpus, "model": q.as_dict(),
+                        "reference": ref.quality.as_dict() if ref is not None else None})
+    return results
+
+
+def _quality_table(title: str, rows_meta: list[tuple[str, object, float, int]], results: list[dict]) -> None:
+    from ampq.report import print_table
+
+    corpora = [r["corpus"] for r in results]
+    columns = ["model", "bits/weight (linears)", "model MB"] + [f"ppl {c}" for c in corpora] + ["KL", "top-1"]
+    rows = []
+    for label, key, bits, nbytes in rows_meta:
+        qs = [r[key] for r in results]
+        if any(q is None for q in qs):
+            continue
+        kl = sum(q["kl"] for q in qs) / len(qs) if qs[0]["kl"] is not None else None
+        top1 = sum(q["top1"] for q in qs) / len(qs) if qs[0]["top1"] is not None else None
+        rows.append([label, bits, nbytes / 1e6] + [q["perplexity"] for q in qs] + [kl, top1])
+    q0 = results[0]["model"]
+    note = (f"perplexity over {q0['tokens']} scored tokens per text, window {q0['window']}, stride "
+            f"{q0['stride']}, held-out half of each text; KL(original || model) in nats per token, "
+            f"averaged over texts")
+    print_table(title, columns, rows, note)
+
+
+def cmd_quantize(args) -> int:
+    import ampq
+    from ampq.report import block_linear_names, linear_bits, model_bytes
+
+    ampq.get_format(args.format)
+    output = Path(args.output or f"{Path(args.model).name.removesuffix('.gguf')}-{args.format}")
+    if output.exists() and any(output.iterdir()) and not args.overwrite:
+        raise AmpqError(f"{output} already exists; choose another --output or pass --overwrite")
+    model, tok = ampq.load_model(args.model, args.dtype)
+    names = block_linear_names(model)
+    original = copy.deepcopy(model) if args.eval else None
+    orig_bits, orig_bytes = linear_bits(model, names), model_bytes(model)
+    t0 = time.perf_counter()
+    ampq.quantize(model, args.format, lm_head=args.lm_head)
+    seconds = time.perf_counter() - t0
+    ampq.save(model, output, tok, overwrite=args.overwrite)
+    bits, nbytes = linear_bits(model), model_bytes(model)
+    print(f"quantized {args.model} to {args.format} in {seconds:.1f} s: {bits:.3f} bits per weight "
+          f"over the quantized linears, {nbytes / 1e6:.1f} MB in all; saved to {output}")
+    if args.eval:
+        results = _evaluate_pair(model, original, tok, args)
+        _quality_table(f"{args.model}: {args.format} against the original",
+                       [("original", "reference", orig_bits, orig_bytes), (args.format, "model", bits, nbytes)],
+                       results)
+        if args.json_out:
+            _write_json(args.json_out, {"model": args.model, "format": args.format, "seconds": seconds,
+                                        "bits_per_weight": bits, "model_bytes": nbytes,
+                                        "original_bytes": orig_bytes, "results": results})
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import ampq
+    from ampq.report import linear_bits, model_bytes
+
+    model, tok = ampq.load_model(args.target)
+    ref_spec = args.reference or getattr(model.config, "ampq_source", None)
+    reference = None
+    if ref_spec and ref_spec != args.target:
+        reference, _ = ampq.load_model(ref_spec)
+    elif args.reference is None and ref_spec is None:
+        print("no --reference given and the checkpoint names no source: reporting perplexity only", file=sys.stderr)
+    results = _evaluate_pair(model, reference, tok, args)
+    rows = [(str(args.target), "model", linear_bits(model), model_bytes(model))]
+    if reference is not None:
+        rows.insert(0, (f"original ({ref_spec})", "reference",
+                        linear_bits(reference), model_bytes(reference)))
+    _quality_table(f"evaluation of {args.target}", rows, results)
+    if args.json_out:
+        _write_json(args.json_out, {"target": args.target, "reference": ref_spec, "results": results})
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from ampq.io.checkpoint import verify_checkpoint
+    from ampq.report import print_table
+
+    manifest = verify_checkpoint(args.directory)
+    layers = manifest.get("layers", {})
+    rows = [[name, e["format"], e["algorithm"], "x".join(map(str, e["shape"])), e["bytes"], e["bits_per_weight"]]
+            for name, e in layers.items()]
+    total_files = sum(f["bytes"] for n, f in manifest["files"].items() if n.endswith(".safetensors"))
+    q_bytes = sum(e["bytes"] for e in layers.values())
+    q_weights = sum(e["shape"][0] * e["shape"][1] for e in layers.values())
+    rows.append(["all quantized linears", "", "", f"{q_weights:,} weights", q_bytes,
+                 8 * q_bytes / q_weights if q_weights else None])
+    print_table(f"{args.directory} (ampq {manifest.get('ampq_version')}, source {manifest.get('source')})",
+                ["layer", "format", "algorithm", "shape", "bytes", "bits/weight"], rows,
+                f"{len(manifest['tensors'])} tensors, {total_files:,} bytes of safetensors; every hash verified")
+    return 0
+
+
+def cmd_formats(args) -> int:
+    from ampq.formats import STANDARD_FORMATS, get_format
+    from ampq.report import print_table
+
+    shape = (4096, 4096)
+    rows = [[name, type(get_format(name)).__name__.removesuffix("Format"), get_format(name).bits_per_weight(shape)]
+            for name in STANDARD_FORMATS]
+    print_table("number formats (any bits/group size of a family works: int3-g32, nf4-b128, e3m2-ch ...)",
+                ["name", "family", "bits/weight at 4096x4096"], rows)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    import ampq
+
+    model, tok = ampq.load_model(args.model)
+    messages = [{"role": "user", "content": args.prompt}]
+    if args.chat and getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tok(args.prompt, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+    print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return 0
+
+
+def _write_json(path: str, data: dict) -> None:
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ampq", description="Quantize transformer language models and run them.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and save it")
+    q.add_argument("model", help="built-in name (smollm2-135m, qwen2.5-coder-0.5b), HF folder, .gguf file or hub id")
+    q.add_argument("-f", "--format", default="int4-g128", help="number format (default int4-g128; see `ampq formats`)")
+    q.add_argument("-o", "--output", help="checkpoint folder (default: ./MODEL-FORMAT)")
+    q.add_argument("--dtype", default=None, help="dtype of the unquantized parts: float32 (default), bfloat16, float16")
+    q.add_argument("--lm-head", action="store_true", help="quantize the output head too")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    q.add_argument("--eval", action="store_true", help="evaluate against the original and print the table")
+    _add_eval_args(q)
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity, KL and top-1 agreement against the original")
+    e.add_argument("target", help="ampq checkpoint folder or any model")
+    e.add_argument("--reference", help="the original model (default: the checkpoint's source)")
+    _add_eval_args(e)
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("inspect", help="list a checkpoint's layers, formats and bytes (verifies every hash)")
+    i.add_argument("directory")
+    i.set_defaults(func=cmd_inspect)
+
+    f = sub.add_parser("formats", help="list the number formats")
+    f.set_defaults(func=cmd_formats)
+
+    g = sub.add_parser("generate", help="greedy text generation from a model or checkpoint")
+    g.add_argument("model")
+    g.add_argument("--prompt", default="The capital of France is")
+    g.add_argument("--max-new-tokens", type=int, default=40)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _quiet_libraries()
+        return args.func(args)
+    except AmpqError as e:
+        print(f"ampq: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ampq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

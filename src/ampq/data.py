@@ -1,0 +1,103 @@
+"""Text for calibration and evaluation, cut into token windows.
+
+Convention: calibration draws only from the first half of a text, evaluation only from the second
+half, so the two never overlap.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ampq.errors import AmpqError
+
+HUB_DATASETS = {"wikitext2": ("wikitext", "wikitext-2-raw-v1", "text")}
+_DOC_TAG = re.compile(r"^</?doc[^>]*>\s*$", re.MULTILINE)
+
+
+def read_text(spec: str) -> str:
+    """Whole text of a built-in corpus (wiki, c4, tiny, code, technical, multilingual), a hub
+    dataset (wikitext2, needs the `datasets` package and a hub) or a UTF-8 file."""
+    from ampq import builtin
+
+    path = Path(spec).expanduser()
+    if spec in builtin.CORPORA and not path.exists():
+        path = builtin.fetch_corpus(spec)
+    elif spec in HUB_DATASETS and not path.exists():
+        return _hub_text(spec)
+    if not path.is_file():
+        raise AmpqError(f"no text {spec!r}: give a built-in corpus ({', '.join(builtin.CORPORA)}), "
+                        f"{', '.join(HUB_DATASETS)}, or a UTF-8 text file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise AmpqError(f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+    return _DOC_TAG.sub("", text)
+
+
+def _hub_text(spec: str) -> str:
+    try:
+        import datasets
+    except ImportError:
+        raise AmpqError(f"corpus {spec!r} needs the `datasets` package: pip install datasets") from None
+    name, config, column = HUB_DATASETS[spec]
+    try:
+        parts = [datasets.load_dataset(name, config, split=s)[column] for s in ("train", "test")]
+    except Exception as e:  # network and hub errors come in many types
+        raise AmpqError(f"cannot fetch {spec!r} from the hub ({type(e).__name__}); use a built-in corpus or a file") from None
+    # train text is the first half (calibration), test text the second (evaluation)
+    return "\n\n".join(["".join(parts[0]), "".join(parts[1])])
+
+
+def split_text(text: str, split: str) -> str:
+    half = len(text) // 2
+    if split == "calib":
+        return text[:half]
+    if split == "eval":
+        return text[half:]
+    raise ValueError(f"split is 'calib' or 'eval', not {split!r}")
+
+
+@dataclass
+class Windows:
+    """Token windows of one text: ``tokens`` (n, window); in each window the positions from
+    ``first_scored`` on are scored (a sliding evaluation with stride < window scores only the new
+    tokens)."""
+
+    tokens: torch.Tensor
+    first_scored: list[int]
+    window: int
+    stride: int
+    source: str
+
+    @property
+    def scored_tokens(self) -> int:
+        return sum(self.window - max(f, 1) for f in self.first_scored)
+
+
+def make_windows(tokenizer, spec: str, split: str = "eval", window: int = 512, n: int = 32,
+                 stride: int | None = None) -> Windows:
+    """``n`` windows of ``window`` tokens with ``stride`` (default: ``window``, no overlap), taken
+    from the start of the given half of the text."""
+    stride = stride or window
+    if not 0 < stride <= window:
+        raise AmpqError(f"stride must be between 1 and the window ({window}), not {stride}")
+    text = split_text(read_text(spec), split)
+    need = window + stride * (n - 1)
+    ids: list[int] = []
+    chars = need * 8
+    while True:  # tokenize only as much text as the windows need
+        ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
+        if len(ids) >= need or chars >= len(text):
+            break
+        chars *= 2
+    if len(ids) < window:
+        raise AmpqError(f"text {spec!r} ({split} half) has {len(ids)} tokens, fewer than one window of "
+                        f"{window}; use a longer text or a smaller --window")
+    count = min(n, 1 + (len(ids) - window) // stride)
+    tokens = torch.tensor([ids[i * stride: i * stride + window] for i in range(count)], dtype=torch.long)
+    first = [0] + [window - stride] * (count - 1)
+    return Windows(tokens, first, window, stride, f"{spec}:{split}")

@@ -1,0 +1,146 @@
+"""The contract every number format keeps.
+
+A format turns a weight matrix ``w`` of shape (out, in) into integer codes plus per-group parameters
+and back. Groups run along the input dimension (the reduction dimension of the matmul), so one group
+is ``group_size`` consecutive inputs of one output row. ``group_size`` is None for one group per row
+(per output channel) and 0 for one group for the whole tensor.
+
+Parameters come back from :meth:`Format.fit` already at the precision they are stored in (an fp16
+scale is rounded to fp16, a double-quantized absmax is the decoded 8-bit value), so what ``encode``
+sees is exactly what ``decode`` will see after a save and a load. Algorithms (RTN, GPTQ, ...) use
+``fit`` / ``encode`` / ``decode`` on column slices through :meth:`Format.expand`.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from ampq.formats.packing import pack_bits, packed_nbytes, unpack_bits
+
+
+@dataclass
+class Params:
+    """Per-group parameters of one quantized tensor.
+
+    ``values``: what decoding uses, each (rows, n_groups) or (1, 1) for a whole-tensor group.
+    ``stored``: what is written to disk for them (may be compressed, e.g. double-quantized absmax).
+    """
+
+    values: dict[str, torch.Tensor]
+    stored: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Format(ABC):
+    name: str
+    bits: int  # bits per code
+    group_size: int | None  # inputs per group; None: per output channel; 0: whole tensor
+
+    # ---- what a format implements -------------------------------------------------------------
+    @abstractmethod
+    def fit(self, w: torch.Tensor, clip: float | torch.Tensor = 1.0) -> Params:
+        """Per-group parameters for ``w`` (float32, (out, in)); ``clip`` shrinks the range
+        (a ratio in (0, 1], scalar or one per group)."""
+
+    @abstractmethod
+    def encode(self, w: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Codes (int32, same shape as ``w``) for ``w`` given parameter values broadcastable to it."""
+
+    @abstractmethod
+    def decode(self, codes: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """float32 weights from codes and broadcastable parameter values."""
+
+    @abstractmethod
+    def load_params(self, stored: dict[str, torch.Tensor], shape: tuple[int, int]) -> Params:
+        """Inverse of ``Params.stored``: rebuild the parameter values from what was saved."""
+
+    @abstractmethod
+    def param_nbytes(self, shape: tuple[int, int]) -> int:
+        """Bytes that the stored parameters of a (out, in) tensor take."""
+
+    # ---- shared machinery -----------------------------------------------------------------------
+    def n_groups(self, in_features: int) -> int:
+        if not self.group_size:
+            return 1
+        return math.ceil(in_features / self.group_size)
+
+    def group_width(self, in_features: int) -> int:
+        return self.group_size if self.group_size else in_features
+
+    def grouped(self, w: torch.Tensor) -> torch.Tensor:
+        """View ``w`` (out, in) as (out, n_groups, width), padding a partial last group by
+        repeating the row's last input, which leaves every group statistic unchanged."""
+        out, cols = w.shape
+        if self.group_size == 0:
+            return w.reshape(1, 1, -1)
+        width = self.group_width(cols)
+        pad = self.n_groups(cols) * width - cols
+        if pad:
+            w = torch.cat([w, w[:, -1:].expand(out, pad)], dim=1)
+        return w.reshape(out, -1, width)
+
+    def expand(self, values: dict[str, torch.Tensor], shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Parameter values repeated to one per weight, (out, in), for column-wise algorithms."""
+        out, cols = shape
+        width = self.group_width(cols)
+        expanded = {}
+        for key, v in values.items():
+            if self.group_size == 0:
+                expanded[key] = v.reshape(1, 1).expand(out, cols)
+            else:
+                expanded[key] = v.repeat_interleave(width, dim=1)[:, :cols].expand(out, cols)
+        return expanded
+
+    def _apply_grouped(self, fn, x: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        out, cols = x.shape
+        if self.group_size == 0:
+            return fn(x, {k: v.reshape(1, 1) for k, v in values.items()})
+        grouped = self.grouped(x)
+        result = fn(grouped, {k: v.reshape(out, -1, 1) for k, v in values.items()}).reshape(out, -1)
+        return result[:, :cols] if result.shape[1] != cols else result
+
+    def quantize_codes(self, w: torch.Tensor, clip: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, Params]:
+        w = w.detach().float()
+        params = self.fit(w, clip)
+        codes = self._apply_grouped(self.encode, w, params.values)
+        return codes, params
+
+    def fake_quantize(self, w: torch.Tensor, clip: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """``w`` after a round trip through the format, float32."""
+        codes, params = self.quantize_codes(w, clip)
+        return self.dequantize_codes(codes, params.values)
+
+    def dequantize_codes(self, codes: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._apply_grouped(self.decode, codes, values)
+
+    # ---- storage ----------------------------------------------------------------------------------
+    def pack(self, codes: torch.Tensor, params: Params) -> dict[str, torch.Tensor]:
+        return {"codes": pack_bits(codes.reshape(-1), self.bits), **params.stored}
+
+    def unpack(self, stored: dict[str, torch.Tensor], shape: tuple[int, int]) -> tuple[torch.Tensor, Params]:
+        n = shape[0] * shape[1]
+        codes = unpack_bits(stored["codes"], self.bits, n).reshape(shape)
+        params = self.load_params({k: v for k, v in stored.items() if k != "codes"}, shape)
+        return codes, params
+
+    def quantize(self, w: torch.Tensor, clip: float | torch.Tensor = 1.0) -> dict[str, torch.Tensor]:
+        """Everything stored for ``w``: packed codes plus parameters."""
+        codes, params = self.quantize_codes(w, clip)
+        return self.pack(codes, params)
+
+    def dequantize(self, stored: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+        codes, params = self.unpack(stored, shape)
+        return self.dequantize_codes(codes, params.values)
+
+    def nbytes(self, shape: tuple[int, int]) -> int:
+        """Exact bytes stored for a (out, in) weight: codes, scales, zeros, everything."""
+        return packed_nbytes(shape[0] * shape[1], self.bits) + self.param_nbytes(shape)
+
+    def bits_per_weight(self, shape: tuple[int, int]) -> float:
+        return 8 * self.nbytes(shape) / (shape[0] * shape[1])
+
+    def __repr__(self) -> str:
+        return f"Format({self.name!r})"

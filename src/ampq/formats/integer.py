@@ -1,0 +1,66 @@
+"""k-bit integer formats, 2 <= k <= 8.
+
+Asymmetric (the default): w = min + scale * q with q in [0, 2^k - 1], fp16 scale and fp16 min per
+group; this is GGUF's Q4_1 layout, so ``int4-g32`` reproduces a Q4_1 tensor exactly.
+Symmetric (``-sym``): w = scale * (q - 2^(k-1)) with scale = absmax / (2^(k-1) - 1), fp16 scale only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ampq.formats.base import Format, Params
+
+FP16_MAX = 65504.0
+
+
+def _to_fp16(x: torch.Tensor, what: str) -> torch.Tensor:
+    if bool((x.abs() > FP16_MAX).any()):
+        raise ValueError(f"{what} exceeds the fp16 range; weights this large need a per-group or float format")
+    return x.to(torch.float16)
+
+
+class IntegerFormat(Format):
+    def __init__(self, bits: int, group_size: int | None, symmetric: bool, name: str):
+        self.bits, self.group_size, self.symmetric, self.name = bits, group_size, symmetric, name
+        self.qmax = (1 << bits) - 1
+        self.half = 1 << (bits - 1)
+
+    def fit(self, w: torch.Tensor, clip: float | torch.Tensor = 1.0) -> Params:
+        g = self.grouped(w.float())
+        clip = torch.as_tensor(clip, dtype=torch.float32)
+        if clip.dim() == 2:
+            clip = clip.reshape(g.shape[0], g.shape[1])
+        if self.symmetric:
+            absmax = g.abs().amax(dim=2) * clip
+            scale = _to_fp16(absmax / (self.half - 1), "scale")
+            return Params({"scale": scale.float()}, {"scale": scale})
+        lo, hi = g.amin(dim=2), g.amax(dim=2)
+        center, radius = (hi + lo) / 2, (hi - lo) / 2 * clip
+        lo, hi = center - radius, center + radius
+        scale = _to_fp16((hi - lo) / self.qmax, "scale")
+        minimum = _to_fp16(lo, "minimum")
+        return Params({"scale": scale.float(), "min": minimum.float()}, {"scale": scale, "min": minimum})
+
+    def encode(self, w: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        scale = values["scale"]
+        inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+        if self.symmetric:
+            q = torch.round(w * inv) + self.half
+        else:
+            q = torch.round((w - values["min"]) * inv)
+        return q.clamp_(0, self.qmax).to(torch.int32)
+
+    def decode(self, codes: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.symmetric:
+            return (codes - self.half).float() * values["scale"]
+        return codes.float() * values["scale"] + values["min"]
+
+    def load_params(self, stored: dict[str, torch.Tensor], shape: tuple[int, int]) -> Params:
+        values = {k: v.float() for k, v in stored.items()}
+        return Params(values, dict(stored))
+
+    def param_nbytes(self, shape: tuple[int, int]) -> int:
+        rows = 1 if self.group_size == 0 else shape[0]
+        per_group = 2 if self.symmetric else 4
+        return rows * self.n_groups(shape[1]) * per_group

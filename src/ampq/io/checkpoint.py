@@ -1,0 +1,298 @@
+"""Model-agnostic checkpoint storage: safetensors shards + an `ampq.json` manifest with hashes.
+
+Layout is HF-compatible (`model.safetensors` or `model-0000i-of-0000n.safetensors` plus
+`model.safetensors.index.json`) so transformers-style tools can find the tensors; `ampq.json`
+adds SHA-256 for every file and every tensor so damage is reported instead of silently loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ampq.errors import AmpqError
+
+MANIFEST = "ampq.json"
+INDEX = "model.safetensors.index.json"
+_RESERVED_KEYS = ("files", "tensors")
+_CHUNK = 1 << 20
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _tensor_sha256(t: torch.Tensor) -> str:
+    # Viewing as uint8 inside torch first: numpy has no bfloat16/float8, so .numpy() would fail.
+    raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(memoryview(raw)).hexdigest()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _fsync(path: Path) -> None:
+    # Directories need fsync too, or a rename may not survive a power cut; some OSes refuse that.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _is_plain_name(name: object) -> bool:
+    return (isinstance(name, str) and name not in ("", ".", "..") and name.isprintable()
+            and "/" not in name and "\\" not in name)
+
+
+def _prepare_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    seen_storages: set[int] = set()
+    for name, t in tensors.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+            raise ValueError(f"tensor {name!r} must be a dense torch.Tensor, got {type(t).__name__}")
+        t = t.detach().cpu().contiguous()
+        storage = t.untyped_storage()
+        # safetensors refuses tensors that share memory, and a view would drag its whole base along.
+        if storage.data_ptr() in seen_storages or storage.nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        seen_storages.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    return out
+
+
+def _plan_shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_checkpoint(directory: str | Path, tensors: dict[str, torch.Tensor], manifest: dict,
+                     extra_files: dict[str, bytes] | None = None, *, max_shard_bytes: int = 2_000_000_000,
+                     overwrite: bool = False) -> Path:
+    """Atomically write `tensors` as safetensors shards plus `extra_files` and `ampq.json` into `directory`."""
+    directory = Path(directory)
+    extra_files = dict(extra_files or {})
+    if not isinstance(manifest, dict):
+        raise ValueError(f"manifest must be a dict, got {type(manifest).__name__}")
+    clash = [k for k in _RESERVED_KEYS if k in manifest]
+    if clash:
+        raise ValueError(f"manifest keys {clash} are reserved for the checkpoint's own bookkeeping; rename them")
+    try:
+        json.dumps(manifest, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"manifest is not JSON-serialisable: {e}") from None
+    if not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}")
+
+    tensors = _prepare_tensors(tensors)
+    plan = _plan_shards(tensors, max_shard_bytes)
+    n = len(plan)
+    shard_names = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    ours = set(shard_names) | {MANIFEST, INDEX}
+    for name, data in extra_files.items():
+        if not _is_plain_name(name) or name in ours:
+            raise ValueError(f"extra file name {name!r} must be a plain file name not clashing with {sorted(ours)}")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ValueError(f"extra file {name!r} must be bytes, got {type(data).__name__}")
+
+    def check_target() -> None:
+        if directory.exists() and not directory.is_dir():
+            raise AmpqError(f"cannot write checkpoint to {directory}: it exists and is not a directory; choose another path")
+        if directory.is_dir() and any(directory.iterdir()) and not overwrite:
+            raise AmpqError(f"cannot write checkpoint to {directory}: directory exists and is not empty; "
+                            "pass overwrite=True or choose another path")
+
+    check_target()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    # Hidden sibling on the same filesystem, so the final rename is atomic and a crash leaves
+    # only a dot-directory that nobody will take for the checkpoint.
+    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        files: dict[str, dict] = {}
+        entries: dict[str, dict] = {}
+        for shard, names in zip(shard_names, plan):
+            path = tmp / shard
+            save_file({k: tensors[k] for k in names}, str(path), metadata={"format": "pt"})
+            _fsync(path)
+            # Hash what is on disk, not what we meant to write.
+            files[shard] = {"bytes": path.stat().st_size, "sha256": _file_sha256(path)}
+            for k in names:
+                t = tensors[k]
+                entries[k] = {"file": shard, "dtype": _dtype_name(t.dtype), "shape": list(t.shape),
+                              "sha256": _tensor_sha256(t)}
+        if n > 1:
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": {k: e["file"] for k, e in entries.items()}}
+            data = json.dumps(index, indent=2).encode()
+            _write_bytes(tmp / INDEX, data)
+            files[INDEX] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        for name, data in extra_files.items():
+            data = bytes(data)
+            _write_bytes(tmp / name, data)
+            files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        # The manifest goes last: a directory without it is never a complete checkpoint.
+        full = {**manifest, "files": files, "tensors": entries}
+        _write_bytes(tmp / MANIFEST, json.dumps(full, indent=2, ensure_ascii=False, allow_nan=False).encode())
+        _fsync(tmp)
+
+        check_target()  # someone may have created it while we were writing
+        old = None
+        if directory.is_dir():
+            if any(directory.iterdir()):
+                old = directory.parent / f".{directory.name}.old-{os.getpid()}"
+                if old.exists():
+                    shutil.rmtree(old)
+                os.rename(directory, old)
+            else:
+                directory.rmdir()
+        try:
+            os.rename(tmp, directory)
+        except BaseException:
+            if old is not None:
+                os.rename(old, directory)
+            raise
+        _fsync(directory.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def _verify(directory: str | Path, keep: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    d = Path(directory)
+
+    def damaged(problem: str) -> AmpqError:
+        return AmpqError(f"checkpoint {d} is damaged: {problem}; re-create or re-download it")
+
+    def one_line(e: BaseException) -> str:
+        return " ".join(str(e).split()) or type(e).__name__
+
+    if not d.is_dir():
+        raise AmpqError(f"checkpoint {d} does not exist or is not a directory; check the path")
+    mpath = d / MANIFEST
+    if not mpath.is_file():
+        raise AmpqError(f"{d} is not an ampq checkpoint: {MANIFEST} is missing; point at a directory written by ampq")
+    try:
+        manifest = json.loads(mpath.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise damaged(f"{MANIFEST} is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise damaged(f"{MANIFEST} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except OSError as e:
+        raise damaged(f"{MANIFEST} cannot be read ({one_line(e)})") from None
+
+    # Structure is checked before use so a hand-edited manifest cannot trigger a KeyError/TypeError.
+    if not isinstance(manifest, dict):
+        raise damaged(f"{MANIFEST} is not a JSON object")
+    files, entries = manifest.get("files"), manifest.get("tensors")
+    if not isinstance(files, dict) or not isinstance(entries, dict):
+        raise damaged(f"{MANIFEST} lacks its 'files' or 'tensors' table")
+    for name, info in files.items():
+        if not (_is_plain_name(name) and isinstance(info, dict) and type(info.get("bytes")) is int
+                and isinstance(info.get("sha256"), str)):
+            raise damaged(f"{MANIFEST} has a malformed entry for file {name!r}")
+    for name, e in entries.items():
+        if not (isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("dtype"), str)
+                and isinstance(e.get("shape"), list) and all(type(s) is int for s in e["shape"])
+                and isinstance(e.get("sha256"), str)):
+            raise damaged(f"{MANIFEST} has a malformed entry for tensor {name!r}")
+        if e["file"] not in files:
+            raise damaged(f"{MANIFEST} puts tensor {name!r} in {e['file']}, which it does not list as a file")
+
+    for name, info in files.items():
+        path = d / name
+        if not path.is_file():
+            raise damaged(f"{name} is missing")
+        size = path.stat().st_size
+        if size < info["bytes"]:
+            raise damaged(f"{name} is truncated ({size} of {info['bytes']} bytes)")
+        if size > info["bytes"]:
+            raise damaged(f"{name} is longer than recorded ({size} instead of {info['bytes']} bytes)")
+        if _file_sha256(path) != info["sha256"]:
+            raise damaged(f"{name} has been altered (its SHA-256 differs from the one in {MANIFEST})")
+
+    shards = {e["file"] for e in entries.values()} | {n for n in files if n.endswith(".safetensors")}
+    found: dict[str, str] = {}
+    loaded: dict[str, torch.Tensor] = {}
+    for shard in sorted(shards):
+        try:
+            with safe_open(str(d / shard), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    e = entries.get(name)
+                    if e is None or e["file"] != shard:
+                        raise damaged(f"{shard} holds tensor {name!r}, which {MANIFEST} does not list in that file")
+                    found[name] = shard
+                    t = f.get_tensor(name)
+                    if _dtype_name(t.dtype) != e["dtype"] or list(t.shape) != e["shape"]:
+                        raise damaged(f"tensor {name!r} in {shard} is {_dtype_name(t.dtype)}{list(t.shape)}, "
+                                      f"but {MANIFEST} says {e['dtype']}{e['shape']}")
+                    if _tensor_sha256(t) != e["sha256"]:
+                        raise damaged(f"tensor {name!r} in {shard} does not match its SHA-256 in {MANIFEST}")
+                    if keep:
+                        loaded[name] = t
+        except AmpqError:
+            raise
+        except Exception as e:  # safetensors raises its own SafetensorError plus assorted OSError/ValueError
+            raise damaged(f"{shard} is not a valid safetensors file ({one_line(e)})") from None
+    for name, e in entries.items():
+        if name not in found:
+            raise damaged(f"{MANIFEST} lists tensor {name!r} in {e['file']}, but that file does not contain it")
+
+    if INDEX in files:
+        try:
+            weight_map = json.loads((d / INDEX).read_bytes().decode("utf-8"))["weight_map"]
+        except Exception:
+            raise damaged(f"{INDEX} is not a valid safetensors index") from None
+        if weight_map != {k: e["file"] for k, e in entries.items()}:
+            raise damaged(f"{INDEX} disagrees with {MANIFEST} about which shard holds which tensor")
+
+    return {name: loaded[name] for name in entries} if keep else {}, manifest
+
+
+def read_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Verify a checkpoint completely, then return (tensors on CPU in saved order, manifest)."""
+    return _verify(directory, keep=True)
+
+
+def verify_checkpoint(directory: str | Path) -> dict:
+    """Run every check `read_checkpoint` does without keeping the tensors; return the manifest."""
+    return _verify(directory, keep=False)[1]

@@ -1,0 +1,108 @@
+"""Saving and loading whole quantized models on top of the verified checkpoint layer."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ampq.errors import AmpqError
+from ampq.io.checkpoint import read_checkpoint, write_checkpoint
+from ampq.models import tied_embeddings
+from ampq.nn import QuantLinear
+
+MANIFEST_FORMAT = "ampq-checkpoint/1"
+
+
+def _version() -> str:
+    from ampq import __version__
+
+    return __version__
+
+
+def _layer_entries(model: nn.Module) -> dict[str, dict]:
+    layers = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            layers[name] = {"format": m.format_name, "algorithm": m.algorithm, "shape": list(m.shape),
+                            "tensors": list(m.stored_names), "bias": m.bias is not None,
+                            "bytes": m.nbytes(), "bits_per_weight": 8 * m.nbytes() / (m.shape[0] * m.shape[1])}
+    return layers
+
+
+def _tokenizer_files(tokenizer) -> dict[str, bytes]:
+    if tokenizer is None:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+
+
+def save(model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite: bool = False,
+         extra_manifest: dict | None = None) -> Path:
+    """Write ``model`` (quantized or not) as safetensors shards, its HF config and tokenizer, and a
+    manifest with each layer's format and every tensor's SHA-256. Atomic: a crash leaves nothing
+    that looks like a checkpoint."""
+    tied = tied_embeddings(model)
+    state = model.state_dict()
+    if tied:
+        head = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
+        state.pop(f"{head}.weight", None)
+    tensors = {k: v.detach().cpu() for k, v in state.items()}
+    layers = _layer_entries(model)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "ampq_version": _version(),
+        "source": getattr(model.config, "ampq_source", None),
+        "architectures": getattr(model.config, "architectures", None),
+        "tied_embeddings": tied,
+        "layers": layers,
+        **(extra_manifest or {}),
+    }
+    extra = {"config.json": model.config.to_json_string().encode()}
+    if getattr(model, "generation_config", None) is not None:
+        extra["generation_config.json"] = model.generation_config.to_json_string().encode()
+    extra.update(_tokenizer_files(tokenizer))
+    return write_checkpoint(directory, tensors, manifest, extra, overwrite=overwrite)
+
+
+def load(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model saved by :func:`save` from its folder alone, after verifying every hash."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tensors, manifest = read_checkpoint(directory)
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise AmpqError(f"{directory}/ampq.json has format {manifest.get('format')!r}, not {MANIFEST_FORMAT!r}; "
+                        "it was written by another tool or a newer ampq")
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise AmpqError(f"{directory}/config.json is not a usable model config ({str(e).splitlines()[0][:160]})") from None
+    floats = [t.dtype for t in tensors.values() if t.is_floating_point() and t.dtype.itemsize >= 2]
+    dtype = max(set(floats), key=floats.count) if floats else torch.float32
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, entry in manifest.get("layers", {}).items():
+        try:
+            stored = {k: tensors.pop(f"{name}.{k}") for k in entry["tensors"]}
+            bias = tensors.pop(f"{name}.bias") if entry.get("bias") else None
+            out_f, in_f = entry["shape"]
+            layer = QuantLinear(in_f, out_f, entry["format"], stored, bias, entry.get("algorithm", "rtn"))
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, layer)
+        except (KeyError, AttributeError, ValueError, TypeError) as e:
+            raise AmpqError(f"{directory}: layer {name} in ampq.json does not match the stored tensors ({e})") from None
+    result = model.load_state_dict(tensors, strict=False, assign=True)
+    if manifest.get("tied_embeddings"):
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"]
+    if missing or result.unexpected_keys:
+        problem = f"lacks {missing[0]}" if missing else f"has unexpected tensor {result.unexpected_keys[0]}"
+        raise AmpqError(f"checkpoint {directory} {problem}; it does not match its config.json")
+    model.config.ampq_source = manifest.get("source")
+    model.eval().requires_grad_(False)
+    return model.to(device)

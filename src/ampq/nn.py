@@ -1,0 +1,59 @@
+"""QuantLinear: a linear layer whose weight is stored packed in one of ampq's formats."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ampq.formats import Format, get_format
+
+
+class QuantLinear(nn.Module):
+    """Holds the stored tensors of one format (packed codes, scales, ...) as buffers named by
+    their role, so a state dict key reads ``model.layers.0.mlp.up_proj.codes``."""
+
+    def __init__(self, in_features: int, out_features: int, format_name: str,
+                 stored: dict[str, torch.Tensor], bias: torch.Tensor | None = None,
+                 algorithm: str = "rtn"):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.format_name, self.algorithm = format_name, algorithm
+        self.stored_names = tuple(stored)
+        for key, tensor in stored.items():
+            self.register_buffer(key, tensor)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    @property
+    def format(self) -> Format:
+        return get_format(self.format_name)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        return {key: getattr(self, key) for key in self.stored_names}
+
+    def nbytes(self) -> int:
+        """Bytes of the quantized weight as stored (bias excluded: it stays in 16/32 bits)."""
+        return sum(t.numel() * t.element_size() for t in self.stored().values())
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.format.dequantize(self.stored(), self.shape).to(dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, format_name: str, codes: torch.Tensor, params,
+                    algorithm: str = "rtn") -> "QuantLinear":
+        fmt = get_format(format_name)
+        bias = linear.bias.detach().clone() if linear.bias is not None else None
+        return cls(linear.in_features, linear.out_features, format_name,
+                   fmt.pack(codes, params), bias, algorithm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ampq.kernels import linear
+
+        return linear(self, x)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"format={self.format_name}, algorithm={self.algorithm}, bias={self.bias is not None}")
