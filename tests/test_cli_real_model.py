@@ -1,0 +1,81 @@
+"""The command line end to end on the real built-in default model (fetched once into the cache)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ampq
+from ampq import AmpqError
+from ampq.builtin import fetch_model
+
+pytestmark = pytest.mark.slow
+
+
+def run(*args, check=True):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-m", "ampq", *args], capture_output=True, text=True, env=env)
+    if check:
+        assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def smol_dir():
+    return fetch_model("smollm2-135m")
+
+
+def test_quantize_eval_inspect_generate(tmp_path, smol_dir):
+    out, report = tmp_path / "smol-int4", tmp_path / "r.json"
+    r = run("quantize", "smollm2-135m", "-f", "int4-g128", "-o", str(out), "--eval",
+            "--corpus", "wiki,c4", "--windows", "2", "--json", str(report))
+    assert "int4-g128 against the original" in r.stdout and "ppl wiki" in r.stdout
+    data = json.loads(report.read_text())
+    assert data["bits_per_weight"] == pytest.approx(4.27, abs=0.01)  # partial groups of 64 at width 576
+    for res in data["results"]:
+        assert res["model"]["perplexity"] > res["reference"]["perplexity"] > 1
+        assert 0 < res["model"]["kl"] < 2 and 0.3 < res["model"]["top1"] < 1
+    assert data["model_bytes"] < data["original_bytes"] / 2.5
+
+    r = run("inspect", str(out))
+    assert "model.layers.29.mlp.down_proj" in r.stdout and "every hash verified" in r.stdout
+
+    r = run("eval", str(out), "--windows", "1")
+    assert "original (smollm2-135m)" in r.stdout
+
+    r = run("generate", str(out), "--prompt", "The capital of France is", "--max-new-tokens", "5")
+    assert r.stdout.strip()
+
+
+def test_int4_g32_reproduces_the_q4_1_model_exactly(smol_dir):
+    model, tok = ampq.load_model(str(smol_dir))  # a plain Hugging Face folder
+    ids = tok("Quantization makes models smaller.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = model(ids).logits
+        q = ampq.quantize(model, "int4-g32", progress=False)(ids).logits
+    assert torch.equal(q, ref)
+
+
+def test_cli_errors_are_one_line(tmp_path, smol_dir):
+    r = run("quantize", "smollm2-135m", "-f", "int4-g12x", "-o", str(tmp_path / "x"), check=False)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+    assert "unknown format 'int4-g12x'" in r.stderr and "Traceback" not in r.stderr
+    r = run("eval", str(tmp_path / "does-not-exist"), check=False)
+    assert r.returncode == 2 and "does-not-exist" in r.stderr and "Traceback" not in r.stderr
+    out = tmp_path / "ckpt"
+    run("quantize", "smollm2-135m", "-f", "int8-ch", "-o", str(out))
+    r = run("quantize", "smollm2-135m", "-f", "int8-ch", "-o", str(out), check=False)
+    assert r.returncode == 2 and "--overwrite" in r.stderr
+    shard = out / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    r = run("inspect", str(out), check=False)
+    assert r.returncode == 2 and "model.safetensors" in r.stderr and "truncated" in r.stderr
+
+
+def test_unknown_model_names_the_choices(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(AmpqError, match="smollm2-135m"):
+        ampq.load_model("no-such-org/no-such-model")

@@ -1,0 +1,72 @@
+import math
+
+import pytest
+import torch
+
+from ampq import AmpqError
+from ampq.data import Windows, make_windows, read_text, split_text
+from ampq.evaluate import Reference, evaluate
+from test_model_io import tiny_llama
+
+
+class WordTokenizer:
+    """One token per word: enough to check window arithmetic without a real vocabulary."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [hash(w) % 200 for w in text.split()]}
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    p = tmp_path / "t.txt"
+    p.write_text('<doc id="1" title="x">\n' + " ".join(f"w{i}" for i in range(4000)) + "\n</doc>\n")
+    return p
+
+
+def test_doc_tags_are_stripped_and_halves_do_not_overlap(text_file):
+    text = read_text(str(text_file))
+    assert "<doc" not in text and "</doc>" not in text
+    calib, held = split_text(text, "calib"), split_text(text, "eval")
+    assert calib + held == text and not set(calib.split()[:-1]) & set(held.split()[1:])
+
+
+def test_windows_and_strides(text_file):
+    w = make_windows(WordTokenizer(), str(text_file), "eval", window=64, n=5)
+    assert w.tokens.shape == (5, 64) and w.first_scored == [0, 0, 0, 0, 0]
+    s = make_windows(WordTokenizer(), str(text_file), "eval", window=64, n=5, stride=16)
+    assert torch.equal(s.tokens[1, :48], s.tokens[0, 16:])
+    assert s.first_scored == [0, 48, 48, 48, 48] and s.scored_tokens == 63 + 4 * 16
+
+
+def test_too_short_text_and_missing_file(tmp_path, text_file):
+    with pytest.raises(AmpqError, match="fewer than one window"):
+        make_windows(WordTokenizer(), str(text_file), "eval", window=5000, n=1)
+    with pytest.raises(AmpqError, match="no text"):
+        read_text(str(tmp_path / "missing.txt"))
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe abc")
+    with pytest.raises(AmpqError, match="not UTF-8"):
+        read_text(str(bad))
+
+
+def test_perplexity_matches_transformers_loss():
+    model = tiny_llama()
+    tokens = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(0))
+    windows = Windows(tokens, [0, 0, 0], 32, 32, "random")
+    with torch.no_grad():
+        loss = model(tokens, labels=tokens).loss.item()
+    q = evaluate(model, windows, progress=False)
+    assert q.perplexity == pytest.approx(math.exp(loss), rel=1e-5)
+    assert q.tokens == 3 * 31 and q.kl is None
+
+
+def test_kl_is_zero_against_itself_and_positive_against_another():
+    a, b = tiny_llama(seed=0), tiny_llama(seed=1)
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    windows = Windows(tokens, [0, 0], 16, 16, "random")
+    ref = Reference(a, windows)
+    same = evaluate(a, windows, ref, progress=False)
+    assert same.kl == pytest.approx(0.0, abs=1e-6) and same.top1 == 1.0
+    other = evaluate(b, windows, ref, progress=False)
+    assert other.kl > 0.01 and other.top1 < 1.0
+    assert ref.quality.perplexity == pytest.approx(same.perplexity)
