@@ -66,29 +66,44 @@ def _quality_table(title: str, rows_meta: list[tuple[str, object, float, int]], 
 def cmd_quantize(args) -> int:
     import ampq
     from ampq.report import block_linear_names, linear_bits, model_bytes
+    from ampq.schemes import get_scheme
 
+    scheme = get_scheme(args.scheme)
+    args.format = args.format or scheme.format
     ampq.get_format(args.format)
-    output = Path(args.output or f"{Path(args.model).name.removesuffix('.gguf')}-{args.format}")
+    kwargs = scheme.quantize_kwargs()
+    kwargs["clip"] |= args.clip
+    kwargs["bias_correction"] |= args.bias_correction
+    if args.act_order:
+        kwargs["options"]["act_order"] = True
+    label = args.format if scheme.name == "rtn" and not (args.clip or args.bias_correction) else f"{scheme.name} {args.format}"
+    output = Path(args.output or f"{Path(args.model).name.removesuffix('.gguf')}-{label.replace(' ', '-')}")
     if output.exists() and any(output.iterdir()) and not args.overwrite:
         raise AmpqError(f"{output} already exists; choose another --output or pass --overwrite")
     model, tok = ampq.load_model(args.model, args.dtype)
     names = block_linear_names(model)
     original = copy.deepcopy(model) if args.eval else None
     orig_bits, orig_bytes = linear_bits(model, names), model_bytes(model)
+    calibration = None
     t0 = time.perf_counter()
-    ampq.quantize(model, args.format, lm_head=args.lm_head)
+    if kwargs["clip"] or kwargs["bias_correction"] or scheme.needs_calibration:
+        from ampq.data import make_windows
+
+        calibration = make_windows(tok, args.calib, "calib", args.calib_window, args.calib_windows)
+    ampq.quantize(model, args.format, calibration=calibration, lm_head=args.lm_head, **kwargs)
     seconds = time.perf_counter() - t0
     ampq.save(model, output, tok, overwrite=args.overwrite)
     bits, nbytes = linear_bits(model), model_bytes(model)
-    print(f"quantized {args.model} to {args.format} in {seconds:.1f} s: {bits:.3f} bits per weight "
+    print(f"quantized {args.model} with {label} in {seconds:.1f} s: {bits:.3f} bits per weight "
           f"over the quantized linears, {nbytes / 1e6:.1f} MB in all; saved to {output}")
     if args.eval:
         results = _evaluate_pair(model, original, tok, args)
-        _quality_table(f"{args.model}: {args.format} against the original",
-                       [("original", "reference", orig_bits, orig_bytes), (args.format, "model", bits, nbytes)],
+        _quality_table(f"{args.model}: {label} against the original",
+                       [("original", "reference", orig_bits, orig_bytes), (label, "model", bits, nbytes)],
                        results)
         if args.json_out:
-            _write_json(args.json_out, {"model": args.model, "format": args.format, "seconds": seconds,
+            _write_json(args.json_out, {"model": args.model, "format": args.format, "scheme": scheme.name,
+                                        "seconds": seconds,
                                         "bits_per_weight": bits, "model_bytes": nbytes,
                                         "original_bytes": orig_bytes, "results": results})
     return 0
@@ -147,6 +162,20 @@ def cmd_formats(args) -> int:
     return 0
 
 
+def cmd_schemes(args) -> int:
+    from ampq.report import print_table
+    from ampq.schemes import ALIASES, SCHEMES
+
+    aliases = {}
+    for alias, target in ALIASES.items():
+        aliases.setdefault(target, []).append(alias)
+    rows = [[s.name, s.format, "yes" if s.needs_calibration else "no", ", ".join(aliases.get(s.name, [])), s.description]
+            for s in SCHEMES.values()]
+    print_table("quantization schemes (`--format` picks another format for any of them)",
+                ["scheme", "format", "calibration", "also called", "what"], rows)
+    return 0
+
+
 def cmd_generate(args) -> int:
     import torch
 
@@ -176,7 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model and save it")
     q.add_argument("model", help="built-in name (smollm2-135m, qwen2.5-coder-0.5b), HF folder, .gguf file or hub id")
-    q.add_argument("-f", "--format", default="int4-g128", help="number format (default int4-g128; see `ampq formats`)")
+    q.add_argument("-s", "--scheme", default="rtn", help="technique: rtn (default), gptq, awq, eetq, llm-int8, "
+                   "bnb-nf4, bnb-fp4, fp8, fp8-w8a8 ... (see `ampq schemes`; TGI's --quantize names work too)")
+    q.add_argument("-f", "--format", default=None, help="number format (default: the scheme's, int4-g128 for rtn; see `ampq formats`)")
+    q.add_argument("--calib", default="wiki", help="calibration text: built-in corpus or file (default wiki, first half)")
+    q.add_argument("--calib-windows", type=int, default=128, help="calibration windows (default 128)")
+    q.add_argument("--calib-window", type=int, default=512, help="tokens per calibration window (default 512)")
+    q.add_argument("--clip", action="store_true", help="search clipping ratios per group (needs calibration)")
+    q.add_argument("--bias-correction", action="store_true", help="correct each output's mean shift (needs calibration)")
+    q.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by descending Hessian diagonal")
     q.add_argument("-o", "--output", help="checkpoint folder (default: ./MODEL-FORMAT)")
     q.add_argument("--dtype", default=None, help="dtype of the unquantized parts: float32 (default), bfloat16, float16")
     q.add_argument("--lm-head", action="store_true", help="quantize the output head too")
@@ -197,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("formats", help="list the number formats")
     f.set_defaults(func=cmd_formats)
+
+    s = sub.add_parser("schemes", help="list the quantization schemes")
+    s.set_defaults(func=cmd_schemes)
 
     g = sub.add_parser("generate", help="greedy text generation from a model or checkpoint")
     g.add_argument("model")

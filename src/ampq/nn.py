@@ -14,14 +14,23 @@ class QuantLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, format_name: str,
                  stored: dict[str, torch.Tensor], bias: torch.Tensor | None = None,
-                 algorithm: str = "rtn"):
+                 algorithm: str = "rtn", activation: str | None = None,
+                 input_scale: torch.Tensor | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.format_name, self.algorithm = format_name, algorithm
+        # how inputs are treated before the matmul (None: as they come; see ampq.kernels.activation)
+        self.activation = activation
         self.stored_names = tuple(stored)
         for key, tensor in stored.items():
             self.register_buffer(key, tensor)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        # AWQ's per-input-channel scale where it could not be folded into the layer before:
+        # y = W' (x / input_scale), W' = W * input_scale
+        if input_scale is not None:
+            self.register_buffer("input_scale", input_scale)
+        else:
+            self.input_scale = None
 
     @property
     def format(self) -> Format:
@@ -43,11 +52,12 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, format_name: str, codes: torch.Tensor, params,
-                    algorithm: str = "rtn") -> "QuantLinear":
+                    algorithm: str = "rtn", activation: str | None = None) -> "QuantLinear":
         fmt = get_format(format_name)
         bias = linear.bias.detach().clone() if linear.bias is not None else None
+        input_scale = getattr(linear, "input_scale", None)
         return cls(linear.in_features, linear.out_features, format_name,
-                   fmt.pack(codes, params), bias, algorithm)
+                   fmt.pack(codes, params), bias, algorithm, activation, input_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ampq.kernels import linear
@@ -55,5 +65,6 @@ class QuantLinear(nn.Module):
         return linear(self, x)
 
     def extra_repr(self) -> str:
+        act = f", activation={self.activation}" if self.activation else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"format={self.format_name}, algorithm={self.algorithm}, bias={self.bias is not None}")
+                f"format={self.format_name}, algorithm={self.algorithm}, bias={self.bias is not None}{act}")

@@ -1,4 +1,5 @@
-"""Replace the linears of a model's decoder blocks by QuantLinear, block by block."""
+"""The quantization pipeline: replace the linears of a model's decoder blocks by QuantLinear,
+block by block, with calibration where the algorithm needs it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ampq.algorithms import get_algorithm
+from ampq.algorithms import NEEDS_CALIBRATION, get_algorithm
+from ampq.algorithms.bias_correction import corrected_bias
+from ampq.algorithms.clip import search_clip
 from ampq.errors import AmpqError
 from ampq.formats import get_format
 from ampq.models import decoder_blocks, lm_head_name
@@ -29,49 +32,85 @@ def format_for(name: str, spec: FormatSpec) -> str | None:
     return None
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
-def quantize_linear(name: str, linear: nn.Linear, fmt_name: str, algorithm: str = "rtn",
-                    stats=None) -> QuantLinear:
-    weight = linear.weight.detach()
+def quantize_linear(name: str, linear: nn.Linear, fmt_name: str, algorithm: str = "rtn", stats=None, *,
+                    clip: bool = False, bias_correction: bool = False, activation: str | None = None,
+                    options: dict | None = None) -> QuantLinear:
+    """One linear in one format: clip search, the algorithm's codes, then bias correction."""
+    weight = linear.weight.detach().float()
     if not bool(torch.isfinite(weight).all()):
         bad = int((~torch.isfinite(weight)).sum())
         raise AmpqError(f"layer {name} has {bad} NaN/Inf weights; repair or re-export the checkpoint before quantizing")
     fmt = get_format(fmt_name)
     try:
-        codes, params = get_algorithm(algorithm)(weight.float(), fmt, stats)
+        ratios = search_clip(weight, fmt, stats) if clip else 1.0
+        codes, params = get_algorithm(algorithm)(weight, fmt, stats, ratios, **(options or {}))
     except ValueError as e:
         raise AmpqError(f"layer {name} cannot be stored as {fmt_name}: {e}") from None
-    return QuantLinear.from_linear(linear, fmt_name, codes, params, algorithm)
+    label = algorithm + ("+clip" if clip else "") + ("+bias" if bias_correction else "")
+    layer = QuantLinear.from_linear(linear, fmt_name, codes, params, label, activation)
+    if bias_correction:
+        deq = fmt.dequantize_codes(codes, params.values)
+        bias = corrected_bias(weight, deq, layer.bias, stats).to(linear.weight.dtype)
+        layer.bias = nn.Parameter(bias, requires_grad=False)
+    return layer
 
 
-def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn",
-             lm_head: bool = False, progress: bool = True) -> nn.Module:
+def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", calibration=None,
+             clip: bool = False, bias_correction: bool = False, awq: bool = False,
+             activation: str | None = None, lm_head: bool = False, options: dict | None = None,
+             batch_size: int = 8, progress: bool = True) -> nn.Module:
     """Quantize ``model`` in place and return it.
 
     ``formats``: one format name for every linear of the decoder blocks, or a map from fnmatch
-    patterns over module names to format names (first match wins, ``None`` skips). Embeddings and
-    norms are never touched; the output head only with ``lm_head=True`` (a tied head is untied).
-    Blocks are done one at a time so peak memory stays near the model plus one block.
+    patterns over module names to format names (first match wins, ``None`` skips). ``algorithm``
+    chooses the codes (``rtn``, ``gptq``); ``clip`` searches clipping ratios, ``bias_correction``
+    restores each output's mean, ``awq`` rescales input channels first; all but plain RTN need
+    ``calibration`` (token windows: a :class:`ampq.data.Windows` or an (n, T) tensor).
+    Embeddings and norms are never touched; the output head only with ``lm_head=True`` (round to
+    nearest; a tied head is untied). Blocks are done one at a time.
     """
-    if isinstance(formats, str):
-        get_format(formats)  # fail on a bad name before any work
-    else:
-        for f in formats.values():
-            if f is not None:
-                get_format(f)
+    for f in ([formats] if isinstance(formats, str) else formats.values()):
+        if f is not None:
+            get_format(f)  # fail on a bad name before any work
+    get_algorithm(algorithm)
+    needs_stats = algorithm in NEEDS_CALIBRATION or clip or bias_correction or awq
     blocks = decoder_blocks(model)
+    if needs_stats:
+        if calibration is None:
+            raise AmpqError(f"{algorithm}{' with clip/bias correction/awq' if algorithm == 'rtn' else ''} needs "
+                            "calibration text: pass calibration windows (CLI: --calib wiki)")
+        from ampq.calibrate import Calibration
+
+        tokens = getattr(calibration, "tokens", calibration)
+        cal = Calibration(model, tokens, batch_size)
     for prefix, block in tqdm(blocks, desc=f"quantize ({algorithm})", unit="block", disable=not progress):
-        for sub, module in list(block.named_modules()):
-            if not isinstance(module, nn.Linear):
+        targets = {sub: format_for(f"{prefix}.{sub}", formats) for sub, m in block.named_modules()
+                   if isinstance(m, nn.Linear)}
+        targets = {sub: f for sub, f in targets.items() if f is not None}
+        if not needs_stats:
+            for sub, fmt in targets.items():
+                _replace(block, sub, quantize_linear(f"{prefix}.{sub}", block.get_submodule(sub), fmt,
+                                                     algorithm, activation=activation, options=options))
+            continue
+        if awq:
+            from ampq.algorithms.awq import awq_block
+
+            awq_block(block, cal, targets)
+        for group in cal.groups(block):
+            group = [sub for sub in group if sub in targets]
+            if not group:
                 continue
-            name = f"{prefix}.{sub}"
-            fmt = format_for(name, formats)
-            if fmt is not None:
-                _replace(model, name, quantize_linear(name, module, fmt, algorithm))
+            stats = cal.stats(block, group)
+            for sub in group:
+                _replace(block, sub, quantize_linear(
+                    f"{prefix}.{sub}", block.get_submodule(sub), targets[sub], algorithm, stats, clip=clip,
+                    bias_correction=bias_correction, activation=activation, options=options))
+        cal.advance(block)
     if lm_head:
         head = lm_head_name(model)
         module = model.get_submodule(head)
@@ -79,7 +118,7 @@ def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn",
         if isinstance(module, nn.Linear) and fmt is not None:
             if getattr(model.config, "tie_word_embeddings", False):
                 model.config.tie_word_embeddings = False
-            _replace(model, head, quantize_linear(head, module, fmt, algorithm))
+            _replace(model, head, quantize_linear(head, module, fmt, "rtn", activation=activation))
     return model
 
 

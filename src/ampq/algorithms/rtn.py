@@ -7,5 +7,5 @@ import torch
 from ampq.formats import Format, Params
 
 
-def rtn(weight: torch.Tensor, fmt: Format, stats=None) -> tuple[torch.Tensor, Params]:
-    return fmt.quantize_codes(weight.float())
+def rtn(weight: torch.Tensor, fmt: Format, stats=None, clip: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, Params]:
+    return fmt.quantize_codes(weight.float(), clip)

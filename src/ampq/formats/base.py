@@ -38,6 +38,8 @@ class Format(ABC):
     name: str
     bits: int  # bits per code
     group_size: int | None  # inputs per group; None: per output channel; 0: whole tensor
+    # False where one group's stored parameters depend on the others' (double quantization)
+    groupwise_params: bool = True
 
     # ---- what a format implements -------------------------------------------------------------
     @abstractmethod
@@ -115,6 +117,13 @@ class Format(ABC):
 
     def dequantize_codes(self, codes: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
         return self._apply_grouped(self.decode, codes, values)
+
+    def join_params(self, parts: list[Params]) -> Params:
+        """Parameters of consecutive column slices, fitted one by one, as one set."""
+        if not self.groupwise_params or not self.group_size:
+            raise ValueError(f"{self.name} has no independent per-group parameters to join")
+        return Params({k: torch.cat([p.values[k] for p in parts], dim=1) for k in parts[0].values},
+                      {k: torch.cat([p.stored[k] for p in parts], dim=1) for k in parts[0].stored})
 
     # ---- storage ----------------------------------------------------------------------------------
     def pack(self, codes: torch.Tensor, params: Params) -> dict[str, torch.Tensor]:

@@ -96,6 +96,7 @@ class NormalFloatFormat(Format):
         if block < 1:
             raise ValueError(f"block must be positive, not {block}")
         self.kind, self.group_size, self.double_quant, self.name = kind, block, double_quant, name
+        self.groupwise_params = not double_quant  # the 8-bit absmax blocks span many groups
         self.code = _codebook(kind)
         # bnb rounds on the sorted codebook, a value on a midpoint going to the lower entry, then
         # maps the sorted position back to the code (FP4's codes are not in value order).

@@ -12,4 +12,10 @@ from ampq.kernels.reference import reference_linear
 
 
 def linear(layer, x: torch.Tensor) -> torch.Tensor:
+    if layer.input_scale is not None:
+        x = x / layer.input_scale.to(x.dtype)
+    if layer.activation is not None:
+        from ampq.kernels.activation import activation_linear
+
+        return activation_linear(layer, x)
     return reference_linear(layer, x)

@@ -1,0 +1,144 @@
+"""Calibration: run a model block by block on calibration tokens and collect, for each linear, the
+statistics that algorithms need (X^T X, per-channel mean and maximum of its inputs).
+
+Only one block's activations are in memory at a time: the inputs of the current block, one per
+batch. Each block is fed the outputs of the previous block *after* that block was quantized, so
+later layers correct for the error of earlier ones. Within a block, linears are grouped by the input
+they share (q/k/v, gate/up, ...) and handled in the order they run, each group measured after the
+groups before it were quantized.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ampq.errors import AmpqError
+from ampq.models import decoder_blocks
+
+
+@dataclass
+class LayerStats:
+    """What calibration saw at the input of one linear."""
+
+    xtx: torch.Tensor  # (in, in) float32: sum over tokens of x x^T
+    sum: torch.Tensor  # (in,) float64
+    absmax: torch.Tensor  # (in,) float32
+    count: int
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """The GPTQ Hessian of the layer's squared output error, 2 X^T X / n."""
+        return self.xtx * (2.0 / self.count)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return (self.sum / self.count).float()
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.xtx.addmm_(x.t(), x)
+        self.sum += x.sum(0, dtype=torch.float64)
+        torch.maximum(self.absmax, x.abs().amax(0), out=self.absmax)
+        self.count += x.shape[0]
+
+    @classmethod
+    def empty(cls, features: int, device) -> "LayerStats":
+        return cls(torch.zeros(features, features, device=device), torch.zeros(features, dtype=torch.float64, device=device),
+                   torch.zeros(features, device=device), 0)
+
+
+class _Stop(Exception):
+    """Raised from a hook to end a forward pass once the wanted inputs were seen."""
+
+
+class Calibration:
+    """Block inputs for a set of calibration windows, advanced block by block."""
+
+    def __init__(self, model: nn.Module, tokens: torch.Tensor, batch_size: int = 8):
+        if tokens.dim() != 2 or tokens.shape[0] == 0:
+            raise AmpqError("calibration needs at least one window of tokens")
+        self.model = model
+        self.blocks = decoder_blocks(model)
+        self.device = next(model.parameters()).device
+        self.inputs: list[torch.Tensor] = []
+        self.kwargs: list[dict] = []
+        self._capture(tokens, batch_size)
+
+    @torch.inference_mode()
+    def _capture(self, tokens: torch.Tensor, batch_size: int) -> None:
+        first = self.blocks[0][1]
+
+        def catch(module, args, kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            self.inputs.append(hidden.detach())
+            self.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+            raise _Stop
+
+        handle = first.register_forward_pre_hook(catch, with_kwargs=True)
+        try:
+            for start in range(0, tokens.shape[0], batch_size):
+                try:
+                    self.model(tokens[start:start + batch_size].to(self.device), use_cache=False)
+                except _Stop:
+                    pass
+        finally:
+            handle.remove()
+        if len(self.inputs) != -(-tokens.shape[0] // batch_size):
+            raise AmpqError("could not capture the first block's inputs; is this a decoder-only language model?")
+
+    def _run(self, block: nn.Module, i: int) -> torch.Tensor:
+        out = block(self.inputs[i], **self.kwargs[i])
+        return out[0] if isinstance(out, tuple) else out
+
+    @torch.inference_mode()
+    def groups(self, block: nn.Module) -> list[list[str]]:
+        """Names (relative to the block) of its linears, grouped by shared input, in run order."""
+        seen: list[tuple[str, torch.Tensor]] = []
+        handles = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.append((n, args[0])))
+                   for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+        try:
+            self._run(block, 0)
+        finally:
+            for h in handles:
+                h.remove()
+        groups: list[list[str]] = []
+        last = None
+        for name, x in seen:
+            if any(name in g for g in groups):
+                continue  # a linear called twice keeps its first place
+            if last is not None and x is last:
+                groups[-1].append(name)
+            else:
+                groups.append([name])
+            last = x
+        return groups
+
+    @torch.inference_mode()
+    def stats(self, block: nn.Module, names: list[str]) -> LayerStats:
+        """Input statistics shared by the linears ``names`` (one input), measured on every batch.
+        The forward pass stops as soon as that input exists."""
+        module = block.get_submodule(names[0])
+        acc = LayerStats.empty(module.in_features, self.device)
+
+        def record(mod, args):
+            acc.add(args[0])
+            raise _Stop
+
+        handle = module.register_forward_pre_hook(record)
+        try:
+            for i in range(len(self.inputs)):
+                try:
+                    self._run(block, i)
+                except _Stop:
+                    pass
+        finally:
+            handle.remove()
+        return acc
+
+    @torch.inference_mode()
+    def advance(self, block: nn.Module) -> None:
+        """Replace the stored inputs by the (quantized) block's outputs: the next block's inputs."""
+        self.inputs = [self._run(block, i) for i in range(len(self.inputs))]
