@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ampq.errors import AmpqError
+from ampq.kernels import dequantized_weights_cached
 from ampq.models import decoder_blocks
 
 
@@ -94,6 +95,7 @@ class Calibration:
         return out[0] if isinstance(out, tuple) else out
 
     @torch.inference_mode()
+    @dequantized_weights_cached()
     def groups(self, block: nn.Module) -> list[list[str]]:
         """Names (relative to the block) of its linears, grouped by shared input, in run order."""
         seen: list[tuple[str, torch.Tensor]] = []
@@ -117,6 +119,7 @@ class Calibration:
         return groups
 
     @torch.inference_mode()
+    @dequantized_weights_cached()
     def stats(self, block: nn.Module, names: list[str]) -> LayerStats:
         """Input statistics shared by the linears ``names`` (one input), measured on every batch.
         The forward pass stops as soon as that input exists."""
@@ -139,6 +142,7 @@ class Calibration:
         return acc
 
     @torch.inference_mode()
+    @dequantized_weights_cached()
     def advance(self, block: nn.Module) -> None:
         """Replace the stored inputs by the (quantized) block's outputs: the next block's inputs."""
         self.inputs = [self._run(block, i) for i in range(len(self.inputs))]

@@ -6,9 +6,26 @@ faster kernel is tested against.
 
 from __future__ import annotations
 
+import contextlib
+import weakref
+
 import torch
 
 from ampq.kernels.reference import reference_linear
+
+_cache: weakref.WeakKeyDictionary | None = None
+
+
+@contextlib.contextmanager
+def dequantized_weights_cached():
+    """Within this block, each QuantLinear decodes its weight once and reuses it: for calibration,
+    which runs one block over many batches. Memory grows by the decoded weights used inside."""
+    global _cache
+    outer, _cache = _cache, weakref.WeakKeyDictionary()
+    try:
+        yield
+    finally:
+        _cache = outer
 
 
 def linear(layer, x: torch.Tensor) -> torch.Tensor:
@@ -18,4 +35,10 @@ def linear(layer, x: torch.Tensor) -> torch.Tensor:
         from ampq.kernels.activation import activation_linear
 
         return activation_linear(layer, x)
+    if _cache is not None:
+        weight = _cache.get(layer)
+        if weight is None or weight.dtype != x.dtype:
+            weight = _cache[layer] = layer.dequantize(x.dtype)
+        bias = layer.bias.to(x.dtype) if layer.bias is not None else None
+        return torch.nn.functional.linear(x, weight, bias)
     return reference_linear(layer, x)
