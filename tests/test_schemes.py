@@ -63,3 +63,15 @@ def test_gptq_beats_rtn_on_the_calibration_text():
     gptq = evaluate(ampq.quantize(tiny_llama(), "int3-g32", algorithm="gptq", calibration=tokens, progress=False),
                     windows, ref, progress=False)
     assert gptq.kl < rtn.kl
+
+
+def test_compute_dtype_is_kept_and_used(tmp_path):
+    model = ampq.quantize(tiny_llama(), "nf4-b32", compute_dtype="bfloat16", progress=False)
+    layer = model.model.layers[0].mlp.up_proj
+    x = torch.randn(3, layer.in_features)
+    expected = torch.nn.functional.linear(x.bfloat16(), layer.dequantize(torch.bfloat16)).float()
+    assert layer(x).dtype == torch.float32 and torch.equal(layer(x), expected)
+    ampq.save(model, tmp_path / "c")
+    assert ampq.load(tmp_path / "c").model.layers[0].mlp.up_proj.compute_dtype == "bfloat16"
+    with pytest.raises(AmpqError, match="dtype"):
+        ampq.quantize(tiny_llama(), "nf4-b32", compute_dtype="float12", progress=False)

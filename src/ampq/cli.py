@@ -76,6 +76,7 @@ def cmd_quantize(args) -> int:
     kwargs["bias_correction"] |= args.bias_correction
     if args.act_order:
         kwargs["options"]["act_order"] = True
+    kwargs["compute_dtype"] = args.compute_dtype
     label = args.format if scheme.name == "rtn" and not (args.clip or args.bias_correction) else f"{scheme.name} {args.format}"
     output = Path(args.output or f"{Path(args.model).name.removesuffix('.gguf')}-{label.replace(' ', '-')}")
     if output.exists() and any(output.iterdir()) and not args.overwrite:
@@ -216,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by descending Hessian diagonal")
     q.add_argument("-o", "--output", help="checkpoint folder (default: ./MODEL-FORMAT)")
     q.add_argument("--dtype", default=None, help="dtype of the unquantized parts: float32 (default), bfloat16, float16")
+    q.add_argument("--compute-dtype", default=None, help="dtype the quantized matmuls run in "
+                   "(bitsandbytes' compute_dtype: bfloat16, float16, float32; default: the activations')")
     q.add_argument("--lm-head", action="store_true", help="quantize the output head too")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     q.add_argument("--eval", action="store_true", help="evaluate against the original and print the table")

@@ -15,12 +15,14 @@ class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, format_name: str,
                  stored: dict[str, torch.Tensor], bias: torch.Tensor | None = None,
                  algorithm: str = "rtn", activation: str | None = None,
-                 input_scale: torch.Tensor | None = None):
+                 input_scale: torch.Tensor | None = None, compute_dtype: str | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.format_name, self.algorithm = format_name, algorithm
         # how inputs are treated before the matmul (None: as they come; see ampq.kernels.activation)
         self.activation = activation
+        # the dtype the matmul runs in (bitsandbytes' compute_dtype); None: the input's dtype
+        self.compute_dtype = compute_dtype
         self.stored_names = tuple(stored)
         for key, tensor in stored.items():
             self.register_buffer(key, tensor)
@@ -52,12 +54,13 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, format_name: str, codes: torch.Tensor, params,
-                    algorithm: str = "rtn", activation: str | None = None) -> "QuantLinear":
+                    algorithm: str = "rtn", activation: str | None = None,
+                    compute_dtype: str | None = None) -> "QuantLinear":
         fmt = get_format(format_name)
         bias = linear.bias.detach().clone() if linear.bias is not None else None
         input_scale = getattr(linear, "input_scale", None)
         return cls(linear.in_features, linear.out_features, format_name,
-                   fmt.pack(codes, params), bias, algorithm, activation, input_scale)
+                   fmt.pack(codes, params), bias, algorithm, activation, input_scale, compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ampq.kernels import linear
@@ -66,5 +69,6 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         act = f", activation={self.activation}" if self.activation else ""
+        act += f", compute_dtype={self.compute_dtype}" if self.compute_dtype else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"format={self.format_name}, algorithm={self.algorithm}, bias={self.bias is not None}{act}")

@@ -39,7 +39,7 @@ def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
 
 def quantize_linear(name: str, linear: nn.Linear, fmt_name: str, algorithm: str = "rtn", stats=None, *,
                     clip: bool = False, bias_correction: bool = False, activation: str | None = None,
-                    options: dict | None = None) -> QuantLinear:
+                    compute_dtype: str | None = None, options: dict | None = None) -> QuantLinear:
     """One linear in one format: clip search, the algorithm's codes, then bias correction."""
     weight = linear.weight.detach().float()
     if not bool(torch.isfinite(weight).all()):
@@ -52,7 +52,7 @@ def quantize_linear(name: str, linear: nn.Linear, fmt_name: str, algorithm: str 
     except ValueError as e:
         raise AmpqError(f"layer {name} cannot be stored as {fmt_name}: {e}") from None
     label = algorithm + ("+clip" if clip else "") + ("+bias" if bias_correction else "")
-    layer = QuantLinear.from_linear(linear, fmt_name, codes, params, label, activation)
+    layer = QuantLinear.from_linear(linear, fmt_name, codes, params, label, activation, compute_dtype)
     if bias_correction:
         deq = fmt.dequantize_codes(codes, params.values)
         bias = corrected_bias(weight, deq, layer.bias, stats).to(linear.weight.dtype)
@@ -63,21 +63,29 @@ def quantize_linear(name: str, linear: nn.Linear, fmt_name: str, algorithm: str 
 def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", calibration=None,
              clip: bool = False, bias_correction: bool = False, awq: bool = False,
              activation: str | None = None, lm_head: bool = False, options: dict | None = None,
-             batch_size: int = 8, progress: bool = True) -> nn.Module:
+             compute_dtype: str | None = None, batch_size: int = 8, awq_batches: int | None = 4,
+             progress: bool = True) -> nn.Module:
     """Quantize ``model`` in place and return it.
 
     ``formats``: one format name for every linear of the decoder blocks, or a map from fnmatch
     patterns over module names to format names (first match wins, ``None`` skips). ``algorithm``
     chooses the codes (``rtn``, ``gptq``); ``clip`` searches clipping ratios, ``bias_correction``
-    restores each output's mean, ``awq`` rescales input channels first; all but plain RTN need
+    restores each output's mean, ``awq`` rescales input channels first (its grid search runs the
+    block on the first ``awq_batches`` batches, all for None); all but plain RTN need
     ``calibration`` (token windows: a :class:`ampq.data.Windows` or an (n, T) tensor).
-    Embeddings and norms are never touched; the output head only with ``lm_head=True`` (round to
+    ``compute_dtype`` (e.g. "bfloat16") makes the quantized matmuls run in that dtype whatever
+    the activations' dtype. Embeddings and norms are never touched; the output head only with ``lm_head=True`` (round to
     nearest; a tied head is untied). Blocks are done one at a time.
     """
     for f in ([formats] if isinstance(formats, str) else formats.values()):
         if f is not None:
             get_format(f)  # fail on a bad name before any work
     get_algorithm(algorithm)
+    if compute_dtype is not None:
+        from ampq.models import parse_dtype
+
+        parse_dtype(compute_dtype)
+    layer_kwargs = {"activation": activation, "compute_dtype": compute_dtype}
     needs_stats = algorithm in NEEDS_CALIBRATION or clip or bias_correction or awq
     blocks = decoder_blocks(model)
     if needs_stats:
@@ -95,12 +103,12 @@ def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", c
         if not needs_stats:
             for sub, fmt in targets.items():
                 _replace(block, sub, quantize_linear(f"{prefix}.{sub}", block.get_submodule(sub), fmt,
-                                                     algorithm, activation=activation, options=options))
+                                                     algorithm, options=options, **layer_kwargs))
             continue
         if awq:
             from ampq.algorithms.awq import awq_block
 
-            awq_block(block, cal, targets)
+            awq_block(block, cal, targets, max_batches=awq_batches)
         for group in cal.groups(block):
             group = [sub for sub in group if sub in targets]
             if not group:
@@ -109,7 +117,7 @@ def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", c
             for sub in group:
                 _replace(block, sub, quantize_linear(
                     f"{prefix}.{sub}", block.get_submodule(sub), targets[sub], algorithm, stats, clip=clip,
-                    bias_correction=bias_correction, activation=activation, options=options))
+                    bias_correction=bias_correction, options=options, **layer_kwargs))
         cal.advance(block)
     if lm_head:
         head = lm_head_name(model)
@@ -118,7 +126,7 @@ def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", c
         if isinstance(module, nn.Linear) and fmt is not None:
             if getattr(model.config, "tie_word_embeddings", False):
                 model.config.tie_word_embeddings = False
-            _replace(model, head, quantize_linear(head, module, fmt, "rtn", activation=activation))
+            _replace(model, head, quantize_linear(head, module, fmt, "rtn", **layer_kwargs))
     return model
 
 

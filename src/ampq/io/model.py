@@ -30,6 +30,7 @@ def _layer_entries(model: nn.Module) -> dict[str, dict]:
             layers[name] = {"format": m.format_name, "algorithm": m.algorithm, "shape": list(m.shape),
                             "tensors": list(m.stored_names), "bias": m.bias is not None,
                             "activation": m.activation, "input_scale": m.input_scale is not None,
+                            "compute_dtype": m.compute_dtype,
                             "bytes": m.nbytes(), "bits_per_weight": 8 * m.nbytes() / (m.shape[0] * m.shape[1])}
     return layers
 
@@ -94,7 +95,7 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module
             input_scale = tensors.pop(f"{name}.input_scale") if entry.get("input_scale") else None
             out_f, in_f = entry["shape"]
             layer = QuantLinear(in_f, out_f, entry["format"], stored, bias, entry.get("algorithm", "rtn"),
-                                entry.get("activation"), input_scale)
+                                entry.get("activation"), input_scale, entry.get("compute_dtype"))
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, layer)
         except (KeyError, AttributeError, ValueError, TypeError) as e:

@@ -29,6 +29,16 @@ def dequantized_weights_cached():
 
 
 def linear(layer, x: torch.Tensor) -> torch.Tensor:
+    if layer.compute_dtype is not None:
+        from ampq.models import parse_dtype
+
+        dtype = parse_dtype(layer.compute_dtype)
+        if x.dtype != dtype:
+            return _linear(layer, x.to(dtype)).to(x.dtype)
+    return _linear(layer, x)
+
+
+def _linear(layer, x: torch.Tensor) -> torch.Tensor:
     if layer.input_scale is not None:
         x = x / layer.input_scale.to(x.dtype)
     if layer.activation is not None:
