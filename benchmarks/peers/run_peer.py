@@ -83,6 +83,21 @@ def load_fp32(folder: Path):
     return model
 
 
+def truncate(model: nn.Module, layers: int | None) -> nn.Module:
+    """Keep the first ``layers`` decoder blocks (development runs only: numbers are not comparable)."""
+    if not layers:
+        return model
+    from ampq.models import decoder_blocks
+
+    blocks = decoder_blocks(model)
+    name = blocks[0][0].rpartition(".")[0]
+    set_module(model, name, nn.ModuleList([b for _, b in blocks[:layers]]))
+    model.config.num_hidden_layers = min(layers, len(blocks))
+    if isinstance(getattr(model.config, "layer_types", None), list):
+        model.config.layer_types = model.config.layer_types[:layers]
+    return model
+
+
 def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
     from ampq.report import block_linear_names
 
@@ -194,11 +209,18 @@ def quantize_hqq(model, args) -> dict:
 
     HQQLinear.set_backend(HQQBackend.PYTORCH)
     qc = BaseQuantizeConfig(nbits=args.bits, group_size=args.group, axis=args.hqq_axis)
-    for name, lin in decoder_linears(model).items():
+    linears = decoder_linears(model)
+    # axis 1: W.reshape(-1, group): groups are consecutive weights of the row-major matrix
+    straddle = sorted({m.in_features for m in linears.values() if m.in_features % args.group})
+    for name, lin in linears.items():
         q = HQQLinear(lin, qc, del_orig=True, compute_dtype=torch.float32, device="cpu")
         q.eval()
         set_module(model, name, q)
     return {"quant_config": {k: v for k, v in qc["weight_quant_params"].items()}, "compute_dtype": "float32",
+            "note": ("axis 0: W.reshape(group, -1), each group takes weights at a stride of numel/group"
+                     if args.hqq_axis == 0 else
+                     f"hqq groups {args.group} consecutive weights of the row-major flattened matrix; widths "
+                     f"{straddle} are not multiples of it, so there groups run across row ends" if straddle else None),
             "backend": "PYTORCH", "scale_zero_dtype": "float32 (the compute dtype)"}
 
 
@@ -221,10 +243,21 @@ def quantize_quanto(model, args) -> dict:
                 m.weight_group_size = args.quanto_group  # read by QModuleMixin.qweight at freeze
             groups[m.weight_group_size] = groups.get(m.weight_group_size, 0) + 1
     freeze(model)
+    # ampq.evaluate runs under torch.inference_mode(), where quanto's tensor subclasses fail
+    # ("RuntimeError: Cannot set version_counter for inference tensor" at the weight's .t()): the
+    # model's forward leaves inference mode and runs under no_grad instead (same numbers, no autograd)
+    forward = model.forward
+
+    def forward_no_inference_mode(*a, **k):
+        with torch.inference_mode(False), torch.no_grad():
+            return forward(*a, **k)
+
+    model.forward = forward_no_inference_mode
     return {"weights": qtype, "group_sizes": {str(k): v for k, v in groups.items()},
             "group_override": args.quanto_group if qtype == "qint4" else None,
             "optimizer": "MaxOptimizer (min/max, with shift)" if qtype == "qint4" else "AbsmaxOptimizer (per output row)",
-            "scale_dtype": "float32 (the weight dtype)"}
+            "scale_dtype": "float32 (the weight dtype)",
+            "eval_note": "forward runs with inference_mode(False) + no_grad (quanto fails under inference_mode)"}
 
 
 def quantize(model, tok, calib, args) -> dict:
@@ -368,6 +401,7 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, help="JSON row (also printed)")
     p.add_argument("--save", type=Path, help="keep the peer's saved checkpoint here (default: a temp folder, llmc only)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--layers", type=int, help="development only: keep the first N decoder blocks (both models)")
     # peer options
     p.add_argument("--llmc-scale-dtype", default="model", choices=["model", "float16", "bfloat16", "float32"],
                    help="llmc scale_dtype (model: the weight dtype, float32 here)")
@@ -413,7 +447,9 @@ def main(argv=None) -> int:
                                                       "window": calib.window},
                  "eval": {"windows": args.eval_windows, "window": args.eval_window, "stride": args.eval_window,
                           "corpora": corpora}}
-    model = load_fp32(folder)
+    model = truncate(load_fp32(folder), args.layers)
+    if args.layers:
+        row["layers"] = args.layers
     names = {n: (m.out_features, m.in_features) for n, m in decoder_linears(model).items()}
     log(f"{args.peer}: quantizing {len(names)} decoder linears of {folder.name}")
     gc.collect()
@@ -433,7 +469,7 @@ def main(argv=None) -> int:
 
     import ampq
 
-    original, _ = ampq.load_model(str(folder))
+    original = truncate(ampq.load_model(str(folder))[0], args.layers)
     row["original"], row["quality"] = {}, {}
     for c, w in evals.items():
         ref = Reference(original, w)

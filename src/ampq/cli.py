@@ -69,6 +69,9 @@ def cmd_quantize(args) -> int:
     from ampq.schemes import get_scheme
 
     scheme = get_scheme(args.scheme)
+    mixed = args.budget is not None or args.max_size is not None or args.plan is not None
+    if mixed and args.format:
+        raise AmpqError("--format picks one format for every layer; drop it when giving --budget, --max-size or --plan")
     args.format = args.format or scheme.format
     ampq.get_format(args.format)
     kwargs = scheme.quantize_kwargs()
@@ -78,6 +81,9 @@ def cmd_quantize(args) -> int:
         kwargs["options"]["act_order"] = True
     kwargs["compute_dtype"] = args.compute_dtype
     label = args.format if scheme.name == "rtn" and not (args.clip or args.bias_correction) else f"{scheme.name} {args.format}"
+    if mixed:
+        label = f"ampq-{args.budget}bpw" if args.budget is not None else (
+            f"ampq-{args.max_size}" if args.max_size is not None else f"plan-{Path(args.plan).stem}")
     output = Path(args.output or f"{Path(args.model).name.removesuffix('.gguf')}-{label.replace(' ', '-')}")
     if output.exists() and any(output.iterdir()) and not args.overwrite:
         raise AmpqError(f"{output} already exists; choose another --output or pass --overwrite")
@@ -87,13 +93,21 @@ def cmd_quantize(args) -> int:
     orig_bits, orig_bytes = linear_bits(model, names), model_bytes(model)
     calibration = None
     t0 = time.perf_counter()
-    if kwargs["clip"] or kwargs["bias_correction"] or scheme.needs_calibration:
+    target = args.format
+    extra_manifest = {}
+    if mixed:
+        target = _plan(model, tok, args)
+        extra_manifest["plan"] = target.to_dict()
+        kwargs["algorithm"] = "rtn"
+    needs = kwargs["clip"] or kwargs["bias_correction"] or scheme.needs_calibration or (
+        mixed and any(p.algorithm != "rtn" or p.clip for p in target.layers.values()))
+    if needs:
         from ampq.data import make_windows
 
         calibration = make_windows(tok, args.calib, "calib", args.calib_window, args.calib_windows)
-    ampq.quantize(model, args.format, calibration=calibration, lm_head=args.lm_head, **kwargs)
+    ampq.quantize(model, target, calibration=calibration, lm_head=args.lm_head, **kwargs)
     seconds = time.perf_counter() - t0
-    ampq.save(model, output, tok, overwrite=args.overwrite)
+    ampq.save(model, output, tok, overwrite=args.overwrite, extra_manifest=extra_manifest)
     bits, nbytes = linear_bits(model), model_bytes(model)
     print(f"quantized {args.model} with {label} in {seconds:.1f} s: {bits:.3f} bits per weight "
           f"over the quantized linears, {nbytes / 1e6:.1f} MB in all; saved to {output}")
@@ -107,6 +121,48 @@ def cmd_quantize(args) -> int:
                                         "seconds": seconds,
                                         "bits_per_weight": bits, "model_bytes": nbytes,
                                         "original_bytes": orig_bytes, "results": results})
+    return 0
+
+
+def _plan(model, tok, args):
+    """The plan of a mixed-precision run: read from --plan, or allocated for --budget/--max-size
+    from the (cached) sensitivity table."""
+    from ampq import planner
+    from ampq.plan import Plan
+
+    if args.plan:
+        return Plan.load(args.plan)
+    names = _block_linears(model)
+    table = planner.sensitivity(model, tok, _candidates(args), calib=args.calib, windows=args.calib_windows,
+                                window=args.calib_window, table_path=Path(args.sensitivity) if args.sensitivity else None)
+    plan = planner.plan_for_budget(table, bits_per_weight=args.budget, max_size=args.max_size,
+                                   fixed=planner.fixed_bytes(model, names), tied=not args.untied)
+    print(f"plan: {planner.bits_of(plan, table):.3f} bits per weight, {plan.total_bytes / 1e6:.1f} MB of linears; "
+          + ", ".join(f"{k} x{v}" for k, v in planner.describe(plan).items()), file=sys.stderr)
+    return plan
+
+
+def _block_linears(model) -> list[str]:
+    from ampq.report import block_linear_names
+
+    return block_linear_names(model)
+
+
+def _candidates(args) -> list[str] | None:
+    return [c for c in args.candidates.split(",") if c.strip()] if args.candidates else None
+
+
+def cmd_plan(args) -> int:
+    import ampq
+    from ampq import planner
+    from ampq.report import print_table
+
+    model, tok = ampq.load_model(args.model, args.dtype)
+    plan = _plan(model, tok, args)
+    out = plan.save(args.output)
+    rows = [[name, p.format, p.algorithm + ("+clip" if p.clip else ""), p.bytes, p.damage] for name, p in plan.layers.items()]
+    print_table(f"plan for {args.model} ({plan.budget})", ["layer", "format", "algorithm", "bytes", "est. damage"], rows,
+                f"{plan.total_bytes:,} bytes of linears; written to {out}; quantize with: ampq quantize {args.model} --plan {out}")
     return 0
 
 
@@ -200,6 +256,17 @@ def _write_json(path: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _add_budget_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--budget", type=float, default=None,
+                   help="AMPQ: average bits per weight over the quantized linears, everything stored counted")
+    p.add_argument("--max-size", default=None, help="AMPQ: size of the whole model on disk, e.g. 90MB")
+    p.add_argument("--candidates", default=None, help="AMPQ: comma-separated FORMAT[:ALGORITHM[+clip]] "
+                   "candidates (default: int3-g128:gptq ... int8-ch:rtn, bf16)")
+    p.add_argument("--sensitivity", default=None, help="AMPQ: sensitivity table to reuse or write "
+                   "(default: cached per model, candidates and calibration)")
+    p.add_argument("--untied", action="store_true", help="AMPQ: let q/k/v and gate/up take different formats")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ampq", description="Quantize transformer language models and run them.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -215,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--clip", action="store_true", help="search clipping ratios per group (needs calibration)")
     q.add_argument("--bias-correction", action="store_true", help="correct each output's mean shift (needs calibration)")
     q.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by descending Hessian diagonal")
+    _add_budget_args(q)
+    q.add_argument("--plan", help="follow this plan (JSON from `ampq plan`, or written by hand)")
     q.add_argument("-o", "--output", help="checkpoint folder (default: ./MODEL-FORMAT)")
     q.add_argument("--dtype", default=None, help="dtype of the unquantized parts: float32 (default), bfloat16, float16")
     q.add_argument("--compute-dtype", default=None, help="dtype the quantized matmuls run in "
@@ -224,6 +293,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--eval", action="store_true", help="evaluate against the original and print the table")
     _add_eval_args(q)
     q.set_defaults(func=cmd_quantize)
+
+    pl = sub.add_parser("plan", help="measure sensitivity and allocate formats under a budget, without quantizing")
+    pl.add_argument("model")
+    pl.add_argument("-o", "--output", default="plan.json", help="plan file to write (default plan.json)")
+    pl.add_argument("--dtype", default=None)
+    pl.add_argument("--calib", default="wiki")
+    pl.add_argument("--calib-windows", type=int, default=128)
+    pl.add_argument("--calib-window", type=int, default=512)
+    pl.add_argument("--plan", default=None, help=argparse.SUPPRESS)
+    _add_budget_args(pl)
+    pl.set_defaults(func=cmd_plan)
 
     e = sub.add_parser("eval", help="perplexity, KL and top-1 agreement against the original")
     e.add_argument("target", help="ampq checkpoint folder or any model")

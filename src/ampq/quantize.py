@@ -17,19 +17,30 @@ from ampq.errors import AmpqError
 from ampq.formats import get_format
 from ampq.models import decoder_blocks, lm_head_name
 from ampq.nn import QuantLinear
+from ampq.plan import Plan
 
-FormatSpec = str | Mapping[str, str | None]
+FormatSpec = str | Mapping[str, str | None] | Plan
 
 
 def format_for(name: str, spec: FormatSpec) -> str | None:
-    """The format a layer gets: a single name for all, or the first fnmatch pattern that matches
-    (torchao-style per-module map; ``None`` keeps the layer as it is)."""
+    """The format a layer gets: a single name for all, the plan's entry, or the first fnmatch
+    pattern that matches (torchao-style per-module map; ``None`` keeps the layer as it is)."""
     if isinstance(spec, str):
         return spec
+    if isinstance(spec, Plan):
+        entry = spec.layers.get(name)
+        return entry.format if entry else None
     for pattern, fmt in spec.items():
         if fnmatch.fnmatchcase(name, pattern):
             return fmt
     return None
+
+
+def _layer_method(name: str, spec: FormatSpec, algorithm: str, clip: bool) -> tuple[str, bool]:
+    """(algorithm, clip) for one layer: a plan says it per layer, otherwise the call's own."""
+    if isinstance(spec, Plan) and name in spec.layers:
+        return spec.layers[name].algorithm, spec.layers[name].clip
+    return algorithm, clip
 
 
 def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -77,16 +88,24 @@ def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", c
     the activations' dtype. Embeddings and norms are never touched; the output head only with ``lm_head=True`` (round to
     nearest; a tied head is untied). Blocks are done one at a time.
     """
-    for f in ([formats] if isinstance(formats, str) else formats.values()):
+    if isinstance(formats, Plan):
+        names = [p.format for p in formats.layers.values()]
+        algorithms = {p.algorithm for p in formats.layers.values()}
+        clip = clip or any(p.clip for p in formats.layers.values())
+    else:
+        names = [formats] if isinstance(formats, str) else list(formats.values())
+        algorithms = {algorithm}
+    for f in names:
         if f is not None:
             get_format(f)  # fail on a bad name before any work
-    get_algorithm(algorithm)
+    for a in algorithms | {algorithm}:
+        get_algorithm(a)
     if compute_dtype is not None:
         from ampq.models import parse_dtype
 
         parse_dtype(compute_dtype)
     layer_kwargs = {"activation": activation, "compute_dtype": compute_dtype}
-    needs_stats = algorithm in NEEDS_CALIBRATION or clip or bias_correction or awq
+    needs_stats = bool(algorithms & NEEDS_CALIBRATION) or clip or bias_correction or awq
     blocks = decoder_blocks(model)
     if needs_stats:
         if calibration is None:
@@ -102,8 +121,10 @@ def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", c
         targets = {sub: f for sub, f in targets.items() if f is not None}
         if not needs_stats:
             for sub, fmt in targets.items():
-                _replace(block, sub, quantize_linear(f"{prefix}.{sub}", block.get_submodule(sub), fmt,
-                                                     algorithm, options=options, **layer_kwargs))
+                name = f"{prefix}.{sub}"
+                algo, _ = _layer_method(name, formats, algorithm, clip)
+                _replace(block, sub, quantize_linear(name, block.get_submodule(sub), fmt, algo,
+                                                     options=options, **layer_kwargs))
             continue
         if awq:
             from ampq.algorithms.awq import awq_block
@@ -115,9 +136,12 @@ def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", c
                 continue
             stats = cal.stats(block, group)
             for sub in group:
+                name = f"{prefix}.{sub}"
+                algo, layer_clip = _layer_method(name, formats, algorithm, clip)
                 _replace(block, sub, quantize_linear(
-                    f"{prefix}.{sub}", block.get_submodule(sub), targets[sub], algorithm, stats, clip=clip,
-                    bias_correction=bias_correction, options=options, **layer_kwargs))
+                    name, block.get_submodule(sub), targets[sub], algo, stats, clip=layer_clip,
+                    bias_correction=bias_correction, options=options if algo == algorithm else None,
+                    **layer_kwargs))
         cal.advance(block)
     if lm_head:
         head = lm_head_name(model)

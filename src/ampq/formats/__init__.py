@@ -1,7 +1,7 @@
 """Number formats by name.
 
 Names are data users type: ``int4-g128``, ``int4-g128-sym``, ``int8-ch``, ``nf4-b64-dq``,
-``fp8-e4m3-ch``, ``e2m1-g32``. Granularity suffixes: ``-gN`` (or ``-bN``) a group of N inputs,
+``fp8-e4m3-ch``, ``e2m1-g32``, and ``bf16``/``fp16`` (unquantized). Granularity suffixes: ``-gN`` (or ``-bN``) a group of N inputs,
 ``-ch`` one group per output channel, ``-t`` (or nothing, for minifloats) one for the whole tensor.
 Adding a family is one file in this package plus one entry in ``_FAMILIES``.
 """
@@ -17,6 +17,7 @@ from ampq.formats.base import Format, Params
 from ampq.formats.integer import IntegerFormat
 from ampq.formats.minifloat import MinifloatFormat
 from ampq.formats.normal_float import NormalFloatFormat
+from ampq.formats.plain import PlainFloatFormat
 
 __all__ = ["Format", "Params", "get_format", "known_formats", "STANDARD_FORMATS"]
 
@@ -52,6 +53,8 @@ def _group(gran: str | None, default: int | None) -> int | None:
 
 
 def _build(name: str) -> Format | None:
+    if name in ("bf16", "fp16"):
+        return PlainFloatFormat(name)
     for pattern, family in _FAMILIES:
         m = pattern.fullmatch(name)
         if not m:
@@ -88,5 +91,5 @@ def get_format(name: str) -> Format:
 
 
 def known_formats() -> list[str]:
-    return list(STANDARD_FORMATS) + ["int4-ch", "int8-g128", "int3-ch", "nf4-b128", "fp8-e4m3-g128",
+    return list(STANDARD_FORMATS) + ["bf16", "fp16", "int4-ch", "int8-g128", "int3-ch", "nf4-b128", "fp8-e4m3-g128",
                                      "fp8-e5m2", "e2m1-b32", "e3m2-ch", "e2m3-ch"]

@@ -1,0 +1,85 @@
+"""Plan: one format and algorithm per linear, as human-editable JSON.
+
+A plan comes from the allocator (or a person's editor) and drives quantization; a checkpoint
+carries the plan it was made from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ampq.errors import AmpqError
+
+PLAN_VERSION = 1
+
+
+@dataclass
+class LayerPlan:
+    format: str
+    algorithm: str = "rtn"
+    clip: bool = False
+    damage: float | None = None  # the estimate the allocator minimised
+    bytes: int | None = None
+
+
+@dataclass
+class Plan:
+    layers: dict[str, LayerPlan]
+    budget: dict = field(default_factory=dict)  # {"bits_per_weight": 4.25} or {"bytes": n}
+    source: str | None = None
+    estimator: str | None = None
+    tie_groups: list[list[str]] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int | None:
+        sizes = [p.bytes for p in self.layers.values()]
+        return sum(sizes) if all(s is not None for s in sizes) else None
+
+    def to_dict(self) -> dict:
+        return {"ampq_plan": PLAN_VERSION, **asdict(self)}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "plan") -> "Plan":
+        from ampq.algorithms import get_algorithm
+        from ampq.formats import get_format
+
+        if not isinstance(data, dict) or data.get("ampq_plan") != PLAN_VERSION:
+            raise AmpqError(f"{where} is not an ampq plan (version {PLAN_VERSION}): it needs \"ampq_plan\": {PLAN_VERSION}")
+        layers = {}
+        for name, entry in (data.get("layers") or {}).items():
+            if isinstance(entry, str):  # a hand-written shorthand: "layer": "int4-g128"
+                entry = {"format": entry}
+            try:
+                layer = LayerPlan(**entry)
+            except TypeError as e:
+                raise AmpqError(f"{where}: layer {name} has an unknown key ({e})") from None
+            try:
+                get_format(layer.format)
+                get_algorithm(layer.algorithm)
+            except AmpqError as e:
+                raise AmpqError(f"{where}: layer {name}: {e}") from None
+            layers[name] = layer
+        if not layers:
+            raise AmpqError(f"{where} lists no layers")
+        return cls(layers, data.get("budget") or {}, data.get("source"), data.get("estimator"),
+                   data.get("tie_groups") or [])
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise AmpqError(f"cannot read plan {path} ({e.strerror})") from None
+        except ValueError as e:
+            raise AmpqError(f"plan {path} is not valid JSON ({e})") from None
+        return cls.from_dict(data, str(path))
