@@ -267,3 +267,9 @@ def test_bad_inputs(damage, nbytes, groups, match):
 def test_reachable_rejects_bad_groups():
     with pytest.raises(AmpqError, match="unknown layer"):
         reachable({"a": {"x": 1}}, [["b"]])
+
+
+@pytest.mark.parametrize("budget", [float("nan"), float("inf"), "1GB"])
+def test_bad_budget(budget):
+    with pytest.raises(AmpqError, match="budget"):
+        allocate({"a": {"x": 1.0}}, {"a": {"x": 1}}, budget)

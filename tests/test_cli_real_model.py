@@ -98,3 +98,25 @@ def test_a_gguf_file_loads_directly(tmp_path, smol_dir):
 
 def builtin_cache():
     return ampq.builtin.cache_dir()
+
+
+def test_ampq_plan_then_quantize_under_a_budget(tmp_path, smol_dir, monkeypatch):
+    monkeypatch.setenv("AMPQ_CACHE", str(builtin_cache()))
+    cands = "int3-g64:rtn,int4-g64:rtn,int8-ch:rtn"
+    small = ["--calib-windows", "4", "--calib-window", "128", "--candidates", cands,
+             "--sensitivity", str(tmp_path / "sens.json")]
+    run("plan", "smollm2-135m", "--budget", "4.5", "-o", str(tmp_path / "plan.json"), *small)
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    formats = {e["format"] for e in plan["layers"].values()}
+    assert len(plan["layers"]) == 30 * 7 and formats <= {"int3-g64", "int4-g64", "int8-ch"} and len(formats) >= 2
+    out = tmp_path / "mixed"
+    r = run("quantize", "smollm2-135m", "--plan", str(tmp_path / "plan.json"), "-o", str(out))
+    manifest = json.loads((out / "ampq.json").read_text())
+    stored = sum(e["bytes"] for e in manifest["layers"].values())
+    weights = sum(e["shape"][0] * e["shape"][1] for e in manifest["layers"].values())
+    assert 8 * stored / weights <= 4.5 and manifest["plan"]["budget"] == {"bits_per_weight": 4.5}
+    # another budget reuses the saved sensitivity table instead of measuring again
+    r = run("quantize", "smollm2-135m", "--budget", "3.8", "-o", str(tmp_path / "m2"), *small)
+    assert "sensitivity" not in r.stderr
+    r = run("plan", "smollm2-135m", "--budget", "2.0", "-o", str(tmp_path / "p2.json"), *small, check=False)
+    assert r.returncode == 2 and "bits per weight cannot be met" in r.stderr and "Traceback" not in r.stderr

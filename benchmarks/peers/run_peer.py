@@ -116,10 +116,11 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def llmc_scheme(args):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    weights = dict(num_bits=args.bits, type="int", symmetric=args.sym, strategy="group", group_size=args.group)
-    if args.llmc_scale_dtype != "model":
-        weights["scale_dtype"] = getattr(torch, args.llmc_scale_dtype)
-    return QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**weights))
+    # scale_dtype is not set: compressed-tensors 0.19 honours it only for its fp4/mx formats, and the
+    # pack-quantized int checkpoint keeps scales in the model's dtype (float32 here; see
+    # bits_per_weight_fp16_params for what a float16/bfloat16 model stores)
+    return QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+        num_bits=args.bits, type="int", symmetric=args.sym, strategy="group", group_size=args.group))
 
 
 def quantize_llmc(model, tok, calib, args) -> dict:
@@ -357,8 +358,7 @@ def storage(model, args, names: dict[str, tuple[int, int]], save_dir: Path | Non
     # The same count with the float32 parameter tensors (scales, zeros, shifts) at 16 bits, for the
     # peers whose parameter dtype follows the model's (float32 here): what they store for a float16 or
     # bfloat16 model. bitsandbytes keeps float32 absmax/SCB by design, so its count stays as it is.
-    follows_model = args.peer == "hqq" or args.peer == "quanto" or (
-        args.peer.startswith("llmc") and args.llmc_scale_dtype == "model")
+    follows_model = args.peer in ("hqq", "quanto") or args.peer.startswith("llmc")
     halved = sum(r["bytes"] // 2 for r in roles.values() if follows_model and r["dtype"] == "float32")
     out["bits_per_weight_fp16_params"] = 8 * (total_bytes - halved) / weights
     return out
@@ -403,8 +403,6 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--layers", type=int, help="development only: keep the first N decoder blocks (both models)")
     # peer options
-    p.add_argument("--llmc-scale-dtype", default="model", choices=["model", "float16", "bfloat16", "float32"],
-                   help="llmc scale_dtype (model: the weight dtype, float32 here)")
     p.add_argument("--gptq-block-size", type=int, default=128)
     p.add_argument("--gptq-damp", type=float, default=0.01)
     p.add_argument("--gptq-actorder", default="default", choices=["default", "static", "group", "weight", "none"])

@@ -194,7 +194,7 @@ def _reduce(fronts, ubytes, udamage, room: int) -> tuple[list[list[int]], list[i
             level[u], at[u] = t, j
         else:
             blocked[u] = True
-            lam = eff  # the first step that does not fit prices a byte in the LP optimum
+            lam = lam or eff  # the first step that does not fit prices a byte in the LP optimum
     for u, (b, d) in enumerate(pts):  # spend what is left on the best candidate each unit can afford
         j = int(np.searchsorted(b, b[at[u]] + left, side="right")) - 1
         left -= int(b[j] - b[at[u]])
