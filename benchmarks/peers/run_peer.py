@@ -13,19 +13,33 @@ make_windows(tok, corpus, "eval", 512, n) (second half). The quantized model is 
 ampq.evaluate.evaluate against ampq.evaluate.Reference(original) where the original is the same
 folder loaded separately in float32 (ampq's reference for every comparison).
 
-Peers (each on CPU, float32 compute):
-  llmc-gptq   llm-compressor GPTQModifier, int W4A16-style scheme: num_bits, group, asymmetric unless --sym
-  llmc-awq    llm-compressor AWQModifier (transform) + QuantizationModifier with the same scheme (RTN after AWQ)
+Peers (each on CPU, float32 model and compute):
+  llmc-gptq   llm-compressor GPTQModifier, scheme int/num_bits/group/asymmetric (ampq's int4-gN layout;
+              --sym for symmetric), lm_head ignored, actorder as llm-compressor defaults it (static)
+  llmc-awq    llm-compressor AWQModifier (transform) + QuantizationModifier with the same scheme (AWQ
+              scales, then min/max round to nearest). CPU-only torch: IntermediatesCache.pin_memory is
+              made a no-op (pin_memory() raises without an accelerator)
   bnb-nf4     bitsandbytes Linear4bit quant_type nf4, blocksize --group (64), --double-quant = compress_statistics
   bnb-fp4     the same with quant_type fp4
   bnb-int8    bitsandbytes Linear8bitLt, LLM.int8() threshold --int8-threshold (6.0), has_fp16_weights=False
   hqq         hqq.core.quantize.HQQLinear, --bits, group --group, axis --hqq-axis (1), compute float32
   quanto      optimum-quanto quantize(weights=qint4|qint8|qfloat8) + freeze; qint4 group as quanto picks it
-              (128, else the largest of 96/64/32 dividing the width) unless --quanto-group overrides it
+              (128, else the largest of 96/64/32 dividing the width: SmolLM2 gets 96 on its 576-wide
+              linears) unless --quanto-group overrides it; qint8/qfloat8 one scale per output row
+
+llm-compressor refuses a group that does not divide every width (SmolLM2's 576 at 128): use --group 64.
+--layers N keeps the first N decoder blocks of both models: for quick development checks only.
 
 Only the decoder blocks' linears are quantized (embeddings, norms and lm_head keep float32), as in
-ampq. Bits per weight count every tensor the peer stores for those linears (bias excluded, as in
-ampq): see storage() below and the row's "storage" breakdown.
+ampq. bits_per_weight counts every tensor the peer stores for those linears, bias excluded as in
+ampq: for llm-compressor the tensors of its compressed checkpoint (save_pretrained(save_compressed=
+True): weight_packed, weight_scale, weight_zero_point, weight_shape, weight_g_idx if any), for the
+others each linear's state_dict() as the library serializes it (bitsandbytes: packed weight, absmax,
+quant_map, nested absmax/quant_map, its packed quant-state JSON; SCB for int8; hqq: W_q, scale,
+zero and its small metadata tensors; quanto: packed _data, _scale, _shift, input/output_scale).
+The row's "storage.roles" lists bytes, dtype and count per tensor role. Scales that follow the
+model's dtype are float32 here; bits_per_weight_fp16_params counts them at 16 bits (llm-compressor,
+hqq, quanto) as a float16/bfloat16 model would store them; bitsandbytes keeps float32 absmax/SCB.
 """
 
 from __future__ import annotations
@@ -33,7 +47,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -405,7 +418,8 @@ def parse_args(argv=None):
     # peer options
     p.add_argument("--gptq-block-size", type=int, default=128)
     p.add_argument("--gptq-damp", type=float, default=0.01)
-    p.add_argument("--gptq-actorder", default="default", choices=["default", "static", "group", "weight", "none"])
+    p.add_argument("--gptq-actorder", default="default", choices=["default", "static", "weight", "none"],
+                   help="GPTQ column order (llm-compressor 0.14 accepts static and weight; default static)")
     p.add_argument("--awq-duo-scaling", default="true", choices=["true", "false", "both"])
     p.add_argument("--awq-grid", type=int, default=20)
     p.add_argument("--double-quant", action="store_true", help="bnb 4-bit: compress_statistics=True")
