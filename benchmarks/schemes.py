@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _machine import describe, machine  # noqa: E402
 
-SCHEMES = ["rtn", "gptq", "gptq-act-order", "awq", "gptq-ecb", "eetq", "llm-int8", "bnb-nf4", "bnb-nf4-dq",
+SCHEMES = ["rtn", "gptq", "gptq-in-order", "awq", "gptq-ecb", "eetq", "llm-int8", "bnb-nf4", "bnb-nf4-dq",
            "bnb-fp4", "bnb-fp4-dq", "fp8", "fp8-e5m2", "fp8-w8a8"]
 ABLATION = [("rtn", False, False), ("rtn", True, False), ("rtn", True, True), ("gptq", False, False),
             ("gptq", True, True)]

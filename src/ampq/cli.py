@@ -77,8 +77,8 @@ def cmd_quantize(args) -> int:
     kwargs = scheme.quantize_kwargs()
     kwargs["clip"] |= args.clip
     kwargs["bias_correction"] |= args.bias_correction
-    if args.act_order:
-        kwargs["options"]["act_order"] = True
+    if args.in_order:
+        kwargs["options"]["act_order"] = False
     kwargs["compute_dtype"] = args.compute_dtype
     label = args.format if scheme.name == "rtn" and not (args.clip or args.bias_correction) else f"{scheme.name} {args.format}"
     if mixed:
@@ -281,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-window", type=int, default=512, help="tokens per calibration window (default 512)")
     q.add_argument("--clip", action="store_true", help="search clipping ratios per group (needs calibration)")
     q.add_argument("--bias-correction", action="store_true", help="correct each output's mean shift (needs calibration)")
-    q.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by descending Hessian diagonal")
+    q.add_argument("--in-order", action="store_true", help="GPTQ: visit columns in order and fit each group "
+                   "when reached, instead of act-order with static groups (the default)")
     _add_budget_args(q)
     q.add_argument("--plan", help="follow this plan (JSON from `ampq plan`, or written by hand)")
     q.add_argument("-o", "--output", help="checkpoint folder (default: ./MODEL-FORMAT)")

@@ -35,9 +35,10 @@ class Scheme:
 
 SCHEMES = {s.name: s for s in [
     Scheme("rtn", "int4-g128", "round to nearest, no calibration"),
-    Scheme("gptq", "int4-g128", "GPTQ: Hessian error feedback, 1% dampening, blocks of 128 columns", "gptq"),
-    Scheme("gptq-act-order", "int4-g128", "GPTQ visiting columns by descending Hessian diagonal, static groups",
-           "gptq", options={"act_order": True}),
+    Scheme("gptq", "int4-g128", "GPTQ: Hessian error feedback, 1% dampening, blocks of 128 columns, "
+           "act-order with static groups", "gptq"),
+    Scheme("gptq-in-order", "int4-g128", "GPTQ visiting columns in order, each group fitted when reached",
+           "gptq", options={"act_order": False}),
     Scheme("gptq-ecb", "int4-g128", "GPTQ after clip search, then bias correction", "gptq", True, True),
     Scheme("rtn-ecb", "int4-g128", "round to nearest after clip search, then bias correction", "rtn", True, True),
     Scheme("awq", "int4-g128", "AWQ: activation-aware input-channel scales, then clip search", "rtn", True, awq=True),
