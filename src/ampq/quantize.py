@@ -85,8 +85,8 @@ def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", c
     block on the first ``awq_batches`` batches, all for None); all but plain RTN need
     ``calibration`` (token windows: a :class:`ampq.data.Windows` or an (n, T) tensor).
     ``compute_dtype`` (e.g. "bfloat16") makes the quantized matmuls run in that dtype whatever
-    the activations' dtype. Embeddings and norms are never touched; the output head only with ``lm_head=True`` (round to
-    nearest; a tied head is untied). Blocks are done one at a time.
+    the activations' dtype. Embeddings and norms are never touched; the output head only with
+    ``lm_head=True`` (round to nearest; a tied head is untied). Blocks are done one at a time.
     """
     if isinstance(formats, Plan):
         names = [p.format for p in formats.layers.values()]
@@ -124,7 +124,8 @@ def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", c
                 name = f"{prefix}.{sub}"
                 algo, _ = _layer_method(name, formats, algorithm, clip)
                 _replace(block, sub, quantize_linear(name, block.get_submodule(sub), fmt, algo,
-                                                     options=options, **layer_kwargs))
+                                                     options=options if algo == algorithm else None,
+                                                     **layer_kwargs))
             continue
         if awq:
             from ampq.algorithms.awq import awq_block
