@@ -71,6 +71,22 @@ def one(args) -> dict:
     return row
 
 
+PEER_LIBRARIES = {"llmc": "llm-compressor", "bnb": "bitsandbytes", "hqq": "hqq", "quanto": "optimum-quanto"}
+
+
+def peer_row(r: dict) -> dict:
+    """A row written by benchmarks/peers/run_peer.py in this table's shape."""
+    row = {"library": PEER_LIBRARIES.get(r["peer"].split("-")[0], r["peer"]), "model": r["model"],
+           "scheme": r["peer"], "format": f"int{r['bits']}-g{r['group']}" if r.get("group") else f"{r['bits']}-bit",
+           "bits_per_weight": r["bits_per_weight"], "model_bytes": r.get("model_bytes"),
+           "quantize_s": r["quantize_s"], "peak_rss_bytes": r["peak_rss_bytes"],
+           "calib_windows": (r.get("calib") or {}).get("windows"), "ablation": False}
+    for corpus, quality in r["quality"].items():
+        row[corpus] = quality
+        row[f"{corpus}_original"] = r["original"][corpus]
+    return row
+
+
 def markdown(rows: list[dict], info: dict, corpora: list[str]) -> str:
     lines = [f"Measured on {describe(info)}.", ""]
     head = ["model", "library", "scheme", "format", "bits/weight", "model MB"] + [f"ppl {c}" for c in corpora] + \
@@ -128,7 +144,7 @@ def main() -> None:
                 for algo, clip, bias in ABLATION:
                     jobs.append((model, algo, fmt, int(clip), int(bias)))
         else:
-            for scheme in args.schemes.split(","):
+            for scheme in [s for s in args.schemes.split(",") if s]:
                 jobs.append((model, scheme, args.format, None, None))
     common = ["--calib", args.calib, "--calib-windows", str(args.calib_windows), "--calib-window",
               str(args.calib_window), "--corpora", args.corpora, "--windows", str(args.windows)]
@@ -148,7 +164,7 @@ def main() -> None:
         rows.append(row)
         _write(out, rows, args.corpora.split(","))
     for peer in args.peers:
-        row = json.loads(Path(peer).read_text())
+        row = peer_row(json.loads(Path(peer).read_text()))
         rows = [r for r in rows if not (r["model"] == row["model"] and r["scheme"] == row["scheme"]
                                         and r["library"] == row["library"] and r["format"] == row["format"])]
         rows.append(row)
