@@ -120,17 +120,15 @@ class Calibration:
 
     @torch.inference_mode()
     @dequantized_weights_cached()
-    def stats(self, block: nn.Module, names: list[str]) -> LayerStats:
-        """Input statistics shared by the linears ``names`` (one input), measured on every batch.
-        The forward pass stops as soon as that input exists."""
-        module = block.get_submodule(names[0])
-        acc = LayerStats.empty(module.in_features, self.device)
+    def visit_inputs(self, block: nn.Module, name: str, visit) -> None:
+        """Call ``visit(x)`` with the input of linear ``name`` on every batch; each forward pass
+        stops as soon as that input exists."""
 
         def record(mod, args):
-            acc.add(args[0])
+            visit(args[0])
             raise _Stop
 
-        handle = module.register_forward_pre_hook(record)
+        handle = block.get_submodule(name).register_forward_pre_hook(record)
         try:
             for i in range(len(self.inputs)):
                 try:
@@ -139,6 +137,11 @@ class Calibration:
                     pass
         finally:
             handle.remove()
+
+    def stats(self, block: nn.Module, names: list[str]) -> LayerStats:
+        """Input statistics shared by the linears ``names`` (one input), measured on every batch."""
+        acc = LayerStats.empty(block.get_submodule(names[0]).in_features, self.device)
+        self.visit_inputs(block, names[0], acc.add)
         return acc
 
     @torch.inference_mode()

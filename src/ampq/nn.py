@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ampq.formats import Format, get_format
+from ampq.kernels import linear
 
 
 class QuantLinear(nn.Module):
@@ -63,8 +64,6 @@ class QuantLinear(nn.Module):
                    fmt.pack(codes, params), bias, algorithm, activation, input_scale, compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ampq.kernels import linear
-
         return linear(self, x)
 
     def extra_repr(self) -> str:

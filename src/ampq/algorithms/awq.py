@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ampq.calibrate import Calibration, _Stop
+from ampq.calibrate import Calibration
 from ampq.formats import get_format
 
 # A group's first linear -> the ops that may absorb 1/s, tried in order: a norm whose output is the
@@ -54,26 +54,16 @@ def scales(mag: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def _magnitude(block: nn.Module, calibration: Calibration, name: str) -> torch.Tensor:
-    linear = block.get_submodule(name)
-    total = torch.zeros(linear.in_features, dtype=torch.float64, device=calibration.device)
+    total = torch.zeros(block.get_submodule(name).in_features, dtype=torch.float64, device=calibration.device)
     count = 0
 
-    def record(module, args):
+    def visit(x):
         nonlocal count
-        x = args[0].reshape(-1, args[0].shape[-1])
+        x = x.reshape(-1, x.shape[-1])
         total.add_(x.abs().sum(0, dtype=torch.float64))
         count += x.shape[0]
-        raise _Stop
 
-    handle = linear.register_forward_pre_hook(record)
-    try:
-        for i in range(len(calibration.inputs)):
-            try:
-                calibration._run(block, i)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
+    calibration.visit_inputs(block, name, visit)
     return (total / count).float()
 
 

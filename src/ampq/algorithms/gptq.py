@@ -5,7 +5,8 @@ error, H = 2 X^T X / n.
 Dampening (a share of the mean diagonal added to it) keeps H invertible; lazy batch updates apply
 the error of a block of columns to the rest at once. Group parameters are fitted when the group's
 first column is reached, on the weights as the error feedback has left them. With ``act_order`` (the
-default: it lowered the Hessian-weighted error by a further 10-30% on real SmolLM2 layers) the
+default: lower Hessian-weighted error than in-order on real SmolLM2 layers, see
+benchmarks/results/schemes.json for what it does to the whole model) the
 columns are visited by descending Hessian diagonal and the group parameters are fitted up front
 ("static groups"), so codes stay in the original order and any kernel can run them. Formats whose
 groups cannot be fitted one by one (double quantization, per channel, per tensor) are fitted up front.
