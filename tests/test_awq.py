@@ -42,7 +42,7 @@ def mse(cal, block, ref_block):
 @pytest.fixture
 def fixed_alpha(monkeypatch):
     """Skip the search and fold s = mag^0.5, so that every fold really changes weights."""
-    monkeypatch.setattr(awq, "_search", lambda block, cal, q, mag, ref, grid: (0.5, scales(mag, 0.5)))
+    monkeypatch.setattr(awq, "_search", lambda block, q, mag, xtx, grid, duo: (0.5, scales(mag, 0.5)))
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +173,7 @@ def test_awq_beats_rtn_on_held_out_windows(real, index, fmt):
     cal, ev = real[index]
     block = cal.blocks[index][1]
     scaled = copy.deepcopy(block)
-    alphas = awq_block(scaled, cal, dict.fromkeys(linears(block), fmt), grid=8, max_batches=1)
+    alphas = awq_block(scaled, cal, dict.fromkeys(linears(block), fmt))
     assert any(a > 0 for a in alphas.values())
     rtn, ours = mse(ev, quantized_copy(block, fmt), block), mse(ev, quantized_copy(scaled, fmt), block)
     print(f"block {index} {fmt}: RTN {rtn:.4g}, AWQ {ours:.4g} ({ours / rtn:.2f}x), alphas {alphas}")
@@ -188,7 +188,7 @@ def test_alpha_grid_starts_at_zero():
     assert all(0 <= a < 1 and abs(a * 20 - round(a * 20)) < 1e-9 for a in alphas.values())
     # a grid of one point is alpha = 0 alone: s = 1, plain RTN, nothing changes
     same = copy.deepcopy(block)
-    assert set(awq_block(same, cal, formats, grid=1, max_batches=1).values()) == {0.0}
+    assert set(awq_block(same, cal, formats, grid=1).values()) == {0.0}
     for (name, p), q in zip(block.named_parameters(), same.parameters()):
         assert torch.equal(p, q), name
     assert torch.equal(same.self_attn.o_proj.input_scale, torch.ones(32))

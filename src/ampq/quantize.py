@@ -74,15 +74,15 @@ def quantize_linear(name: str, linear: nn.Linear, fmt_name: str, algorithm: str 
 def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", calibration=None,
              clip: bool = False, bias_correction: bool = False, awq: bool = False,
              activation: str | None = None, lm_head: bool = False, options: dict | None = None,
-             compute_dtype: str | None = None, batch_size: int = 8, awq_batches: int | None = 4,
+             compute_dtype: str | None = None, batch_size: int = 8,
              progress: bool = True) -> nn.Module:
     """Quantize ``model`` in place and return it.
 
     ``formats``: one format name for every linear of the decoder blocks, or a map from fnmatch
     patterns over module names to format names (first match wins, ``None`` skips). ``algorithm``
     chooses the codes (``rtn``, ``gptq``); ``clip`` searches clipping ratios, ``bias_correction``
-    restores each output's mean, ``awq`` rescales input channels first (its grid search runs the
-    block on the first ``awq_batches`` batches, all for None); all but plain RTN need
+    restores each output's mean, ``awq`` rescales input channels first (searched on every calibration
+    token); all but plain RTN need
     ``calibration`` (token windows: a :class:`ampq.data.Windows` or an (n, T) tensor).
     ``compute_dtype`` (e.g. "bfloat16") makes the quantized matmuls run in that dtype whatever
     the activations' dtype. Embeddings and norms are never touched; the output head only with
@@ -130,7 +130,7 @@ def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", c
         if awq:
             from ampq.algorithms.awq import awq_block
 
-            awq_block(block, cal, targets, max_batches=awq_batches)
+            awq_block(block, cal, targets)
         for group in cal.groups(block):
             group = [sub for sub in group if sub in targets]
             if not group:

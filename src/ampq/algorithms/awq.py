@@ -28,63 +28,75 @@ PREVIOUS = {
 
 
 def awq_block(block: nn.Module, calibration: Calibration, formats: dict[str, str], *,
-              grid: int = 20, max_batches: int | None = None) -> dict[str, float]:
-    """Search and fold AWQ scales into ``block`` in place; returns {group: best alpha}."""
+              grid: int = 20, duo_scaling: bool = True) -> dict[str, float]:
+    """Search and fold AWQ scales into ``block`` in place; returns {group: best alpha}.
+
+    Each group's alpha minimises the squared output error of its quantized linears over every
+    calibration token, tr(E X^T X E^T) with E = Q(W s)/s - W: computed from X^T X, it needs no
+    forward pass per grid point (AutoAWQ reruns the module on a sample of tokens for each one).
+    ``duo_scaling`` (on in AutoAWQ and llm-compressor) divides s by the weights' relative
+    magnitude per input channel to the power 1 - alpha.
+    """
     with torch.no_grad():
-        n = len(calibration.inputs) if max_batches is None else max(1, min(max_batches, len(calibration.inputs)))
-        # folding keeps the block's function, so one reference serves every group
-        ref = [calibration._run(block, i) for i in range(n)]
+        ref0 = calibration._run(block, 0)  # folding keeps the block's function: one reference
         alphas = {}
         for group in calibration.groups(block):
             quantized = {name: formats[name] for name in group if name in formats}
             if not quantized:
                 continue
-            mag = _magnitude(block, calibration, group[0])
-            alpha, s = _search(block, calibration, quantized, mag, ref, grid)
-            _apply(block, calibration, group, quantized, s, ref[0])
+            mag, xtx = _input_stats(block, calibration, group[0])
+            alpha, s = _search(block, quantized, mag, xtx, grid, duo_scaling)
+            _apply(block, calibration, group, quantized, s, ref0)
             alphas[",".join(group)] = alpha
         return alphas
 
 
-def scales(mag: torch.Tensor, alpha: float) -> torch.Tensor:
+def scales(mag: torch.Tensor, alpha: float, wmag: torch.Tensor | None = None) -> torch.Tensor:
     # a floor relative to the largest channel keeps dead channels from getting s -> 0
     mag = torch.nan_to_num(mag.float()).clamp(min=float(mag.max().clamp(min=1e-12)) * 1e-5)
     s = mag.pow(alpha)
+    if wmag is not None:
+        s = s / wmag.clamp(min=1e-4).pow(1 - alpha)
     return s / (s.max() * s.min()).sqrt()
 
 
-def _magnitude(block: nn.Module, calibration: Calibration, name: str) -> torch.Tensor:
-    total = torch.zeros(block.get_submodule(name).in_features, dtype=torch.float64, device=calibration.device)
+def _input_stats(block: nn.Module, calibration: Calibration, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean |x| per input channel and X^T X of linear ``name``'s input, over every batch."""
+    n = block.get_submodule(name).in_features
+    total = torch.zeros(n, dtype=torch.float64, device=calibration.device)
+    xtx = torch.zeros(n, n, device=calibration.device)
     count = 0
 
     def visit(x):
         nonlocal count
-        x = x.reshape(-1, x.shape[-1])
+        x = x.reshape(-1, x.shape[-1]).float()
         total.add_(x.abs().sum(0, dtype=torch.float64))
+        xtx.addmm_(x.t(), x)
         count += x.shape[0]
 
     calibration.visit_inputs(block, name, visit)
-    return (total / count).float()
+    return (total / count).float(), xtx / count
 
 
-def _search(block, calibration, quantized, mag, ref, grid):
-    linears = {name: block.get_submodule(name) for name in quantized}
-    original = {name: lin.weight.detach().clone() for name, lin in linears.items()}
+def _weight_magnitude(weights: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over output rows of |w| relative to its row's largest, per input channel."""
+    w = torch.cat([w.float().abs() for w in weights])
+    return (w / w.amax(1, keepdim=True).clamp(min=1e-12)).mean(0)
+
+
+def _search(block, quantized, mag, xtx, grid, duo_scaling):
+    weights = {name: block.get_submodule(name).weight.detach().float() for name in quantized}
+    wmag = _weight_magnitude(list(weights.values())) if duo_scaling else None
     best = (float("inf"), 0.0, torch.ones_like(mag))
-    try:
-        for k in range(grid):  # k = 0 (s = 1) is plain RTN, so AWQ never does worse on this data
-            alpha = k / grid
-            s = scales(mag, alpha)
-            for name, lin in linears.items():
-                w = original[name].float()
-                lin.weight.copy_(get_format(quantized[name]).fake_quantize(w * s) / s)
-            err = sum(float((calibration._run(block, i).double() - r.double()).pow(2).sum())
-                      for i, r in enumerate(ref))
-            if err < best[0]:
-                best = (err, alpha, s)
-    finally:
-        for name, lin in linears.items():
-            lin.weight.copy_(original[name])
+    for k in range(grid):  # k = 0 (s = 1) is plain RTN, so AWQ never does worse on this data
+        alpha = k / grid
+        s = torch.ones_like(mag) if k == 0 else scales(mag, alpha, wmag)
+        err = 0.0
+        for name, w in weights.items():
+            e = get_format(quantized[name]).fake_quantize(w * s) / s - w
+            err += float(((e @ xtx) * e).sum(dtype=torch.float64))
+        if err < best[0]:
+            best = (err, alpha, s)
     return best[1], best[2]
 
 
