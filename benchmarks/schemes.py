@@ -41,7 +41,7 @@ def one(args) -> dict:
     from ampq.report import linear_bits, model_bytes
     from ampq.schemes import get_scheme
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     scheme = get_scheme(args.scheme)
     kwargs = scheme.quantize_kwargs()
     if args.clip is not None:
@@ -60,8 +60,8 @@ def one(args) -> dict:
         [scheme.algorithm] + (["clip"] if args.clip else []) + (["bias"] if args.bias else []))
     row = {"library": "ampq", "model": args.model, "scheme": label, "format": fmt,
            "bits_per_weight": linear_bits(model), "model_bytes": model_bytes(model),
-           "quantize_s": seconds, "peak_rss_bytes": peak, "calib_windows": args.calib_windows,
-           "calib_window": args.calib_window}
+           "quantize_s": seconds, "peak_rss_bytes": peak, "calib_windows": args.calib_windows if calib is not None else None,
+           "calib_window": args.calib_window, "eval_windows": args.windows, "threads": torch.get_num_threads()}
     for corpus in args.corpora.split(","):
         windows = make_windows(tok, corpus, "eval", 512, args.windows)
         ref = Reference(original, windows)
@@ -80,7 +80,8 @@ def peer_row(r: dict) -> dict:
            "scheme": r["peer"], "format": f"int{r['bits']}-g{r['group']}" if r.get("group") else f"{r['bits']}-bit",
            "bits_per_weight": r["bits_per_weight"], "model_bytes": r.get("model_bytes"),
            "quantize_s": r["quantize_s"], "peak_rss_bytes": r["peak_rss_bytes"],
-           "calib_windows": (r.get("calib") or {}).get("windows"), "ablation": False}
+           "calib_windows": (r.get("calib") or {}).get("windows"), "eval_windows": r["eval"]["windows"],
+           "ablation": False}
     for corpus, quality in r["quality"].items():
         row[corpus] = quality
         row[f"{corpus}_original"] = r["original"][corpus]
@@ -90,7 +91,7 @@ def peer_row(r: dict) -> dict:
 def markdown(rows: list[dict], info: dict, corpora: list[str]) -> str:
     lines = [f"Measured on {describe(info)}.", ""]
     head = ["model", "library", "scheme", "format", "bits/weight", "model MB"] + [f"ppl {c}" for c in corpora] + \
-           ["KL", "top-1", "quantize s", "peak RSS GB"]
+           ["KL", "top-1", "quantize s", "peak RSS GB", "calib windows"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     seen_orig = set()
     for r in rows:
@@ -98,13 +99,14 @@ def markdown(rows: list[dict], info: dict, corpora: list[str]) -> str:
             seen_orig.add(r["model"])
             o = [r[f"{c}_original"]["perplexity"] for c in corpora]
             lines.append(f"| {r['model']} | - | original | fp32 | 32 | - | " + " | ".join(f"{v:.3f}" for v in o)
-                         + " | 0 | 1 | - | - |")
+                         + f" | 0 | 1 | - | - | eval {r.get('eval_windows', '?')} x 512 |")
         kl = sum(r[c]["kl"] for c in corpora) / len(corpora)
         top1 = sum(r[c]["top1"] for c in corpora) / len(corpora)
         cells = [r["model"], r["library"], r["scheme"], f"`{r['format']}`", f"{r['bits_per_weight']:.3f}",
                  f"{r['model_bytes'] / 1e6:.1f}" if r.get("model_bytes") else "-"]
         cells += [f"{r[c]['perplexity']:.3f}" for c in corpora]
-        cells += [f"{kl:.4f}", f"{top1:.3f}", f"{r['quantize_s']:.0f}", f"{r['peak_rss_bytes'] / 2**30:.2f}"]
+        cells += [f"{kl:.4f}", f"{top1:.3f}", f"{r['quantize_s']:.0f}", f"{r['peak_rss_bytes'] / 2**30:.2f}",
+                  str(r.get("calib_windows") or "-")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -121,6 +123,7 @@ def main() -> None:
     p.add_argument("--calib-window", type=int, default=512)
     p.add_argument("--corpora", default="wiki,c4")
     p.add_argument("--windows", type=int, default=16, help="evaluation windows of 512 tokens per text")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per job (default: all cores)")
     p.add_argument("--peers", nargs="*", default=[], help="JSON rows written by benchmarks/peers/run_peer.py")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "schemes.json"))
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
@@ -148,6 +151,8 @@ def main() -> None:
                 jobs.append((model, scheme, args.format, None, None))
     common = ["--calib", args.calib, "--calib-windows", str(args.calib_windows), "--calib-window",
               str(args.calib_window), "--corpora", args.corpora, "--windows", str(args.windows)]
+    if args.threads:
+        common += ["--threads", str(args.threads)]
     for model, scheme, fmt, clip, bias in jobs:
         print(f"[{model}] {scheme} {fmt or ''} clip={clip} bias={bias}", file=sys.stderr, flush=True)
         with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
@@ -156,7 +161,9 @@ def main() -> None:
                 cmd += ["--format", fmt]
             if clip is not None:
                 cmd += ["--clip", str(clip), "--bias", str(bias)]
-            subprocess.run(cmd, check=True)
+            if subprocess.run(cmd).returncode != 0:
+                print(f"[{model}] {scheme} failed; the table goes on without it", file=sys.stderr, flush=True)
+                continue
             row = json.loads(Path(tmp.name).read_text())
         row["ablation"] = args.ablation
         rows = [r for r in rows if not (r["model"] == row["model"] and r["scheme"] == row["scheme"]

@@ -134,7 +134,8 @@ def _plan(model, tok, args):
         return Plan.load(args.plan)
     names = _block_linears(model)
     table = planner.sensitivity(model, tok, _candidates(args), calib=args.calib, windows=args.calib_windows,
-                                window=args.calib_window, table_path=Path(args.sensitivity) if args.sensitivity else None)
+                                window=args.calib_window, estimator=args.estimator,
+                                table_path=Path(args.sensitivity) if args.sensitivity else None)
     plan = planner.plan_for_budget(table, bits_per_weight=args.budget, max_size=args.max_size,
                                    fixed=planner.fixed_bytes(model, names), tied=not args.untied)
     print(f"plan: {planner.bits_of(plan, table):.3f} bits per weight, {plan.total_bytes / 1e6:.1f} MB of linears; "
@@ -264,6 +265,9 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
                    "candidates (default: int3-g128:gptq ... int8-ch:rtn, bf16)")
     p.add_argument("--sensitivity", default=None, help="AMPQ: sensitivity table to reuse or write "
                    "(default: cached per model, candidates and calibration)")
+    p.add_argument("--estimator", default="fisher", choices=["fisher", "hessian"],
+                   help="AMPQ: sensitivity estimate: Fisher-weighted output error in nats of KL (default), or the "
+                   "plain Hessian output error (no backward passes)")
     p.add_argument("--untied", action="store_true", help="AMPQ: let q/k/v and gate/up take different formats")
 
 

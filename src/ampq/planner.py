@@ -49,7 +49,8 @@ def table_key(source: str | None, candidates: list[str], calib: dict) -> str:
 
 
 def sensitivity(model: nn.Module, tokenizer, candidates: list[str] | None = None, *, calib: str = "wiki",
-                windows: int = 128, window: int = 512, table_path=None, progress: bool = True) -> SensitivityTable:
+                windows: int = 128, window: int = 512, estimator: str = "fisher", table_path=None,
+                progress: bool = True) -> SensitivityTable:
     """The sensitivity table of ``model``: read from ``table_path`` or the cache when it was measured
     before with the same candidates and calibration, measured (and saved) otherwise."""
     from ampq.builtin import cache_dir
@@ -57,18 +58,18 @@ def sensitivity(model: nn.Module, tokenizer, candidates: list[str] | None = None
 
     candidates = [Candidate.parse(c).name for c in (candidates or DEFAULT_CANDIDATES)]
     source = getattr(model.config, "ampq_source", None)
-    spec = {"text": calib, "windows": windows, "window": window}
+    spec = {"text": calib, "windows": windows, "window": window, "estimator": estimator}
     if table_path is None:
         table_path = cache_dir() / "sensitivity" / f"{table_key(source, candidates, spec)}.json"
     try:
         table = SensitivityTable.load(table_path)
-        if table.candidates == candidates:
+        if table.candidates == candidates and table.estimator == estimator:
             return table
     except AmpqError:
         pass
     tokens = make_windows(tokenizer, calib, "calib", window, windows)
-    table = measure(model, tokens, candidates, progress=progress)
-    table.calibration = spec
+    table = measure(model, tokens, candidates, estimator=estimator, progress=progress)
+    table.calibration = {**table.calibration, **spec}
     table_path.parent.mkdir(parents=True, exist_ok=True)
     table.save(table_path)
     return table

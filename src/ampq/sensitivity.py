@@ -1,10 +1,17 @@
 """Sensitivity: for every linear x candidate (format + algorithm), an estimate of the damage that
 quantizing that linear alone in that candidate does to the model.
 
-The Hessian estimator needs no extra forward passes: with H = 2 X^T X / n from calibration inputs of
-the *unquantized* model, the damage is tr(dW H dW^T), dW = W - Q(W), i.e. twice the mean squared
-error the layer's output suffers. Tables are saved as JSON and reused: a new budget only re-solves
-the allocation.
+Two estimators, computed in the same pass:
+
+- ``hessian``: with H = 2 X^T X / n from calibration inputs of the *unquantized* model, the damage
+  is tr(dW H dW^T), dW = W - Q(W), twice the mean squared error of the layer's output. No extra
+  forward passes, but each layer in its own output units.
+- ``fisher``: the same row errors (dW H dW^T)_ii weighted by the Fisher information of each output
+  channel (:mod:`ampq.fisher`, a few backward passes): an estimate of the KL to the original in nats
+  per token, comparable across layers. The default, chosen by measurement (benchmarks/sensitivity.py:
+  rank correlation with the KL measured with one layer quantized at a time).
+
+Tables are saved as JSON and reused: a new budget only re-solves the allocation.
 """
 
 from __future__ import annotations
@@ -73,6 +80,7 @@ class SensitivityTable:
     shapes: dict[str, list[int]]
     source: str | None = None
     calibration: dict = field(default_factory=dict)
+    estimates: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # every estimator measured
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -89,22 +97,43 @@ class SensitivityTable:
             raise AmpqError(f"{path} is not a sensitivity table written by ampq ({str(e).splitlines()[0][:120]})") from None
 
 
-def hessian_damage(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> float:
+def row_errors(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """(dW H dW^T)_ii for every output row i: the Hessian damage is their sum."""
     dw = weight.float() - dequantized.float()
-    return float(((dw @ hessian.float()) * dw).sum())
+    return ((dw @ hessian.float()) * dw).sum(1)
+
+
+def hessian_damage(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> float:
+    return float(row_errors(weight, dequantized, hessian).sum())
+
+
+ESTIMATORS = ("fisher", "hessian")
 
 
 @torch.inference_mode()
-def measure(model: nn.Module, calibration, candidates: list[str] | None = None, *, batch_size: int = 8,
-            progress: bool = True) -> SensitivityTable:
-    """The Hessian estimate for every linear of the decoder blocks x every candidate, from one
-    block-by-block pass over the calibration windows of the unquantized model."""
-    from ampq.calibrate import Calibration
+def measure(model: nn.Module, calibration, candidates: list[str] | None = None, *, estimator: str = "fisher",
+            gradient_windows: int = 8, batch_size: int = 8, progress: bool = True,
+            on_candidate=None) -> SensitivityTable:
+    """Every estimator for every linear of the decoder blocks x every candidate, from one
+    block-by-block pass over the calibration windows of the unquantized model (plus, for
+    ``fisher``, one backward pass per window over the first ``gradient_windows`` of them).
 
+    ``on_candidate(name, candidate, dequantized_weight)``, when given, is called for each pair while
+    the rest of the model is still unquantized (benchmarks use it to measure the true damage)."""
+    from ampq.calibrate import Calibration
+    from ampq.fisher import fisher_damage, output_fisher
+    from ampq.report import block_linear_names
+
+    if estimator not in ESTIMATORS:
+        raise AmpqError(f"unknown sensitivity estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     cands = [Candidate.parse(c) for c in (candidates or DEFAULT_CANDIDATES)]
     tokens = getattr(calibration, "tokens", calibration)
+    fisher = None
+    if estimator == "fisher":
+        with torch.inference_mode(False):
+            fisher = output_fisher(model, tokens[:gradient_windows].clone(), block_linear_names(model), progress=progress)
     cal = Calibration(model, tokens, batch_size)
-    damage: dict[str, dict[str, float]] = {}
+    estimates: dict[str, dict[str, dict[str, float]]] = {e: {} for e in ESTIMATORS if e == "hessian" or fisher}
     nbytes: dict[str, dict[str, int]] = {}
     shapes: dict[str, list[int]] = {}
     for prefix, block in tqdm(cal.blocks, desc="sensitivity", unit="block", disable=not progress):
@@ -116,15 +145,24 @@ def measure(model: nn.Module, calibration, candidates: list[str] | None = None, 
                 weight = block.get_submodule(sub).weight.detach().float()
                 shape = (weight.shape[0], weight.shape[1])
                 shapes[name] = list(shape)
-                damage[name], nbytes[name] = {}, {}
+                nbytes[name] = {}
+                for table in estimates.values():
+                    table[name] = {}
                 for cand in cands:
                     try:
                         deq = cand.dequantized(weight, stats)
                     except ValueError:
                         continue  # a format this layer cannot take is simply not a choice for it
-                    damage[name][cand.name] = hessian_damage(weight, deq, hessian)
+                    rows = row_errors(weight, deq, hessian)
+                    estimates["hessian"][name][cand.name] = float(rows.sum())
+                    if fisher is not None:
+                        estimates["fisher"][name][cand.name] = fisher_damage(rows, fisher[name])
                     nbytes[name][cand.name] = cand.nbytes(shape)
+                    if on_candidate is not None:
+                        on_candidate(name, cand, deq)
         cal.advance(block)
-    return SensitivityTable("hessian", [c.name for c in cands], damage, nbytes, shapes,
+    return SensitivityTable(estimator, [c.name for c in cands], estimates[estimator], nbytes, shapes,
                             getattr(model.config, "ampq_source", None),
-                            {"windows": int(tokens.shape[0]), "window": int(tokens.shape[1])})
+                            {"windows": int(tokens.shape[0]), "window": int(tokens.shape[1]),
+                             **({"gradient_windows": min(gradient_windows, int(tokens.shape[0]))} if fisher else {})},
+                            estimates)

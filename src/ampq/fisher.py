@@ -1,0 +1,73 @@
+"""Fisher weights: how much the model's output distribution moves per unit of squared error at each
+output channel of each linear.
+
+With labels sampled from the model's own next-token distribution (not the text's), the mean of
+g g^T over samples is the Fisher information, which is the Hessian of KL(original || perturbed) at
+the original. Keeping its diagonal and treating gradients and inputs as independent gives, for a
+weight error dW of one linear with input Hessian H = 2 X^T X / n,
+
+    KL ~ 1/2 E_t[e_t^T F e_t] ~ 1/4 sum_i f_i (dW H dW^T)_ii,   f_i = E_t[g_ti^2],
+
+an estimate in nats per token, the same unit in every layer (the plain Hessian estimate is in each
+layer's own output units, which differ from layer to layer).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ampq.errors import AmpqError
+
+
+def output_fisher(model: nn.Module, tokens: torch.Tensor, names: list[str], *, batch_size: int = 1,
+                  seed: int = 0, progress: bool = True) -> dict[str, torch.Tensor]:
+    """f_i = mean over tokens of the squared gradient of the sampled-label loss at output channel i
+    of each linear in ``names``, from one forward and backward pass per batch of ``tokens``."""
+    if tokens.dim() != 2 or tokens.shape[0] == 0:
+        raise AmpqError("the Fisher estimate needs at least one window of tokens")
+    device = next(model.parameters()).device
+    sums = {n: torch.zeros(model.get_submodule(n).out_features, dtype=torch.float64, device=device) for n in names}
+    count = 0
+
+    def hook(name):
+        def on_grad(g):
+            sums[name].add_(g.reshape(-1, g.shape[-1]).double().pow(2).sum(0))
+
+        def on_output(module, args, out):
+            out.register_hook(on_grad)
+        return on_output
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)  # gradients at the outputs only; no parameter gradients
+    generator = torch.Generator(device=device).manual_seed(seed)
+    embed = model.get_input_embeddings()
+    try:
+        for start in tqdm(range(0, tokens.shape[0], batch_size), desc="fisher", unit="batch", disable=not progress):
+            ids = tokens[start:start + batch_size].to(device)
+            with torch.no_grad():
+                x = embed(ids)
+            x.requires_grad_(True)
+            with torch.enable_grad():
+                logits = model(inputs_embeds=x, use_cache=False).logits.float()
+                with torch.no_grad():
+                    probs = torch.softmax(logits.reshape(-1, logits.shape[-1]), -1)
+                    labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                    del probs
+                loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels, reduction="sum")
+                loss.backward()
+            count += ids.numel()
+    finally:
+        for h in handles:
+            h.remove()
+        for p in trainable:
+            p.requires_grad_(True)
+    return {n: (s / count).float() for n, s in sums.items()}
+
+
+def fisher_damage(rowwise: torch.Tensor, fisher: torch.Tensor) -> float:
+    """The KL estimate from (dW H dW^T)_ii per output row and the layer's Fisher weights."""
+    return 0.25 * float((rowwise.double() * fisher.double()).sum())
