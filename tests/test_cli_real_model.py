@@ -118,5 +118,14 @@ def test_ampq_plan_then_quantize_under_a_budget(tmp_path, smol_dir, monkeypatch)
     # another budget reuses the saved sensitivity table instead of measuring again
     r = run("quantize", "smollm2-135m", "--budget", "3.8", "-o", str(tmp_path / "m2"), *small)
     assert "sensitivity" not in r.stderr
+    carried = json.loads((tmp_path / "m2" / "ampq.json").read_text())["sensitivity"]
+    assert carried["estimator"] == "fisher" and carried["damage"] == json.loads((tmp_path / "sens.json").read_text())["damage"]
+    # the report draws the allocation and the sensitivity table the checkpoint carries
+    r = run("report", str(tmp_path / "m2"), "--output", str(tmp_path / "figs"))
+    for name in ("allocation.png", "sensitivity.png"):
+        assert (tmp_path / "figs" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    r = run("report", str(tmp_path / "m2"), "--pareto", str(tmp_path / "plan.json"), "-o", str(tmp_path / "f2"),
+            check=False)
+    assert r.returncode == 2 and "is not a results file of benchmarks/pareto.py" in r.stderr
     r = run("plan", "smollm2-135m", "--budget", "2.0", "-o", str(tmp_path / "p2.json"), *small, check=False)
     assert r.returncode == 2 and "bits per weight cannot be met" in r.stderr and "Traceback" not in r.stderr

@@ -1,9 +1,10 @@
-"""The `ampq` command line: quantize, eval, inspect, formats, generate."""
+"""The `ampq` command line: quantize, plan, eval, inspect, report, formats, schemes, generate."""
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -96,8 +97,10 @@ def cmd_quantize(args) -> int:
     target = args.format
     extra_manifest = {}
     if mixed:
-        target = _plan(model, tok, args)
+        target, table = _plan(model, tok, args)
         extra_manifest["plan"] = target.to_dict()
+        if table is not None:
+            extra_manifest["sensitivity"] = dataclasses.asdict(table)
         kwargs["algorithm"] = "rtn"
     needs = kwargs["clip"] or kwargs["bias_correction"] or scheme.needs_calibration or (
         mixed and any(p.algorithm != "rtn" or p.clip for p in target.layers.values()))
@@ -131,7 +134,7 @@ def _plan(model, tok, args):
     from ampq.plan import Plan
 
     if args.plan:
-        return Plan.load(args.plan)
+        return Plan.load(args.plan), None
     names = _block_linears(model)
     table = planner.sensitivity(model, tok, _candidates(args), calib=args.calib, windows=args.calib_windows,
                                 window=args.calib_window, estimator=args.estimator,
@@ -140,7 +143,7 @@ def _plan(model, tok, args):
                                    fixed=planner.fixed_bytes(model, names), tied=not args.untied)
     print(f"plan: {planner.bits_of(plan, table):.3f} bits per weight, {plan.total_bytes / 1e6:.1f} MB of linears; "
           + ", ".join(f"{k} x{v}" for k, v in planner.describe(plan).items()), file=sys.stderr)
-    return plan
+    return plan, table
 
 
 def _block_linears(model) -> list[str]:
@@ -159,7 +162,7 @@ def cmd_plan(args) -> int:
     from ampq.report import print_table
 
     model, tok = ampq.load_model(args.model, args.dtype)
-    plan = _plan(model, tok, args)
+    plan, _ = _plan(model, tok, args)
     out = plan.save(args.output)
     rows = [[name, p.format, p.algorithm + ("+clip" if p.clip else ""), p.bytes, p.damage] for name, p in plan.layers.items()]
     print_table(f"plan for {args.model} ({plan.budget})", ["layer", "format", "algorithm", "bytes", "est. damage"], rows,
@@ -206,6 +209,50 @@ def cmd_inspect(args) -> int:
                 ["layer", "format", "algorithm", "shape", "bytes", "bits/weight"], rows,
                 f"{len(manifest['tensors'])} tensors, {total_files:,} bytes of safetensors; every hash verified")
     return 0
+
+
+def cmd_report(args) -> int:
+    from ampq import figures
+    from ampq.io.checkpoint import verify_checkpoint
+    from ampq.sensitivity import SensitivityTable
+
+    manifest = verify_checkpoint(args.directory)
+    out = Path(args.output or f"{Path(args.directory).resolve()}-report")
+    out.mkdir(parents=True, exist_ok=True)
+    written = [figures.allocation_heatmap(manifest["layers"], out / "allocation.png",
+                                          f"{Path(args.directory).name}: bits per weight by layer")]
+    if args.sensitivity:
+        table = SensitivityTable.load(args.sensitivity)
+    elif manifest.get("sensitivity"):
+        table = SensitivityTable(**manifest["sensitivity"])
+    else:
+        table = None
+        print("no sensitivity table in this checkpoint (it was not quantized to a budget): pass --sensitivity "
+              "FILE for the sensitivity figure", file=sys.stderr)
+    if table is not None:
+        written.append(figures.sensitivity_figure(table, out / "sensitivity.png"))
+    if args.pareto:
+        try:
+            results = json.loads(Path(args.pareto).read_text())
+            series, original = pareto_series(results, args.model_name or manifest.get("source"))
+        except (OSError, ValueError, KeyError) as e:
+            raise AmpqError(f"{args.pareto} is not a results file of benchmarks/pareto.py ({e})") from None
+        written.append(figures.pareto_figure(series, out / "pareto.png", original=original,
+                                             title=f"{args.model_name or manifest.get('source')}: perplexity (wiki) against size"))
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def pareto_series(results: dict, model: str | None) -> tuple[dict[str, list[tuple[float, float]]], float | None]:
+    """Perplexity points by label from benchmarks/pareto.py's JSON, for one model."""
+    rows = [r for r in results["rows"] if model is None or r["model"] == model or Path(str(model)).name == r["model"]]
+    if not rows:
+        raise KeyError(f"no rows for model {model}")
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        series.setdefault(r["label"], []).append((r["bits_per_weight"], r["wiki"]["perplexity"]))
+    return series, rows[0].get("wiki_original", {}).get("perplexity")
 
 
 def cmd_formats(args) -> int:
@@ -320,6 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("directory")
     i.set_defaults(func=cmd_inspect)
 
+    r = sub.add_parser("report", help="figures of a checkpoint: allocation heatmap, sensitivity, Pareto curve")
+    r.add_argument("directory")
+    r.add_argument("-o", "--output", default=None, help="folder for the PNGs (default: DIRECTORY-report)")
+    r.add_argument("--sensitivity", default=None, help="sensitivity table (default: the one the checkpoint carries)")
+    r.add_argument("--pareto", default=None, help="benchmarks/results/pareto.json, for the Pareto curve")
+    r.add_argument("--model-name", default=None, help="which model's rows of --pareto to draw (default: the checkpoint's source)")
+    r.set_defaults(func=cmd_report)
     f = sub.add_parser("formats", help="list the number formats")
     f.set_defaults(func=cmd_formats)
 
