@@ -238,20 +238,20 @@ def cmd_report(args) -> int:
         except (OSError, ValueError, KeyError) as e:
             raise AmpqError(f"{args.pareto} is not a results file of benchmarks/pareto.py ({e})") from None
         written.append(figures.pareto_figure(series, out / "pareto.png", original=original,
-                                             title=f"{args.model_name or manifest.get('source')}: perplexity (wiki) against size"))
+                                             title=f"{args.model_name or manifest.get('source')}: quality (wiki) against size"))
     for path in written:
         print(f"wrote {path}")
     return 0
 
 
-def pareto_series(results: dict, model: str | None) -> tuple[dict[str, list[tuple[float, float]]], float | None]:
-    """Perplexity points by label from benchmarks/pareto.py's JSON, for one model."""
+def pareto_series(results: dict, model: str | None) -> tuple[dict[str, list[tuple[float, float, float]]], float | None]:
+    """(bits, wiki perplexity, wiki KL) by label from benchmarks/pareto.py's JSON, for one model."""
     rows = [r for r in results["rows"] if model is None or r["model"] == model or Path(str(model)).name == r["model"]]
     if not rows:
         raise KeyError(f"no rows for model {model}")
-    series: dict[str, list[tuple[float, float]]] = {}
+    series: dict[str, list[tuple[float, float, float]]] = {}
     for r in rows:
-        series.setdefault(r["label"], []).append((r["bits_per_weight"], r["wiki"]["perplexity"]))
+        series.setdefault(r["label"], []).append((r["bits_per_weight"], r["wiki"]["perplexity"], r["wiki"].get("kl")))
     return series, rows[0].get("wiki_original", {}).get("perplexity")
 
 
@@ -309,7 +309,7 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
                    help="AMPQ: average bits per weight over the quantized linears, everything stored counted")
     p.add_argument("--max-size", default=None, help="AMPQ: size of the whole model on disk, e.g. 90MB")
     p.add_argument("--candidates", default=None, help="AMPQ: comma-separated FORMAT[:ALGORITHM[+clip]] "
-                   "candidates (default: int3-g128:gptq ... int8-ch:rtn, bf16)")
+                   "candidates (default: int2-g64:gptq, int3-g128:gptq ... int8-ch:rtn, bf16)")
     p.add_argument("--sensitivity", default=None, help="AMPQ: sensitivity table to reuse or write "
                    "(default: cached per model, candidates and calibration)")
     p.add_argument("--estimator", default="fisher", choices=["fisher", "hessian"],

@@ -116,29 +116,32 @@ def sensitivity_figure(table, path: str | Path, candidate: str | None = None) ->
     return Path(path)
 
 
-def pareto_figure(series: dict[str, list[tuple[float, float]]], path: str | Path, *, metric: str = "perplexity",
+def pareto_figure(series: dict[str, list[tuple[float, float, float]]], path: str | Path, *,
                   original: float | None = None, title: str = "") -> Path:
-    """Quality against bits per weight. ``series``: label -> [(bits, value)]; a label starting with
-    ``AMPQ`` is drawn as a curve, the others as points."""
+    """Perplexity (left, up to 3x the original's) and KL to the original (right, log) against bits
+    per weight. ``series``: label -> [(bits, perplexity, kl)]; a label starting with ``AMPQ`` is
+    drawn as a curve, the others as points."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for label, pts in series.items():
-        pts = sorted(pts)
-        if not pts:
-            continue
-        if label.startswith("AMPQ"):
-            ax.plot(*zip(*pts), "o-", lw=2, label=label, zorder=3)
-        else:
-            ax.scatter(*zip(*pts), s=28, marker="s" if "ampq" in label else "^", label=label, alpha=0.8)
-    if original is not None:
-        ax.axhline(original, color="grey", ls="--", lw=0.8, label="original")
-    ax.set_xlabel("bits per weight (quantized linears, everything stored)")
-    ax.set_ylabel(metric)
-    if metric == "perplexity":
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, col, name in ((axes[0], 1, "perplexity"), (axes[1], 2, "KL to the original (nats/token)")):
+        for label, pts in series.items():
+            pts = sorted(p for p in pts if p[col] is not None and p[col] > 0)
+            if not pts:
+                continue
+            xs, ys = [p[0] for p in pts], [p[col] for p in pts]
+            if label.startswith("AMPQ"):
+                ax.plot(xs, ys, "o-", lw=2, label=label, zorder=3)
+            else:
+                ax.scatter(xs, ys, s=28, marker="s" if "ampq" in label else "^", label=label, alpha=0.8)
+        ax.set_xlabel("bits per weight (quantized linears, everything stored)")
+        ax.set_ylabel(name)
         ax.set_yscale("log")
-    ax.set_title(title or f"{metric} against size")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+        ax.grid(alpha=0.3, which="both")
+    if original is not None:
+        axes[0].axhline(original, color="grey", ls="--", lw=0.8, label="original")
+        axes[0].set_ylim(original * 0.97, original * 3)
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.suptitle(title or "quality against size")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

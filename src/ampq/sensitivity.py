@@ -32,7 +32,8 @@ from ampq.formats import get_format
 
 # One per family, each with the algorithm that serves it best (issue #5's default set).
 DEFAULT_CANDIDATES = [
-    "int3-g128:gptq", "int3-g64:gptq", "int4-g128:gptq", "int4-g64:gptq", "nf4-b64-dq:gptq",
+    "int2-g64:gptq", "int3-g128:gptq", "int3-g64:gptq", "int4-g128:gptq", "int4-g64:gptq", "int4-g32:gptq",
+    "nf4-b64-dq:gptq",
     "int5-g128:gptq", "int6-g128:gptq", "fp8-e4m3-ch:rtn", "int8-ch:rtn", "bf16",
 ]
 
