@@ -10,7 +10,7 @@ groups before it were quantized.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ class LayerStats:
     sum: torch.Tensor  # (in,) float64
     absmax: torch.Tensor  # (in,) float32
     count: int
+    cache: dict = field(default_factory=dict, repr=False)  # what algorithms derive from these statistics
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -39,6 +40,7 @@ class LayerStats:
         return (self.sum / self.count).float()
 
     def add(self, x: torch.Tensor) -> None:
+        self.cache.clear()
         x = x.reshape(-1, x.shape[-1]).float()
         self.xtx.addmm_(x.t(), x)
         self.sum += x.sum(0, dtype=torch.float64)

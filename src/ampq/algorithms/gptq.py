@@ -34,28 +34,41 @@ def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     raise ValueError("the calibration Hessian is not positive definite even after dampening; use more calibration text")
 
 
+def _prepared_hessian(stats, damp: float, act_order: bool, dtype: torch.dtype):
+    """(dead columns, column order, upper Cholesky factor of H^-1 in that order), kept on ``stats``:
+    the linears sharing an input, and every candidate format measured for them, reuse one factor."""
+    cache = getattr(stats, "cache", None)
+    key = ("gptq", damp, act_order, dtype)
+    if cache is not None and key in cache:
+        return cache[key]
+    h = stats.hessian.to(dtype).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(h.shape[0])
+    prepared = dead, perm, _inverse_hessian_factor(h[perm][:, perm], damp)
+    if cache is not None:
+        cache[key] = prepared
+    return prepared
+
+
 def gptq(weight: torch.Tensor, fmt: Format, stats, clip: float | torch.Tensor = 1.0, *,
          damp: float = 0.01, block_size: int = 128, act_order: bool = True,
          dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, Params]:
     out_features, cols = weight.shape
     w = weight.to(dtype).clone()
-    h = stats.hessian.to(dtype).clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
+    dead, perm, hinv = _prepared_hessian(stats, damp, act_order, dtype)
     w[:, dead] = 0
 
     clip = torch.as_tensor(clip, dtype=torch.float32)
     gs = fmt.group_size
     static = act_order or not gs or not fmt.groupwise_params
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
     if static:
         params = fmt.fit(w.float(), clip)
         column_values = {k: v[:, perm].to(dtype) for k, v in fmt.expand(params.values, (out_features, cols)).items()}
     else:
         parts: list[Params] = []
         block_size = max(block_size // gs, 1) * gs  # a group never straddles two blocks
-    w, h = w[:, perm], h[perm][:, perm]
-    hinv = _inverse_hessian_factor(h, damp)
+    w = w[:, perm]
 
     codes = torch.zeros(out_features, cols, dtype=torch.int32)
     for i1 in range(0, cols, block_size):
