@@ -27,7 +27,12 @@ def _grid(names: list[str]) -> tuple[list[int], list[str], dict[str, tuple[int, 
 
 
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        from ampq.errors import AmpqError
+
+        raise AmpqError("figures need matplotlib: pip install 'ampq[plot]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
