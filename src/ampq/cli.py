@@ -211,6 +211,42 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from ampq.formats import get_format
+    from ampq.io.checkpoint import verify_checkpoint
+
+    manifest = verify_checkpoint(args.directory)
+    layers = manifest.get("layers", {})
+    if not isinstance(layers, dict):
+        raise AmpqError(f"{args.directory}/ampq.json has a malformed 'layers' table; re-create the checkpoint")
+    tensors = manifest["tensors"]
+    for name, e in layers.items():
+        try:
+            shape = tuple(e["shape"])
+            held = sum(_tensor_bytes(tensors[f"{name}.{k}"]) for k in e["tensors"])
+            if held != get_format(e["format"]).nbytes(shape):
+                raise ValueError(f"{e['format']} of {shape} needs {get_format(e['format']).nbytes(shape)} bytes, "
+                                 f"the checkpoint holds {held}")
+        except (KeyError, TypeError, ValueError, AmpqError) as err:
+            raise AmpqError(f"{args.directory}: layer {name!r} in ampq.json does not match the stored tensors "
+                            f"({' '.join(str(err).split())[:200]})") from None
+    total = sum(f["bytes"] for f in manifest["files"].values())
+    print(f"{args.directory}: verified {len(manifest['files'])} files ({total:,} bytes), {len(tensors)} tensors "
+          f"and {len(layers)} quantized layers against ampq.json (SHA-256 of every file and tensor)")
+    return 0
+
+
+def _tensor_bytes(entry: dict) -> int:
+    import math
+
+    import torch
+
+    dtype = getattr(torch, str(entry["dtype"]), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {entry['dtype']!r}")
+    return math.prod(entry["shape"]) * dtype.itemsize
+
+
 def cmd_report(args) -> int:
     from ampq import figures
     from ampq.io.checkpoint import verify_checkpoint
@@ -367,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("directory")
     i.set_defaults(func=cmd_inspect)
 
+    v = sub.add_parser("verify", help="check a checkpoint's files, hashes and layer table without loading the model")
+    v.add_argument("directory")
+    v.set_defaults(func=cmd_verify)
     r = sub.add_parser("report", help="figures of a checkpoint: allocation heatmap, sensitivity, Pareto curve")
     r.add_argument("directory")
     r.add_argument("-o", "--output", default=None, help="folder for the PNGs (default: DIRECTORY-report)")

@@ -23,6 +23,7 @@ MANIFEST = "ampq.json"
 INDEX = "model.safetensors.index.json"
 _RESERVED_KEYS = ("files", "tensors")
 _CHUNK = 1 << 20
+MAX_MANIFEST_BYTES = 64 << 20
 
 
 def _file_sha256(path: Path) -> str:
@@ -211,12 +212,18 @@ def _verify(directory: str | Path, keep: bool) -> tuple[dict[str, torch.Tensor],
     mpath = d / MANIFEST
     if not mpath.is_file():
         raise AmpqError(f"{d} is not an ampq checkpoint: {MANIFEST} is missing; point at a directory written by ampq")
+    if mpath.stat().st_size > MAX_MANIFEST_BYTES:
+        raise damaged(f"{MANIFEST} is {mpath.stat().st_size:,} bytes, more than any ampq manifest ({MAX_MANIFEST_BYTES:,})")
     try:
         manifest = json.loads(mpath.read_bytes().decode("utf-8"))
+    except RecursionError:
+        raise damaged(f"{MANIFEST} is nested too deeply to be an ampq manifest") from None
     except UnicodeDecodeError:
         raise damaged(f"{MANIFEST} is not UTF-8 text") from None
     except json.JSONDecodeError as e:
         raise damaged(f"{MANIFEST} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python will convert
+        raise damaged(f"{MANIFEST} is not valid JSON ({one_line(e)[:120]})") from None
     except OSError as e:
         raise damaged(f"{MANIFEST} cannot be read ({one_line(e)})") from None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -71,6 +72,47 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite: 
     return write_checkpoint(directory, tensors, manifest, extra, overwrite=overwrite)
 
 
+_MAX_CONFIG_INT = 1 << 24  # no real config has a width, depth or vocabulary this large
+_BLOCK_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def _check_config(directory, config, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse a config.json that would build something the stored tensors cannot fill, before it
+    is built: a hostile one could otherwise ask for a billion layers or a huge buffer."""
+    def walk(obj, path):
+        items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+        for k, v in items:
+            if isinstance(v, bool):
+                continue
+            if isinstance(v, int) and not -_MAX_CONFIG_INT <= v <= _MAX_CONFIG_INT:
+                raise AmpqError(f"{directory}/config.json has an implausible {path}{k} = {v}; "
+                                "the checkpoint is damaged or not from ampq")
+            if isinstance(v, (dict, list)):
+                walk(v, f"{path}{k}.")
+
+    walk(config.to_dict(), "")
+    depth = getattr(config, "num_hidden_layers", None)
+    blocks = 1 + max((int(m.group(1)) for n in tensors for m in _BLOCK_INDEX.finditer(n)), default=-1)
+    if isinstance(depth, int) and depth > blocks:
+        raise AmpqError(f"{directory}/config.json asks for {depth} layers but the checkpoint holds tensors for "
+                        f"{blocks}; it does not match its tensors")
+
+
+def _check_layer(name: str, entry, module, stored: dict[str, torch.Tensor]) -> None:
+    """A manifest's layer entry must agree with the module the config built and the bytes stored."""
+    from ampq.formats import get_format
+
+    if not (isinstance(entry, dict) and isinstance(entry.get("format"), str) and isinstance(entry.get("shape"), list)
+            and len(entry["shape"]) == 2 and all(type(v) is int and v > 0 for v in entry["shape"])):
+        raise ValueError("malformed entry")
+    if not isinstance(module, nn.Linear) or module.weight.shape != tuple(entry["shape"]):
+        raise ValueError(f"the model has no {entry['shape'][0]}x{entry['shape'][1]} linear there")
+    expected = get_format(entry["format"]).nbytes(tuple(entry["shape"]))
+    held = sum(t.numel() * t.element_size() for t in stored.values())
+    if held != expected:
+        raise ValueError(f"{entry['format']} needs {expected} bytes, the checkpoint holds {held}")
+
+
 def load(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a model saved by :func:`save` from its folder alone, after verifying every hash."""
     from accelerate import init_empty_weights
@@ -80,17 +122,25 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module
     if manifest.get("format") != MANIFEST_FORMAT:
         raise AmpqError(f"{directory}/ampq.json has format {manifest.get('format')!r}, not {MANIFEST_FORMAT!r}; "
                         "it was written by another tool or a newer ampq")
+    layers = manifest.get("layers", {})
+    if not isinstance(layers, dict):
+        raise AmpqError(f"{directory}/ampq.json has a malformed 'layers' table; re-create the checkpoint")
     try:
         config = AutoConfig.from_pretrained(directory)
-    except (OSError, ValueError, json.JSONDecodeError) as e:
-        raise AmpqError(f"{directory}/config.json is not a usable model config ({str(e).splitlines()[0][:160]})") from None
+    except Exception as e:  # noqa: BLE001 - whatever a config file makes transformers raise
+        raise AmpqError(f"{directory}/config.json is not a usable model config ({_first_line(e)})") from None
+    _check_config(directory, config, tensors)
     floats = [t.dtype for t in tensors.values() if t.is_floating_point() and t.dtype.itemsize >= 2]
     dtype = max(set(floats), key=floats.count) if floats else torch.float32
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for name, entry in manifest.get("layers", {}).items():
+    try:
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except Exception as e:  # noqa: BLE001
+        raise AmpqError(f"{directory}/config.json does not describe a model transformers can build ({_first_line(e)})") from None
+    for name, entry in layers.items():
         try:
             stored = {k: tensors.pop(f"{name}.{k}") for k in entry["tensors"]}
+            _check_layer(name, entry, model.get_submodule(name), stored)
             bias = tensors.pop(f"{name}.bias") if entry.get("bias") else None
             input_scale = tensors.pop(f"{name}.input_scale") if entry.get("input_scale") else None
             out_f, in_f = entry["shape"]
@@ -98,9 +148,13 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module
                                 entry.get("activation"), input_scale, entry.get("compute_dtype"))
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, layer)
-        except (KeyError, AttributeError, ValueError, TypeError) as e:
-            raise AmpqError(f"{directory}: layer {name} in ampq.json does not match the stored tensors ({e})") from None
-    result = model.load_state_dict(tensors, strict=False, assign=True)
+        except (KeyError, AttributeError, ValueError, TypeError, AmpqError) as e:
+            raise AmpqError(f"{directory}: layer {name!r} in ampq.json does not match the stored tensors "
+                            f"({_first_line(e)})") from None
+    try:
+        result = model.load_state_dict(tensors, strict=False, assign=True)
+    except RuntimeError as e:
+        raise AmpqError(f"checkpoint {directory} does not match its config.json ({_first_line(e)})") from None
     if manifest.get("tied_embeddings"):
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"]
@@ -110,3 +164,8 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module
     model.config.ampq_source = manifest.get("source")
     model.eval().requires_grad_(False)
     return model.to(device)
+
+
+def _first_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return (text or type(e).__name__)[:200]
