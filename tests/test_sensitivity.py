@@ -73,3 +73,16 @@ def test_measure_keeps_every_estimator_and_uses_the_chosen_one():
         assert d["int3-g32:rtn"] > d["int8-ch:rtn"] > 0, layer
     with pytest.raises(AmpqError, match="unknown sensitivity estimator 'taylor'; choose one of fisher, hessian"):
         measure(tiny_llama(), TOKENS[:8], cands, estimator="taylor", progress=False)
+
+
+def test_one_pass_statistics_equal_the_group_by_group_ones():
+    a, b = Calibration(tiny_llama(), TOKENS[:6], 4), Calibration(tiny_llama(), TOKENS[:6], 4)
+    for (_, block_a), (_, block_b) in zip(a.blocks, b.blocks):
+        groups = a.groups(block_a)
+        one_pass = b.stats_and_advance(block_b, groups)
+        for group in groups:
+            slow = a.stats(block_a, group)
+            assert torch.allclose(one_pass[group[0]].xtx, slow.xtx, rtol=1e-5, atol=1e-5)
+            assert one_pass[group[0]].count == slow.count and torch.equal(one_pass[group[0]].absmax, slow.absmax)
+        a.advance(block_a)
+        assert all(torch.equal(x, y) for x, y in zip(a.inputs, b.inputs))

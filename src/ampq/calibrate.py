@@ -148,6 +148,21 @@ class Calibration:
 
     @torch.inference_mode()
     @dequantized_weights_cached()
+    def stats_and_advance(self, block: nn.Module, groups: list[list[str]]) -> dict[str, LayerStats]:
+        """Every group's statistics and the block's outputs from one pass per batch: right when
+        nothing in the block changes in between (sensitivity measures the unquantized model)."""
+        acc = {g[0]: LayerStats.empty(block.get_submodule(g[0]).in_features, self.device) for g in groups}
+        handles = [block.get_submodule(name).register_forward_pre_hook(lambda mod, args, s=stats: s.add(args[0]))
+                   for name, stats in acc.items()]
+        try:
+            self.inputs = [self._run(block, i) for i in range(len(self.inputs))]
+        finally:
+            for h in handles:
+                h.remove()
+        return acc
+
+    @torch.inference_mode()
+    @dequantized_weights_cached()
     def advance(self, block: nn.Module) -> None:
         """Replace the stored inputs by the (quantized) block's outputs: the next block's inputs."""
         self.inputs = [self._run(block, i) for i in range(len(self.inputs))]

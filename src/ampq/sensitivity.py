@@ -138,8 +138,10 @@ def measure(model: nn.Module, calibration, candidates: list[str] | None = None, 
     nbytes: dict[str, dict[str, int]] = {}
     shapes: dict[str, list[int]] = {}
     for prefix, block in tqdm(cal.blocks, desc="sensitivity", unit="block", disable=not progress):
-        for group in cal.groups(block):
-            stats = cal.stats(block, group)
+        groups = cal.groups(block)
+        all_stats = cal.stats_and_advance(block, groups)
+        for group in groups:
+            stats = all_stats[group[0]]
             hessian = stats.hessian
             for sub in group:
                 name = f"{prefix}.{sub}"
@@ -161,7 +163,6 @@ def measure(model: nn.Module, calibration, candidates: list[str] | None = None, 
                     nbytes[name][cand.name] = cand.nbytes(shape)
                     if on_candidate is not None:
                         on_candidate(name, cand, deq)
-        cal.advance(block)
     return SensitivityTable(estimator, [c.name for c in cands], estimates[estimator], nbytes, shapes,
                             getattr(model.config, "ampq_source", None),
                             {"windows": int(tokens.shape[0]), "window": int(tokens.shape[1]),
