@@ -35,7 +35,7 @@ from ampq.report import block_linear_names, linear_bits, model_bytes, print_tabl
 RESULTS = Path(__file__).parent / "results"
 
 
-def ampq_rows(model_name: str, args) -> list[dict]:
+def ampq_rows(model_name: str, args, save) -> list[dict]:
     model, tok = ampq.load_model(model_name)
     names = block_linear_names(model)
     fixed = planner.fixed_bytes(model, names)
@@ -65,6 +65,7 @@ def ampq_rows(model_name: str, args) -> list[dict]:
               f"{row['wiki']['perplexity']:.3f}, KL {row['wiki']['kl']:.4f} (predicted {row['predicted_kl']:.4f}), "
               f"{seconds:.0f} s", file=sys.stderr, flush=True)
         rows.append(row)
+        save(rows)
         del quantized
     return rows
 
@@ -104,6 +105,7 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=str(RESULTS / "pareto.json"))
+    p.add_argument("--report-only", action="store_true", help="redraw the table and figure from --out")
     args = p.parse_args()
     args.budgets = [float(b) for b in args.budgets.split(",")]
     args.corpora = args.corpora.split(",")
@@ -112,14 +114,19 @@ def main() -> None:
     out = Path(args.out)
     models = args.models.split(",")
     previous = json.loads(out.read_text())["rows"] if out.exists() else []
-    rows = [r for r in previous if r["model"] not in models or r.get("label") != f"AMPQ ({args.estimator})"]
+    rows = [r for r in previous if r["model"] not in models or r.get("label") != f"AMPQ ({args.estimator})"
+            or r["budget"] not in args.budgets]
     info = machine()
+    if args.report_only:
+        report(rows + [r for r in previous if r not in rows], models, json.loads(out.read_text())["machine"], out)
+        return
     for m in models:
-        rows += ampq_rows(m, args)
-        info["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
-        os.replace(tmp, out)
+        def save(new, done=list(rows)):  # after every budget, so a long run leaves what it measured
+            info["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            tmp = out.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"machine": info, "rows": done + new}, indent=1))
+            os.replace(tmp, out)
+        rows += ampq_rows(m, args, save)
     report(rows, models, info, out)
 
 
