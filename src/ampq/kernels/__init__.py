@@ -7,6 +7,7 @@ faster kernel is tested against.
 from __future__ import annotations
 
 import contextlib
+import os
 import weakref
 
 import torch
@@ -14,6 +15,23 @@ import torch
 from ampq.kernels.reference import reference_linear
 
 _cache: weakref.WeakKeyDictionary | None = None
+# "auto": the fastest kernel for the format, device and number of rows; "reference": always decode
+# then matmul (exact to the format, the ground truth)
+_mode = os.environ.get("AMPQ_KERNELS", "auto")
+DECODE_ROWS = 16  # up to this many rows the packed CPU kernels beat decoding the whole weight
+
+
+@contextlib.contextmanager
+def use(mode: str):
+    """Run the block with kernel selection ``mode`` ("auto" or "reference")."""
+    global _mode
+    if mode not in ("auto", "reference"):
+        raise ValueError(f"unknown kernel mode {mode!r}; choose auto or reference")
+    outer, _mode = _mode, mode
+    try:
+        yield
+    finally:
+        _mode = outer
 
 
 @contextlib.contextmanager
@@ -51,4 +69,17 @@ def _linear(layer, x: torch.Tensor) -> torch.Tensor:
             weight = _cache[layer] = layer.dequantize(x.dtype)
         bias = layer.bias.to(x.dtype) if layer.bias is not None else None
         return torch.nn.functional.linear(x, weight, bias)
+    if _mode == "auto" and x.device.type == "cpu" and x.numel() <= DECODE_ROWS * x.shape[-1] and _cpu_kernel(layer):
+        from ampq.kernels.cpu import packed_linear
+
+        return packed_linear(layer, x)
     return reference_linear(layer, x)
+
+
+def _cpu_kernel(layer) -> bool:
+    ok = layer.__dict__.get("_cpu_supported")
+    if ok is None:
+        from ampq.kernels.cpu import supports
+
+        ok = layer.__dict__["_cpu_supported"] = supports(layer)
+    return ok
