@@ -211,6 +211,45 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import resource
+
+    import torch
+
+    import ampq
+    from ampq import bench
+    from ampq.report import linear_bits, print_table
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    model, _ = ampq.load_model(args.model, args.dtype)
+    model.to(args.device)
+    try:
+        batches = tuple(int(b) for b in args.batch.split(","))
+    except ValueError:
+        raise AmpqError(f"--batch takes comma-separated integers, like 1,4,16; got {args.batch!r}") from None
+    rows = bench.bench(model, batches=batches, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                       repeats=args.repeats, baseline_rss=baseline)
+    bits = linear_bits(model)
+    table = [[r.batch, r.prefill_tokens_per_s, r.decode_tokens_per_s, r.latency_p50_ms, r.latency_p99_ms,
+              r.bandwidth_gb_s, r.predicted_bytes / 1e6, r.measured_bytes / 1e6 if r.measured_bytes else None]
+             for r in rows]
+    print_table(f"{args.model}: {bits:.2f} bits per weight over the block linears, {torch.get_num_threads()} threads",
+                ["batch", "prefill tok/s", "decode tok/s", "p50 ms", "p99 ms", "weights GB/s", "predicted MB",
+                 "measured MB"], table,
+                f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new, medians of {args.repeats} runs after a "
+                "warm-up; weights GB/s = bytes of weights read per decoding step / step time; predicted = weights + "
+                "KV cache; measured = peak resident growth since start (CPU) or peak allocated (GPU)")
+    result = {"model": args.model, "bits_per_weight": bits, "device": args.device, "threads": torch.get_num_threads(),
+              "dtype": str(next(model.parameters()).dtype), "rows": [r.as_dict() for r in rows]}
+    if args.json_out:
+        _write_json(args.json_out, result)
+    if args.plot:
+        bench.plot({args.model: result["rows"]}, args.plot)
+    return 0
+
+
 def cmd_verify(args) -> int:
     from ampq.formats import get_format
     from ampq.io.checkpoint import verify_checkpoint
@@ -403,6 +442,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("directory")
     i.set_defaults(func=cmd_inspect)
 
+    b = sub.add_parser("bench", help="throughput, latency, bandwidth and memory of a model or checkpoint")
+    b.add_argument("model")
+    b.add_argument("--batch", default="1,4,16", help="batch sizes (default 1,4,16)")
+    b.add_argument("--prompt-tokens", type=int, default=128)
+    b.add_argument("--new-tokens", type=int, default=32)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--dtype", default=None, help="unquantized weights' dtype (default float32)")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--json", dest="json_out", default=None, help="write the results as JSON")
+    b.add_argument("--plot", default=None, help="write a PNG of throughput and latency against batch size")
+    b.set_defaults(func=cmd_bench)
     v = sub.add_parser("verify", help="check a checkpoint's files, hashes and layer table without loading the model")
     v.add_argument("directory")
     v.set_defaults(func=cmd_verify)

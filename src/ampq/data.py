@@ -82,6 +82,9 @@ def make_windows(tokenizer, spec: str, split: str = "eval", window: int = 512, n
                  stride: int | None = None) -> Windows:
     """``n`` windows of ``window`` tokens with ``stride`` (default: ``window``, no overlap), taken
     from the start of the given half of the text."""
+    if tokenizer is None:
+        raise AmpqError("this model came without a tokenizer (a checkpoint saved without one); save it with its "
+                        "tokenizer, or quantize from a model folder that has one")
     stride = stride or window
     if not 0 < stride <= window:
         raise AmpqError(f"stride must be between 1 and the window ({window}), not {stride}")

@@ -42,7 +42,11 @@ def load_model(spec: str, dtype: str | torch.dtype | None = None):
     if path.is_dir() and (path / "ampq.json").exists():
         from ampq.io.model import load
 
-        return load(path), AutoTokenizer.from_pretrained(path)
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError):  # saved without a tokenizer: the model still runs
+            tok = None
+        return load(path), tok
     try:
         if path.is_file() and path.suffix == ".gguf":
             tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

@@ -1,0 +1,161 @@
+"""Speed and memory of a model as it runs: prefill and decode throughput, per-token latency, the
+weight bandwidth decoding achieves, and memory predicted against memory measured.
+
+Timings exclude a warm-up run and are medians over repeats. Decoding runs step by step with the KV
+cache, as generation does; each step reads every weight once, so the achieved bandwidth is the
+bytes of weights read per step divided by the step's time.
+
+Memory predicted: M = P x B / Q summed per tensor kind, P parameters, B bits per parameter as
+stored (B = 4.25 for int4-g128 with its scales), Q = 8 bits per byte; plus the KV cache
+(2 x layers x batch x tokens x KV heads x head size x bytes). Memory measured: the growth of peak
+resident memory from before loading (CPU; includes allocator and library overhead), or
+torch.cuda.max_memory_allocated (GPU).
+"""
+
+from __future__ import annotations
+
+import inspect
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ampq.nn import QuantLinear
+
+
+@dataclass
+class BenchRow:
+    batch: int
+    prompt_tokens: int
+    new_tokens: int
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    latency_p50_ms: float
+    latency_p99_ms: float
+    weight_bytes_per_step: int
+    bandwidth_gb_s: float
+    predicted_bytes: int
+    measured_bytes: int | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of weights one decoding step reads: every linear as stored, plus the output head
+    (the input embedding reads one row per token: not counted)."""
+    seen, total = set(), 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            total += m.nbytes()
+        elif isinstance(m, nn.Linear) and id(m.weight) not in seen:
+            seen.add(id(m.weight))
+            total += m.weight.numel() * m.weight.element_size()
+    return total
+
+
+def kv_cache_bytes(model: nn.Module, batch: int, tokens: int) -> int:
+    cfg = model.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    dtype = next(model.parameters()).dtype
+    return 2 * cfg.num_hidden_layers * batch * tokens * heads * head_dim * dtype.itemsize
+
+
+def predicted_bytes(model: nn.Module, batch: int, tokens: int) -> int:
+    from ampq.report import model_bytes
+
+    return model_bytes(model) + kv_cache_bytes(model, batch, tokens)
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def _run(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[float, list[float]]:
+    """(prefill seconds, decode step seconds) for one generation of ``new_tokens`` greedy tokens."""
+    device = ids.device
+    _sync(device)
+    t0 = time.perf_counter()
+    out = model(ids, use_cache=True)
+    _sync(device)
+    prefill = time.perf_counter() - t0
+    # transformers >= 5.2x calls the KV cache `cache`, older versions `past_key_values`
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    past, token = out[key], out.logits[:, -1:].argmax(-1)
+    steps = []
+    for _ in range(new_tokens):
+        t0 = time.perf_counter()
+        out = model(token, use_cache=True, **{key: past})
+        _sync(device)
+        steps.append(time.perf_counter() - t0)
+        past, token = out[key], out.logits[:, -1:].argmax(-1)
+    return prefill, steps
+
+
+def bench(model: nn.Module, *, batches: tuple[int, ...] = (1, 4, 16), prompt_tokens: int = 128,
+          new_tokens: int = 32, repeats: int = 3, baseline_rss: int | None = None, seed: int = 0) -> list[BenchRow]:
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    step_bytes = weight_bytes(model)
+    for batch in batches:
+        ids = torch.randint(0, vocab, (batch, prompt_tokens), generator=gen).to(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        _run(model, ids, min(new_tokens, 4))  # warm-up: allocator, kernel caches, packed weights
+        prefills, steps = [], []
+        for _ in range(repeats):
+            p, s = _run(model, ids, new_tokens)
+            prefills.append(p)
+            steps += s
+        step = statistics.median(steps)
+        if device.type == "cuda":
+            measured = torch.cuda.max_memory_allocated(device)
+        elif baseline_rss is not None:
+            measured = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline_rss
+        else:
+            measured = None
+        rows.append(BenchRow(
+            batch=batch, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+            prefill_tokens_per_s=batch * prompt_tokens / statistics.median(prefills),
+            decode_tokens_per_s=batch / step,
+            latency_p50_ms=1e3 * step,
+            latency_p99_ms=1e3 * _percentile(steps, 0.99),
+            weight_bytes_per_step=step_bytes,
+            bandwidth_gb_s=step_bytes / step / 1e9,
+            predicted_bytes=predicted_bytes(model, batch, prompt_tokens + new_tokens),
+            measured_bytes=measured))
+    return rows
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def plot(results: dict[str, list[dict]], path) -> None:
+    """Decode tokens/s and latency against batch size, one line per model."""
+    from ampq.figures import _pyplot
+
+    plt = _pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, rows in results.items():
+        xs = [r["batch"] for r in rows]
+        a.plot(xs, [r["decode_tokens_per_s"] for r in rows], "o-", label=label)
+        b.plot(xs, [r["latency_p50_ms"] for r in rows], "o-", label=label)
+    for ax, name in ((a, "decode tokens/s"), (b, "per-step latency p50 (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
