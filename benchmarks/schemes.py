@@ -126,6 +126,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads per job (default: all cores)")
     p.add_argument("--peers", nargs="*", default=[], help="JSON rows written by benchmarks/peers/run_peer.py")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "schemes.json"))
+    p.add_argument("--merge", nargs="*", default=[], help="fold the rows of other results files of this script in")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--scheme", help=argparse.SUPPRESS)
@@ -170,6 +171,9 @@ def main() -> None:
                                         and r["format"] == row["format"] and r["library"] == "ampq")]
         rows.append(row)
         _write(out, rows, args.corpora.split(","))
+    for other in args.merge:
+        for row in json.loads(Path(other).read_text())["rows"]:
+            rows = [r for r in rows if _key(r) != _key(row)] + [row]
     for peer in args.peers:
         row = peer_row(json.loads(Path(peer).read_text()))
         rows = [r for r in rows if not (r["model"] == row["model"] and r["scheme"] == row["scheme"]
@@ -178,9 +182,16 @@ def main() -> None:
     _write(out, rows, args.corpora.split(","))
 
 
+def _key(r: dict) -> tuple:
+    return r["model"], r["library"], r["scheme"], r["format"]
+
+
 def _write(out: Path, rows: list[dict], corpora: list[str]) -> None:
     info = machine()
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():  # another run may have added rows meanwhile: keep them
+        mine = {_key(r) for r in rows}
+        rows = [r for r in json.loads(out.read_text())["rows"] if _key(r) not in mine] + rows
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
     os.replace(tmp, out)
