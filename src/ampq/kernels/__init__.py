@@ -18,7 +18,6 @@ _cache: weakref.WeakKeyDictionary | None = None
 # "auto": the fastest kernel for the format, device and number of rows; "reference": always decode
 # then matmul (exact to the format, the ground truth)
 _mode = os.environ.get("AMPQ_KERNELS", "auto")
-DECODE_ROWS = 16  # up to this many rows the packed CPU kernels beat decoding the whole weight
 
 
 @contextlib.contextmanager
@@ -69,17 +68,17 @@ def _linear(layer, x: torch.Tensor) -> torch.Tensor:
             weight = _cache[layer] = layer.dequantize(x.dtype)
         bias = layer.bias.to(x.dtype) if layer.bias is not None else None
         return torch.nn.functional.linear(x, weight, bias)
-    if _mode == "auto" and x.device.type == "cpu" and x.numel() <= DECODE_ROWS * x.shape[-1] and _cpu_kernel(layer):
+    if _mode == "auto" and x.device.type == "cpu" and x.numel() <= _cpu_rows(layer) * x.shape[-1]:
         from ampq.kernels.cpu import packed_linear
 
         return packed_linear(layer, x)
     return reference_linear(layer, x)
 
 
-def _cpu_kernel(layer) -> bool:
-    ok = layer.__dict__.get("_cpu_supported")
-    if ok is None:
-        from ampq.kernels.cpu import supports
+def _cpu_rows(layer) -> int:
+    rows = layer.__dict__.get("_cpu_rows")
+    if rows is None:
+        from ampq.kernels.cpu import max_rows
 
-        ok = layer.__dict__["_cpu_supported"] = supports(layer)
-    return ok
+        rows = layer.__dict__["_cpu_rows"] = max_rows(layer)
+    return rows

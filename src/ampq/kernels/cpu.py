@@ -1,4 +1,4 @@
-"""CPU kernels for decoding: torch's packed int4 (``_weight_int4pack_mm_for_cpu``) and int8
+"""CPU kernels for decoding and short prompts: torch's packed int4 (``_weight_int4pack_mm_for_cpu``) and int8
 (``_weight_int8pack_mm``) matmuls, run with bf16 activations.
 
 At a few rows (decoding) the reference kernel spends its time decoding the whole weight, 30-100x
@@ -19,6 +19,15 @@ from ampq.formats.integer import IntegerFormat
 
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes the packed int4 kernel takes
 DTYPE = torch.bfloat16
+# Up to how many rows each packed kernel beats decoding the weight and a dense fp32 matmul, from
+# benchmarks/kernels.py on this 2-core CPU (1024 x 2048: int4 was 2.4x faster at 128 rows and
+# slower at 1024; int8 was faster at 16 and slower at 128)
+MAX_ROWS = {4: 128, 8: 32}
+
+
+def max_rows(layer) -> int:
+    """Rows up to which ``layer`` runs the packed kernel (0: never)."""
+    return MAX_ROWS[layer.format.bits] if supports(layer) else 0
 
 
 def supports(layer) -> bool:

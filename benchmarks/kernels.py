@@ -1,0 +1,118 @@
+"""Quantized matmul kernels against dense matmul at Llama-3-8B shapes, and the floor that memory
+bandwidth sets.
+
+    python benchmarks/kernels.py [--shapes 4096x4096,4096x14336,14336x4096] [--m 1,16,128,1024]
+
+CPU: ampq's dispatch (`auto`: packed int4/int8 kernels up to 128/32 rows, else decode + matmul), the
+reference kernel alone, torch's dense fp32 and bf16 matmuls. The floor is the bytes a kernel must
+read (weights as stored, plus activations) over the copy bandwidth measured on this machine in the
+same run. Times are medians of repeated calls after a warm-up; ratios are to dense fp32 and bf16
+measured in the same run. Writes benchmarks/results/kernels.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _machine import describe, machine  # noqa: E402
+
+from ampq import kernels  # noqa: E402
+from ampq.nn import QuantLinear  # noqa: E402
+from ampq.formats import get_format  # noqa: E402
+from ampq.report import print_table  # noqa: E402
+
+
+def timed(fn, min_time: float = 0.3, max_calls: int = 50) -> float:
+    fn()  # warm-up: packing, allocator
+    times = []
+    start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < min_time and len(times) < max_calls):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int = 256 << 20) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
+    dst = torch.empty_like(src)
+    seconds = timed(lambda: dst.copy_(src))
+    return 2 * nbytes / seconds  # read + write
+
+
+def layer_for(fmt: str, n: int, k: int) -> QuantLinear:
+    torch.manual_seed(0)
+    w = torch.randn(n, k) * 0.02
+    f = get_format(fmt)
+    codes, params = f.quantize_codes(w)
+    return QuantLinear(k, n, fmt, f.pack(codes, params))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="4096x4096,4096x14336,14336x4096", help="K x N (inputs x outputs)")
+    p.add_argument("--m", default="1,16,128,1024")
+    p.add_argument("--formats", default="int4-g128,int8-ch")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernels.json"))
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = machine()
+    bandwidth = copy_bandwidth()
+    rows = []
+    for shape in args.shapes.split(","):
+        k, n = (int(v) for v in shape.split("x"))
+        dense = torch.randn(n, k) * 0.02
+        dense_bf16 = dense.to(torch.bfloat16)
+        for fmt in args.formats.split(","):
+            layer = layer_for(fmt, n, k)
+            for m in (int(v) for v in args.m.split(",")):
+                x = torch.randn(m, k)
+                fp32 = timed(lambda: x @ dense.t())
+                xb = x.to(torch.bfloat16)
+                bf16 = timed(lambda: xb @ dense_bf16.t())
+                with kernels.use("auto"):
+                    auto = timed(lambda: layer(x))
+                with kernels.use("reference"):
+                    ref = timed(lambda: layer(x))
+                read = layer.nbytes() + x.numel() * 4
+                rows.append({"k": k, "n": n, "m": m, "format": fmt, "fp32_ms": 1e3 * fp32, "bf16_ms": 1e3 * bf16,
+                             "ampq_ms": 1e3 * auto, "reference_ms": 1e3 * ref, "floor_ms": 1e3 * read / bandwidth,
+                             "kernel": "packed" if m <= _max_rows(layer) else "decode+matmul"})
+                r = rows[-1]
+                print(f"{k}x{n} {fmt} M={m}: ampq {r['ampq_ms']:.3f} ms ({r['kernel']}), fp32 {r['fp32_ms']:.3f}, "
+                      f"bf16 {r['bf16_ms']:.3f}, floor {r['floor_ms']:.3f}", file=sys.stderr, flush=True)
+    out = Path(args.out)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"machine": info, "copy_bandwidth_gb_s": bandwidth / 1e9, "rows": rows}, indent=1))
+    os.replace(tmp, out)
+    head = ["K x N", "format", "M", "ampq kernel", "ampq ms", "vs fp32", "vs bf16", "reference ms", "floor ms"]
+    table = [[f"{r['k']}x{r['n']}", r["format"], r["m"], r["kernel"], r["ampq_ms"], r["fp32_ms"] / r["ampq_ms"],
+              r["bf16_ms"] / r["ampq_ms"], r["reference_ms"], r["floor_ms"]] for r in rows]
+    note = (f"{describe(info)}; copy bandwidth {bandwidth / 1e9:.1f} GB/s measured in this run; 'vs' columns are "
+            "speed-ups (dense time / ampq time), above 1 is faster")
+    print_table("quantized matmul kernels (CPU)", head, table, note)
+    md = [f"Measured on {note}.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t in table:
+        md.append("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in t) + " |")
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+
+
+def _max_rows(layer) -> int:
+    from ampq.kernels.cpu import max_rows
+
+    return max_rows(layer)
+
+
+if __name__ == "__main__":
+    main()
