@@ -108,9 +108,13 @@ def cmd_quantize(args) -> int:
         from ampq.data import make_windows
 
         calibration = make_windows(tok, args.calib, "calib", args.calib_window, args.calib_windows)
+    t_quantize = time.perf_counter()
     ampq.quantize(model, target, calibration=calibration, lm_head=args.lm_head, **kwargs)
-    seconds = time.perf_counter() - t0
+    t_save = time.perf_counter()
     ampq.save(model, output, tok, overwrite=args.overwrite, extra_manifest=extra_manifest)
+    seconds = time.perf_counter() - t0
+    print(f"stage times: quantization {t_save - t_quantize:.1f} s, saving {time.perf_counter() - t_save:.1f} s, "
+          f"total {seconds:.1f} s", file=sys.stderr)
     bits, nbytes = linear_bits(model), model_bytes(model)
     print(f"quantized {args.model} with {label} in {seconds:.1f} s: {bits:.3f} bits per weight "
           f"over the quantized linears, {nbytes / 1e6:.1f} MB in all; saved to {output}")
@@ -136,11 +140,15 @@ def _plan(model, tok, args):
     if args.plan:
         return Plan.load(args.plan), None
     names = _block_linears(model)
+    t0 = time.perf_counter()
     table = planner.sensitivity(model, tok, _candidates(args), calib=args.calib, windows=args.calib_windows,
                                 window=args.calib_window, estimator=args.estimator,
                                 table_path=Path(args.sensitivity) if args.sensitivity else None)
+    t1 = time.perf_counter()
     plan = planner.plan_for_budget(table, bits_per_weight=args.budget, max_size=args.max_size,
                                    fixed=planner.fixed_bytes(model, names), tied=not args.untied)
+    print(f"stage times: sensitivity {t1 - t0:.1f} s (0 when reused from the cache), allocation "
+          f"{1e3 * (time.perf_counter() - t1):.0f} ms", file=sys.stderr)
     print(f"plan: {planner.bits_of(plan, table):.3f} bits per weight, {plan.total_bytes / 1e6:.1f} MB of linears; "
           + ", ".join(f"{k} x{v}" for k, v in planner.describe(plan).items()), file=sys.stderr)
     return plan, table
