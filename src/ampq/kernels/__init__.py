@@ -68,11 +68,34 @@ def _linear(layer, x: torch.Tensor) -> torch.Tensor:
             weight = _cache[layer] = layer.dequantize(x.dtype)
         bias = layer.bias.to(x.dtype) if layer.bias is not None else None
         return torch.nn.functional.linear(x, weight, bias)
+    if _mode == "auto" and x.is_cuda and x.numel() <= TRITON_ROWS * x.shape[-1] and _triton_ok(layer):
+        from ampq.kernels.triton.lut_gemm import lut_linear
+
+        return lut_linear(layer, x)
     if _mode == "auto" and x.device.type == "cpu" and x.numel() <= _cpu_rows(layer) * x.shape[-1]:
         from ampq.kernels.cpu import packed_linear
 
         return packed_linear(layer, x)
     return reference_linear(layer, x)
+
+
+# Up to this many rows the Triton kernel runs on a GPU; above, decoding once then cuBLAS. A first
+# guess until benchmarks/kernels.py --gpu measures it.
+TRITON_ROWS = 64
+
+
+def _triton_ok(layer) -> bool:
+    ok = layer.__dict__.get("_triton_ok")
+    if ok is None:
+        from ampq.kernels import triton as triton_kernels
+
+        ok = False
+        if triton_kernels.available():
+            from ampq.kernels.triton.lut_gemm import lut_form
+
+            ok = lut_form(layer) is not None
+        layer.__dict__["_triton_ok"] = ok
+    return ok
 
 
 def _cpu_rows(layer) -> int:
