@@ -47,6 +47,8 @@ def one(args) -> dict:
     if args.clip is not None:
         kwargs["clip"], kwargs["bias_correction"] = args.clip, args.bias
     fmt = args.format or scheme.format
+    if args.one_pass:
+        kwargs["sequential"] = False
     model, tok = ampq.load_model(args.model)
     calib = None
     t0 = time.perf_counter()
@@ -58,6 +60,7 @@ def one(args) -> dict:
     original, _ = ampq.load_model(args.model)
     label = scheme.name if args.clip is None else "+".join(
         [scheme.algorithm] + (["clip"] if args.clip else []) + (["bias"] if args.bias else []))
+    label += " (one pass)" if args.one_pass else ""
     row = {"library": "ampq", "model": args.model, "scheme": label, "format": fmt,
            "bits_per_weight": linear_bits(model), "model_bytes": model_bytes(model),
            "quantize_s": seconds, "peak_rss_bytes": peak, "calib_windows": args.calib_windows if calib is not None else None,
@@ -124,6 +127,8 @@ def main() -> None:
     p.add_argument("--corpora", default="wiki,c4")
     p.add_argument("--windows", type=int, default=16, help="evaluation windows of 512 tokens per text")
     p.add_argument("--threads", type=int, default=None, help="torch threads per job (default: all cores)")
+    p.add_argument("--one-pass", action="store_true", help="statistics of all linears of a block from one pass of "
+                   "the float block (llm-compressor's way) instead of group after group")
     p.add_argument("--peers", nargs="*", default=[], help="JSON rows written by benchmarks/peers/run_peer.py")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "schemes.json"))
     p.add_argument("--merge", nargs="*", default=[], help="fold the rows of other results files of this script in")
@@ -154,6 +159,8 @@ def main() -> None:
               str(args.calib_window), "--corpora", args.corpora, "--windows", str(args.windows)]
     if args.threads:
         common += ["--threads", str(args.threads)]
+    if args.one_pass:
+        common += ["--one-pass"]
     for model, scheme, fmt, clip, bias in jobs:
         print(f"[{model}] {scheme} {fmt or ''} clip={clip} bias={bias}", file=sys.stderr, flush=True)
         with tempfile.NamedTemporaryFile(suffix=".json") as tmp:

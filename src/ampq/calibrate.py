@@ -148,18 +148,26 @@ class Calibration:
 
     @torch.inference_mode()
     @dequantized_weights_cached()
-    def stats_and_advance(self, block: nn.Module, groups: list[list[str]]) -> dict[str, LayerStats]:
-        """Every group's statistics and the block's outputs from one pass per batch: right when
-        nothing in the block changes in between (sensitivity measures the unquantized model)."""
+    def stats_all(self, block: nn.Module, groups: list[list[str]], advance: bool = False) -> dict[str, LayerStats]:
+        """Every group's statistics from one pass per batch, keyed by the group's first linear;
+        with ``advance``, the same pass also replaces the inputs by the block's outputs (right when
+        nothing in the block changes before the next block: sensitivity measures the unquantized model)."""
         acc = {g[0]: LayerStats.empty(block.get_submodule(g[0]).in_features, self.device) for g in groups}
         handles = [block.get_submodule(name).register_forward_pre_hook(lambda mod, args, s=stats: s.add(args[0]))
                    for name, stats in acc.items()]
         try:
-            self.inputs = [self._run(block, i) for i in range(len(self.inputs))]
+            if advance:
+                self.inputs = [self._run(block, i) for i in range(len(self.inputs))]
+            else:
+                last = groups[-1][0]
+                self.visit_inputs(block, last, lambda x: None)  # stops at the last group's input
         finally:
             for h in handles:
                 h.remove()
         return acc
+
+    def stats_and_advance(self, block: nn.Module, groups: list[list[str]]) -> dict[str, LayerStats]:
+        return self.stats_all(block, groups, advance=True)
 
     @torch.inference_mode()
     @dequantized_weights_cached()

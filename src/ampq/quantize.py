@@ -74,14 +74,15 @@ def quantize_linear(name: str, linear: nn.Linear, fmt_name: str, algorithm: str 
 def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", calibration=None,
              clip: bool = False, bias_correction: bool = False, awq: bool = False,
              activation: str | None = None, lm_head: bool = False, options: dict | None = None,
-             compute_dtype: str | None = None, batch_size: int = 8,
+             compute_dtype: str | None = None, batch_size: int = 8, sequential: bool = True,
              progress: bool = True) -> nn.Module:
     """Quantize ``model`` in place and return it.
 
     ``formats``: one format name for every linear of the decoder blocks, or a map from fnmatch
     patterns over module names to format names (first match wins, ``None`` skips). ``algorithm``
     chooses the codes (``rtn``, ``gptq``); ``clip`` searches clipping ratios, ``bias_correction``
-    restores each output's mean, ``awq`` rescales input channels first (searched on every calibration
+    restores each output's mean, ``sequential`` (default) measures each group of linears after
+    the groups before it in the block were quantized, ``awq`` rescales input channels first (searched on every calibration
     token); all but plain RTN need
     ``calibration`` (token windows: a :class:`ampq.data.Windows` or an (n, T) tensor).
     ``compute_dtype`` (e.g. "bfloat16") makes the quantized matmuls run in that dtype whatever
@@ -131,11 +132,15 @@ def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", c
             from ampq.algorithms.awq import awq_block
 
             awq_block(block, cal, targets)
-        for group in cal.groups(block):
-            group = [sub for sub in group if sub in targets]
+        groups = cal.groups(block)
+        # sequential: each group measured after the groups before it were quantized (one partial
+        # pass per group); otherwise all from the float block in one pass, as llm-compressor does
+        shared = None if sequential else cal.stats_all(block, groups)
+        for whole in groups:
+            group = [sub for sub in whole if sub in targets]
             if not group:
                 continue
-            stats = cal.stats(block, group)
+            stats = cal.stats(block, group) if shared is None else shared[whole[0]]
             for sub in group:
                 name = f"{prefix}.{sub}"
                 algo, layer_clip = _layer_method(name, formats, algorithm, clip)
