@@ -120,6 +120,7 @@ def main() -> None:
     p.add_argument("--eval-window", type=int, default=512)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "sensitivity.json"))
+    p.add_argument("--merge", nargs="*", default=[], help="fold in the results of other runs of this script, then report")
     args = p.parse_args()
     args.candidates = [c for c in args.candidates.split(",") if c]
     if args.threads:
@@ -128,8 +129,18 @@ def main() -> None:
     previous = json.loads(out.read_text())["results"] if out.exists() else []
     results = [r for r in previous if r["model"] not in args.models.split(",")]
     info = machine()
-    for model_name in args.models.split(","):
+    if args.merge:
+        for other in args.merge:
+            extra = json.loads(Path(other).read_text())["results"]
+            results = [r for r in previous if r["model"] not in {e["model"] for e in extra}] + extra
+            previous = results
+        args.models = ""
+    for model_name in [m for m in args.models.split(",") if m]:
         results.append(run(model_name, args))
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"machine": info, "results": results}, indent=1))
+        os.replace(tmp, out)
+    if args.merge:
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps({"machine": info, "results": results}, indent=1))
         os.replace(tmp, out)
@@ -139,9 +150,10 @@ def main() -> None:
             rows.append([r["model"], f"{r['layers']}/{r['of_layers']}", group, f"{s['hessian']:.3f}",
                          f"{s['fisher']:.3f}", f"{s['fisher_over_kl_median']:.2f}" if s["fisher_over_kl_median"] else "-"])
     head = ["model", "layers", "candidate", "Spearman hessian", "Spearman fisher", "median fisher / KL"]
-    note = (f"{describe(info)}; ground truth: KL to the original on {args.eval_windows} x {args.eval_window} held-out "
-            f"{args.eval} tokens with only that layer quantized; estimates from {args.calib_windows} {args.calib} windows "
-            f"({args.gradient_windows} with backward passes for Fisher)")
+    runs = "; ".join(f"{r['model']}: ground truth on {r['eval_windows']} x {r['eval_window']} tokens, estimates from "
+                     f"{r['calib_windows']} windows ({r['gradient_windows']} with backward passes)" for r in results)
+    note = (f"{describe(info)}; ground truth: KL to the original on held-out {args.eval} tokens with only that layer "
+            f"quantized, estimates from {args.calib} calibration windows; {runs}")
     print_table("sensitivity estimators against the measured KL", head, rows, note)
     md = [f"Measured on {note}.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     md += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
