@@ -33,6 +33,16 @@ def test_bench_cli_writes_json_and_plot(tmp_path, monkeypatch):
     assert main(["bench", str(tmp_path / "m"), "--batch", "1,4", "--prompt-tokens", "8", "--new-tokens", "3",
                  "--repeats", "1", "--json", str(out), "--plot", str(png)]) == 0
     result = json.loads(out.read_text())
-    assert [r["batch"] for r in result["rows"]] == [1, 4] and result["rows"][0]["measured_bytes"] > 0
+    assert [r["batch"] for r in result["rows"]] == [1, 4] and isinstance(result["rows"][0]["measured_bytes"], int)
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert main(["bench", str(tmp_path / "m"), "--batch", "one"]) == 2
+
+
+def test_resident_memory_sees_an_allocation():
+    import torch
+
+    before = bench.resident_bytes()
+    block = torch.ones(200 << 20, dtype=torch.uint8)  # 200 MiB, written so the pages are resident
+    grown = bench.resident_bytes() - before
+    assert 150 << 20 < grown < 260 << 20, grown
+    del block

@@ -7,9 +7,9 @@ bytes of weights read per step divided by the step's time.
 
 Memory predicted: M = P x B / Q summed per tensor kind, P parameters, B bits per parameter as
 stored (B = 4.25 for int4-g128 with its scales), Q = 8 bits per byte; plus the KV cache
-(2 x layers x batch x tokens x KV heads x head size x bytes). Memory measured: the growth of peak
-resident memory from before loading (CPU; includes allocator and library overhead), or
-torch.cuda.max_memory_allocated (GPU).
+(2 x layers x batch x tokens x KV heads x head size x bytes). Memory measured: resident memory at the
+end of decoding (KV cache alive) minus resident memory before the model was loaded (CPU; includes
+allocator and library overhead), or torch.cuda.max_memory_allocated (GPU).
 """
 
 from __future__ import annotations
@@ -71,14 +71,24 @@ def predicted_bytes(model: nn.Module, batch: int, tokens: int) -> int:
     return model_bytes(model) + kv_cache_bytes(model, batch, tokens)
 
 
+def resident_bytes() -> int:
+    """Current resident memory of this process (Linux /proc; elsewhere the peak, a coarser stand-in)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()
-def _run(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[float, list[float]]:
-    """(prefill seconds, decode step seconds) for one generation of ``new_tokens`` greedy tokens."""
+def _run(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[float, list[float], int]:
+    """(prefill seconds, decode step seconds, resident bytes at the end) for one generation of
+    ``new_tokens`` greedy tokens."""
     device = ids.device
     _sync(device)
     t0 = time.perf_counter()
@@ -95,7 +105,7 @@ def _run(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[float, l
         _sync(device)
         steps.append(time.perf_counter() - t0)
         past, token = out[key], out.logits[:, -1:].argmax(-1)
-    return prefill, steps
+    return prefill, steps, resident_bytes()
 
 
 def bench(model: nn.Module, *, batches: tuple[int, ...] = (1, 4, 16), prompt_tokens: int = 128,
@@ -110,16 +120,17 @@ def bench(model: nn.Module, *, batches: tuple[int, ...] = (1, 4, 16), prompt_tok
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         _run(model, ids, min(new_tokens, 4))  # warm-up: allocator, kernel caches, packed weights
-        prefills, steps = [], []
+        prefills, steps, resident = [], [], 0
         for _ in range(repeats):
-            p, s = _run(model, ids, new_tokens)
+            p, s, r = _run(model, ids, new_tokens)
             prefills.append(p)
             steps += s
+            resident = max(resident, r)
         step = statistics.median(steps)
         if device.type == "cuda":
             measured = torch.cuda.max_memory_allocated(device)
         elif baseline_rss is not None:
-            measured = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline_rss
+            measured = resident - baseline_rss
         else:
             measured = None
         rows.append(BenchRow(

@@ -220,8 +220,6 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import resource
-
     import torch
 
     import ampq
@@ -230,7 +228,7 @@ def cmd_bench(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    baseline = bench.resident_bytes()
     model, _ = ampq.load_model(args.model, args.dtype)
     model.to(args.device)
     try:
@@ -248,7 +246,7 @@ def cmd_bench(args) -> int:
                  "measured MB"], table,
                 f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new, medians of {args.repeats} runs after a "
                 "warm-up; weights GB/s = bytes of weights read per decoding step / step time; predicted = weights + "
-                "KV cache; measured = peak resident growth since start (CPU) or peak allocated (GPU)")
+                "KV cache; measured = resident memory at the end of decoding minus before loading (CPU) or peak allocated (GPU)")
     result = {"model": args.model, "bits_per_weight": bits, "device": args.device, "threads": torch.get_num_threads(),
               "dtype": str(next(model.parameters()).dtype), "rows": [r.as_dict() for r in rows]}
     if args.json_out:
