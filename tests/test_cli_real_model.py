@@ -53,7 +53,7 @@ def test_quantize_eval_inspect_generate(tmp_path, smol_dir):
 def test_int4_g32_reproduces_the_q4_1_model_exactly(smol_dir):
     model, tok = ampq.load_model(str(smol_dir))  # a plain Hugging Face folder
     ids = tok("Quantization makes models smaller.", return_tensors="pt").input_ids
-    with torch.no_grad():
+    with torch.no_grad(), ampq.kernels.use("reference"):  # the format is exact; the fast kernels add bf16 rounding
         ref = model(ids).logits
         q = ampq.quantize(model, "int4-g32", progress=False)(ids).logits
     assert torch.equal(q, ref)
@@ -117,7 +117,7 @@ def test_ampq_plan_then_quantize_under_a_budget(tmp_path, smol_dir, monkeypatch)
     assert 8 * stored / weights <= 4.5 and manifest["plan"]["budget"] == {"bits_per_weight": 4.5}
     # another budget reuses the saved sensitivity table instead of measuring again
     r = run("quantize", "smollm2-135m", "--budget", "3.8", "-o", str(tmp_path / "m2"), *small)
-    assert "sensitivity" not in r.stderr
+    assert "stage times: sensitivity 0.0 s" in r.stderr and "fisher" not in r.stderr  # read, not measured
     carried = json.loads((tmp_path / "m2" / "ampq.json").read_text())["sensitivity"]
     assert carried["estimator"] == "fisher" and carried["damage"] == json.loads((tmp_path / "sens.json").read_text())["damage"]
     # the report draws the allocation and the sensitivity table the checkpoint carries

@@ -49,8 +49,11 @@ class Reference:
 
 @torch.inference_mode()
 def _logprobs(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    from ampq import kernels
+
     device = next(model.parameters()).device
-    logits = model(tokens.to(device), use_cache=False).logits
+    with kernels.use("reference"):  # quality of the format itself, whatever kernel would run it
+        logits = model(tokens.to(device), use_cache=False).logits
     return torch.log_softmax(logits.float(), dim=-1).cpu()
 
 
