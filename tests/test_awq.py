@@ -42,7 +42,8 @@ def mse(cal, block, ref_block):
 @pytest.fixture
 def fixed_alpha(monkeypatch):
     """Skip the search and fold s = mag^0.5, so that every fold really changes weights."""
-    monkeypatch.setattr(awq, "_search", lambda block, q, mag, xtx, grid, duo: (0.5, scales(mag, 0.5)))
+    monkeypatch.setattr(awq, "_search", lambda block, q, mag, xtx, grid, duo: [(0.5, scales(mag, 0.5)), (0.0, torch.ones_like(mag))])
+    monkeypatch.setattr(awq, "_refine", lambda block, cal, parent, q, candidates: candidates[0])
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ampq.calibrate import Calibration
+from ampq.calibrate import Calibration, _Stop
 from ampq.formats import get_format
 
 # A group's first linear -> the ops that may absorb 1/s, tried in order: a norm whose output is the
@@ -28,14 +28,17 @@ PREVIOUS = {
 
 
 def awq_block(block: nn.Module, calibration: Calibration, formats: dict[str, str], *,
-              grid: int = 20, duo_scaling: bool = True) -> dict[str, float]:
+              grid: int = 20, duo_scaling: bool | None = None, refine: int = 3) -> dict[str, float]:
     """Search and fold AWQ scales into ``block`` in place; returns {group: best alpha}.
 
-    Each group's alpha minimises the squared output error of its quantized linears over every
-    calibration token, tr(E X^T X E^T) with E = Q(W s)/s - W: computed from X^T X, it needs no
-    forward pass per grid point (AutoAWQ reruns the module on a sample of tokens for each one).
+    Each group's alphas are first ranked by the squared output error of its quantized linears over
+    every calibration token, tr(E X^T X E^T) with E = Q(W s)/s - W, from X^T X without a forward
+    pass. For a group that feeds a nonlinear module (q/k/v into attention, gate/up into the MLP)
+    the best ``refine`` of them, and alpha = 0, are then run through that module on the first
+    calibration batch, as AutoAWQ does for every grid point, and the one with the least module
+    output error wins.
     ``duo_scaling`` (on in AutoAWQ and llm-compressor) divides s by the weights' relative
-    magnitude per input channel to the power 1 - alpha.
+    magnitude per input channel to the power 1 - alpha; None (the default) tries both ways.
     """
     with torch.no_grad():
         ref0 = calibration._run(block, 0)  # folding keeps the block's function: one reference
@@ -45,7 +48,11 @@ def awq_block(block: nn.Module, calibration: Calibration, formats: dict[str, str
             if not quantized:
                 continue
             mag, xtx = _input_stats(block, calibration, group[0])
-            alpha, s = _search(block, quantized, mag, xtx, grid, duo_scaling)
+            ranked = _search(block, quantized, mag, xtx, grid, duo_scaling)
+            alpha, s = ranked[0]
+            parent = group[0].rpartition(".")[0]
+            if refine and len(group) > 1 and parent:
+                alpha, s = _refine(block, calibration, parent, quantized, ranked[:refine] + [ranked_zero(ranked)])
             _apply(block, calibration, group, quantized, s, ref0)
             alphas[",".join(group)] = alpha
         return alphas
@@ -84,20 +91,72 @@ def _weight_magnitude(weights: list[torch.Tensor]) -> torch.Tensor:
     return (w / w.amax(1, keepdim=True).clamp(min=1e-12)).mean(0)
 
 
-def _search(block, quantized, mag, xtx, grid, duo_scaling):
+def _search(block, quantized, mag, xtx, grid, duo_scaling) -> list[tuple[float, torch.Tensor]]:
+    """(alpha, s) for every grid point, best first by the linears' output error."""
     weights = {name: block.get_submodule(name).weight.detach().float() for name in quantized}
-    wmag = _weight_magnitude(list(weights.values())) if duo_scaling else None
-    best = (float("inf"), 0.0, torch.ones_like(mag))
-    for k in range(grid):  # k = 0 (s = 1) is plain RTN, so AWQ never does worse on this data
-        alpha = k / grid
-        s = torch.ones_like(mag) if k == 0 else scales(mag, alpha, wmag)
-        err = 0.0
-        for name, w in weights.items():
-            e = get_format(quantized[name]).fake_quantize(w * s) / s - w
-            err += float(((e @ xtx) * e).sum(dtype=torch.float64))
-        if err < best[0]:
-            best = (err, alpha, s)
-    return best[1], best[2]
+    duo = [True, False] if duo_scaling is None else [duo_scaling]
+    scored = []
+    for use_duo in duo:
+        wmag = _weight_magnitude(list(weights.values())) if use_duo else None
+        for k in range(0 if use_duo is duo[0] else 1, grid):  # k = 0 (s = 1) is plain RTN, once
+            alpha = k / grid
+            s = torch.ones_like(mag) if k == 0 else scales(mag, alpha, wmag)
+            err = 0.0
+            for name, w in weights.items():
+                e = get_format(quantized[name]).fake_quantize(w * s) / s - w
+                err += float(((e @ xtx) * e).sum(dtype=torch.float64))
+            scored.append((err, k, alpha, s))
+    scored.sort(key=lambda t: (t[0], t[1]))
+    return [(alpha, s) for _, _, alpha, s in scored]
+
+
+def ranked_zero(ranked):
+    return next(r for r in ranked if r[0] == 0.0)
+
+
+def _refine(block, calibration, parent, quantized, candidates):
+    """The candidate whose quantized linears change ``parent``'s output least on the first batch."""
+    module = block.get_submodule(parent)
+    captured = {}
+
+    def catch(mod, args, kwargs):
+        captured.update(args=args, kwargs=kwargs)
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        calibration._run(block, 0)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        return candidates[0]
+
+    def run():
+        out = module(*captured["args"], **captured["kwargs"])
+        return (out[0] if isinstance(out, tuple) else out).double()
+
+    linears = {name: block.get_submodule(name) for name in quantized}
+    original = {name: lin.weight.detach().clone() for name, lin in linears.items()}
+    ref = run()
+    best, best_err = candidates[0], float("inf")
+    try:
+        seen = set()
+        for alpha, s in candidates:
+            if alpha in seen:
+                continue
+            seen.add(alpha)
+            for name, lin in linears.items():
+                w = original[name].float()
+                lin.weight.copy_(get_format(quantized[name]).fake_quantize(w * s) / s)
+            err = float((run() - ref).pow(2).sum())
+            if err < best_err:
+                best, best_err = (alpha, s), err
+    finally:
+        for name, lin in linears.items():
+            lin.weight.copy_(original[name])
+    return best
 
 
 def _scale_(t: torch.Tensor, factor: torch.Tensor) -> None:
