@@ -79,8 +79,19 @@ PEER_LIBRARIES = {"llmc": "llm-compressor", "bnb": "bitsandbytes", "hqq": "hqq",
 
 def peer_row(r: dict) -> dict:
     """A row written by benchmarks/peers/run_peer.py in this table's shape."""
+    peer, cfg = r["peer"], r.get("config") or {}
+    if peer == "quanto":
+        sizes = sorted(int(k) for k in (cfg.get("group_sizes") or {}) if k != "None")
+        fmt = cfg.get("weights", "?") + (f"-g{'/'.join(map(str, sizes))}" if sizes else "-ch")
+        peer = f"quanto-{cfg.get('weights', '?')}"
+    elif peer in ("bnb-nf4", "bnb-fp4"):
+        fmt = f"{peer[4:]}-b{r['group']}" + ("-dq" if cfg.get("compress_statistics") else "")
+    elif peer == "bnb-int8":
+        fmt = "int8-ch-sym + outliers"
+    else:
+        fmt = f"int{r['bits']}-g{r['group']}" if r.get("group") else f"int{r['bits']}-ch"
     row = {"library": PEER_LIBRARIES.get(r["peer"].split("-")[0], r["peer"]), "model": r["model"],
-           "scheme": r["peer"], "format": f"int{r['bits']}-g{r['group']}" if r.get("group") else f"{r['bits']}-bit",
+           "scheme": peer, "format": fmt,
            "bits_per_weight": r["bits_per_weight"], "model_bytes": r.get("model_bytes"),
            "quantize_s": r["quantize_s"], "peak_rss_bytes": r["peak_rss_bytes"],
            "calib_windows": (r.get("calib") or {}).get("windows"), "eval_windows": r["eval"]["windows"],
