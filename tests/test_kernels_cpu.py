@@ -40,7 +40,7 @@ def test_packed_kernels_match_the_reference(fmt, shape, rows):
 
 def test_dispatch_by_rows_mode_and_format():
     q = layer("int4-g64", 128, 256)
-    few, many = torch.randn(1, 3, 256), torch.randn(2, 70, 256)
+    few, many = torch.randn(1, 3, 256), torch.randn(2, 200, 256)
     assert torch.equal(q(many), reference_linear(q, many))  # prefill: decode once, dense matmul
     assert torch.equal(q(few), packed_linear(q, few)) and not torch.equal(q(few), reference_linear(q, few))
     with kernels.use("reference"):

@@ -19,10 +19,10 @@ from ampq.formats.integer import IntegerFormat
 
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes the packed int4 kernel takes
 DTYPE = torch.bfloat16
-# Up to how many rows each packed kernel beats decoding the weight and a dense fp32 matmul, from
-# benchmarks/kernels.py on this 2-core CPU (1024 x 2048: int4 was 2.4x faster at 128 rows and
-# slower at 1024; int8 was faster at 16 and slower at 128)
-MAX_ROWS = {4: 128, 8: 32}
+# Up to how many rows the packed kernels run. benchmarks/kernels.py on this 2-core CPU (Llama-3-8B
+# shapes): at 1 and 16 rows they beat dense fp32 1.2-4.5x; at 128 rows they were 0.6-1.1x dense fp32
+# but 1.4-5x faster than decoding the weight first (the alternative, which costs 100-470 ms here).
+MAX_ROWS = {4: 256, 8: 256}
 
 
 def max_rows(layer) -> int:
