@@ -1,0 +1,69 @@
+"""`ampq bench` on a model unquantized (fp32, bf16) and quantized (round to nearest, int4 and int8), one
+process each, and the table with decode speed-ups over the bf16 model.
+
+    python benchmarks/bench.py [--model smollm2-135m] [--formats int4-g64,int8-ch]
+    python benchmarks/bench.py --table-only      # rebuild the table from the JSON files
+
+Writes benchmarks/results/bench-MODEL-VARIANT.json (one per run) and bench-MODEL.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def run(model: str, variant: str, args) -> None:
+    common = ["--batch", args.batch, "--prompt-tokens", str(args.prompt_tokens), "--new-tokens",
+              str(args.new_tokens), "--repeats", str(args.repeats), "--json",
+              str(RESULTS / f"bench-{model}-{variant}.json")]
+    if variant in ("fp32", "bf16"):
+        target = [model] + (["--dtype", "bfloat16"] if variant == "bf16" else [])
+        subprocess.run([sys.executable, "-m", "ampq", "bench", *target, *common], check=True)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "ampq", "quantize", model, "-f", variant, "-o", f"{tmp}/m"], check=True)
+        subprocess.run([sys.executable, "-m", "ampq", "bench", f"{tmp}/m", *common], check=True)
+
+
+def table(model: str, variants: list[str]) -> str:
+    runs = {v: json.loads((RESULTS / f"bench-{model}-{v}.json").read_text()) for v in variants}
+    base = {r["batch"]: r for r in runs["bf16"]["rows"]}
+    lines = ["| model | bits/weight (block linears) | batch | prefill tok/s | decode tok/s | decode vs bf16 | p50 ms | "
+             "p99 ms | weights GB/s | predicted MB | measured MB |", "|" + "---|" * 11]
+    for v, d in runs.items():
+        for r in d["rows"]:
+            lines.append(f"| {model} {v} | {d['bits_per_weight']:.2f} | {r['batch']} | {r['prefill_tokens_per_s']:.0f} | "
+                         f"{r['decode_tokens_per_s']:.1f} | {r['decode_tokens_per_s'] / base[r['batch']]['decode_tokens_per_s']:.2f}x | "
+                         f"{r['latency_p50_ms']:.1f} | {r['latency_p99_ms']:.1f} | {r['bandwidth_gb_s']:.2f} | "
+                         f"{r['predicted_bytes'] / 1e6:.0f} | {r['measured_bytes'] / 1e6:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--formats", default="int4-g64,int8-ch")
+    p.add_argument("--batch", default="1,4,16")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--table-only", action="store_true")
+    args = p.parse_args()
+    variants = ["fp32", "bf16"] + args.formats.split(",")
+    if not args.table_only:
+        for v in variants:
+            run(args.model, v, args)
+    md = table(args.model, variants)
+    (RESULTS / f"bench-{args.model}.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
