@@ -52,7 +52,7 @@ def awq_block(block: nn.Module, calibration: Calibration, formats: dict[str, str
             alpha, s = ranked[0]
             parent = group[0].rpartition(".")[0]
             if refine and len(group) > 1 and parent:
-                alpha, s = _refine(block, calibration, parent, quantized, ranked[:refine] + [ranked_zero(ranked)])
+                alpha, s = _refine(block, calibration, parent, quantized, ranked[:refine] + [_alpha_zero(ranked)])
             _apply(block, calibration, group, quantized, s, ref0)
             alphas[",".join(group)] = alpha
         return alphas
@@ -110,7 +110,8 @@ def _search(block, quantized, mag, xtx, grid, duo_scaling) -> list[tuple[float, 
     return [(alpha, s) for _, _, alpha, s in scored]
 
 
-def ranked_zero(ranked):
+def _alpha_zero(ranked):
+    """Plain rounding (s = 1), always among the refined candidates so AWQ never does worse."""
     return next(r for r in ranked if r[0] == 0.0)
 
 

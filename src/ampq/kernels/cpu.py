@@ -20,8 +20,8 @@ from ampq.formats.integer import IntegerFormat
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes the packed int4 kernel takes
 DTYPE = torch.bfloat16
 # Up to how many rows the packed kernels run. benchmarks/kernels.py on this 2-core CPU (Llama-3-8B
-# shapes): at 1 and 16 rows they beat dense fp32 1.2-4.5x; at 128 rows they were 0.6-1.1x dense fp32
-# but 1.4-5x faster than decoding the weight first (the alternative, which costs 100-470 ms here).
+# shapes): at 1 and 16 rows they beat dense fp32 1.2-4.4x; at 128 rows they were 0.5-0.7x dense fp32
+# but 3-5x faster than decoding the weight first (the alternative, which costs 90-560 ms here).
 MAX_ROWS = {4: 256, 8: 256}
 
 
