@@ -129,3 +129,27 @@ def test_ampq_plan_then_quantize_under_a_budget(tmp_path, smol_dir, monkeypatch)
     assert r.returncode == 2 and "is not a results file of benchmarks/pareto.py" in r.stderr
     r = run("plan", "smollm2-135m", "--budget", "2.0", "-o", str(tmp_path / "p2.json"), *small, check=False)
     assert r.returncode == 2 and "bits per weight cannot be met" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_adaptive_checkpoint_switches_while_generating(tmp_path, smol_dir):
+    out = tmp_path / "adaptive"
+    # int4-g64: SmolLM2's 576-wide layers then run the packed CPU kernel, not decode-then-matmul
+    r = run("quantize", "smollm2-135m", "--adaptive", "4:8", "--scheme", "rtn", "-f", "int4-g64",
+            "--calib-windows", "2", "--calib-window", "64", "-o", str(out))
+    assert "plans from 4.500 to 8.750 bits per weight" in r.stderr
+    manifest = json.loads((out / "ampq.json").read_text())
+    assert manifest["adaptive"]["levels"] == [4, 8] and manifest["sensitivity"]["candidates"] == ["L0", "L1"]
+    entry = manifest["layers"]["model.layers.0.mlp.down_proj"]
+    assert entry["format"] == "int4-g64" and entry["nested"]["residuals"][0]["format"] == "int4-g64-sym"
+    assert len(entry["nested"]["damage"]) == 2 and entry["nested"]["damage"][0] > entry["nested"]["damage"][1] > 0
+    r = run("generate", str(out), "--adapt-memory", "60MB", "--max-new-tokens", "4")
+    assert "step 0: switched 210 layers" in r.stderr and "4.500 bits per weight" in r.stderr
+    assert "is the smallest this checkpoint stores" in r.stderr and r.stdout.strip()
+    r = run("generate", str(out), "--adapt-budget", "6", "--max-new-tokens", "2")
+    assert "start: switched" in r.stderr
+    r = run("generate", str(out), "--adapt-budget", "3", "--max-new-tokens", "2", check=False)
+    assert r.returncode == 2 and "outside what this model stores: 4.500 to 8.750" in r.stderr
+    r = run("quantize", "smollm2-135m", "--adaptive", "4:8", "--scheme", "awq", "-o", str(tmp_path / "x"), check=False)
+    assert r.returncode == 2 and "gptq or rtn base" in r.stderr
+    r = run("quantize", "smollm2-135m", "--adaptive", "8:4", "-o", str(tmp_path / "x"), check=False)
+    assert r.returncode == 2 and "increasing bit widths" in r.stderr

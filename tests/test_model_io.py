@@ -38,6 +38,13 @@ def test_save_load_gives_identical_logits(tmp_path, fmt):
     assert isinstance(loaded.model.layers[1].mlp.down_proj, QuantLinear)
 
 
+def test_a_float32_model_loads_as_float32_though_scales_are_fp16(tmp_path):
+    # the fp16 scales of the quantized layers outnumber the float32 tensors; they must not decide
+    ampq.save(ampq.quantize(tiny_llama(), "int4-g32"), tmp_path / "m")
+    model = ampq.load(tmp_path / "m")
+    assert model.config.dtype == torch.float32 and model.model.norm.weight.dtype == torch.float32
+
+
 def test_only_decoder_linears_are_quantized_unless_asked():
     model = ampq.quantize(tiny_llama(), "int4-g32", progress=False)
     q = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]

@@ -69,10 +69,24 @@ def cmd_quantize(args) -> int:
     from ampq.report import block_linear_names, linear_bits, model_bytes
     from ampq.schemes import get_scheme
 
-    scheme = get_scheme(args.scheme)
+    scheme = get_scheme(args.scheme or ("gptq" if args.adaptive else "rtn"))
     mixed = args.budget is not None or args.max_size is not None or args.plan is not None
     if mixed and args.format:
         raise AmpqError("--format picks one format for every layer; drop it when giving --budget, --max-size or --plan")
+    levels = None
+    if args.adaptive:
+        from ampq.nested import parse_levels
+
+        if mixed:
+            raise AmpqError("--adaptive stores every level and chooses at run time (ampq.adapt); drop --budget, "
+                            "--max-size and --plan, or drop --adaptive")
+        if scheme.name not in ("gptq", "rtn"):
+            raise AmpqError(f"--adaptive builds on a gptq or rtn base, not {scheme.name}; pass --scheme gptq or rtn")
+        levels = parse_levels(args.adaptive)
+        args.format = args.format or f"int{levels[0]}-g128"
+        if ampq.get_format(args.format).bits != levels[0]:
+            raise AmpqError(f"--format {args.format} is not a {levels[0]}-bit base for --adaptive {args.adaptive}; "
+                            f"give a {levels[0]}-bit format (int{levels[0]}-g128, int{levels[0]}-g64, ...)")
     args.format = args.format or scheme.format
     ampq.get_format(args.format)
     kwargs = scheme.quantize_kwargs()
@@ -82,6 +96,8 @@ def cmd_quantize(args) -> int:
         kwargs["options"]["act_order"] = False
     kwargs["compute_dtype"] = args.compute_dtype
     label = args.format if scheme.name == "rtn" and not (args.clip or args.bias_correction) else f"{scheme.name} {args.format}"
+    if levels:
+        label = f"adaptive-{'-'.join(map(str, levels))}"
     if mixed:
         label = f"ampq-{args.budget}bpw" if args.budget is not None else (
             f"ampq-{args.max_size}" if args.max_size is not None else f"plan-{Path(args.plan).stem}")
@@ -102,14 +118,32 @@ def cmd_quantize(args) -> int:
         if table is not None:
             extra_manifest["sensitivity"] = dataclasses.asdict(table)
         kwargs["algorithm"] = "rtn"
-    needs = kwargs["clip"] or kwargs["bias_correction"] or scheme.needs_calibration or (
+    needs = kwargs["clip"] or kwargs["bias_correction"] or scheme.needs_calibration or levels or (
         mixed and any(p.algorithm != "rtn" or p.clip for p in target.layers.values()))
     if needs:
         from ampq.data import make_windows
 
         calibration = make_windows(tok, args.calib, "calib", args.calib_window, args.calib_windows)
     t_quantize = time.perf_counter()
-    ampq.quantize(model, target, calibration=calibration, lm_head=args.lm_head, **kwargs)
+    if levels:
+        from ampq.adapt import level_table, nested_layers, quantize_adaptive, stored_range
+
+        if kwargs.pop("bias_correction"):
+            raise AmpqError("--bias-correction fits one precision; adaptive layers switch between several, drop it")
+        quantize_adaptive(model, levels, calibration, base_format=target, lm_head=args.lm_head, **kwargs)
+        damage, nbytes = level_table(model)
+        lo, hi = stored_range(model)
+        extra_manifest["adaptive"] = {"levels": levels, "base_format": target, "bits_per_weight": [lo, hi]}
+        extra_manifest["sensitivity"] = {"estimator": "fisher", "candidates": sorted(next(iter(damage.values()))),
+                                         "damage": damage, "nbytes": nbytes,
+                                         "shapes": {n: list(m.shape) for n, m in nested_layers(model).items()},
+                                         "source": args.model, "calibration": {"text": args.calib,
+                                                                               "windows": args.calib_windows,
+                                                                               "window": args.calib_window}}
+        print(f"adaptive: every layer stores levels {':'.join(map(str, levels))}; plans from {lo:.3f} to "
+              f"{hi:.3f} bits per weight can be switched to with ampq.adapt", file=sys.stderr)
+    else:
+        ampq.quantize(model, target, calibration=calibration, lm_head=args.lm_head, **kwargs)
     t_save = time.perf_counter()
     ampq.save(model, output, tok, overwrite=args.overwrite, extra_manifest=extra_manifest)
     seconds = time.perf_counter() - t0
@@ -206,7 +240,8 @@ def cmd_inspect(args) -> int:
 
     manifest = verify_checkpoint(args.directory)
     layers = manifest.get("layers", {})
-    rows = [[name, e["format"], e["algorithm"], "x".join(map(str, e["shape"])), e["bytes"], e["bits_per_weight"]]
+    rows = [[name, "+".join([e["format"]] + [r["format"] for r in (e.get("nested") or {}).get("residuals", [])]),
+             e["algorithm"], "x".join(map(str, e["shape"])), e["bytes"], e["bits_per_weight"]]
             for name, e in layers.items()]
     total_files = sum(f["bytes"] for n, f in manifest["files"].items() if n.endswith(".safetensors"))
     q_bytes = sum(e["bytes"] for e in layers.values())
@@ -362,21 +397,80 @@ def cmd_schemes(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from ampq.export import export_compressed_tensors
+
+    summary = export_compressed_tensors(args.directory, args.out, nearest=args.nearest, overwrite=args.overwrite)
+    print(summary["line"])
+    for warning in summary["warnings"]:
+        print(f"ampq: warning: {warning}", file=sys.stderr)
+    return 0
+
+
 def cmd_generate(args) -> int:
     import torch
 
     import ampq
 
     model, tok = ampq.load_model(args.model)
+    if tok is None:
+        raise AmpqError(f"{args.model} has no tokenizer to read the prompt with; re-save it with its tokenizer")
     messages = [{"role": "user", "content": args.prompt}]
     if args.chat and getattr(tok, "chat_template", None):
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tok(args.prompt, return_tensors="pt").input_ids
+    if args.adapt_memory or args.adapt_budget is not None:
+        return _generate_adaptive(model, tok, ids, args)
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
     print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     return 0
+
+
+def _generate_adaptive(model, tok, ids, args) -> int:
+    """Greedy decoding one token at a time, the memory policy consulted before every step."""
+    import torch
+
+    from ampq.adapt import MemoryTarget, adapt, stored_range
+    from ampq.report import linear_bits, model_bytes
+
+    lo, hi = stored_range(model)
+    print(f"adaptive model: {lo:.3f} to {hi:.3f} bits per weight stored, now {linear_bits(model):.3f} "
+          f"({model_bytes(model) / 1e6:.1f} MB)", file=sys.stderr)
+    if args.adapt_budget is not None:
+        _print_switch("start", adapt(model, args.adapt_budget), model)
+    policy = MemoryTarget(args.adapt_memory) if args.adapt_memory else None
+    eos = tok.eos_token_id
+    past, step_ids, new = {}, ids, []
+    with torch.inference_mode():
+        for step in range(args.max_new_tokens):
+            if policy is not None:
+                switch = policy(model)
+                if switch is not None:
+                    _print_switch(f"step {step}", switch, model)
+                    if model_bytes(model) > policy.target(model):
+                        print(f"  {model_bytes(model) / 1e6:.1f} MB is the smallest this checkpoint stores, above "
+                              f"the {policy.target(model) / 1e6:.1f} MB target", file=sys.stderr)
+            out = model(input_ids=step_ids, use_cache=True, **past)
+            # transformers 5 calls the KV cache `cache`; earlier versions `past_key_values`
+            past = {"cache": out.cache} if getattr(out, "cache", None) is not None else {
+                "past_key_values": out.past_key_values}
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            if eos is not None and int(token) == eos:
+                break
+            new.append(int(token))
+            step_ids = token
+    print(tok.decode(new, skip_special_tokens=True))
+    return 0
+
+
+def _print_switch(when: str, switch, model) -> None:
+    from ampq.report import linear_bits, model_bytes
+
+    print(f"{when}: switched {switch.changed} layers in {1e3 * switch.seconds:.0f} ms: linears "
+          f"{switch.bytes_before / 1e6:.1f} -> {switch.bytes_after / 1e6:.1f} MB, {linear_bits(model):.3f} bits per "
+          f"weight, model {model_bytes(model) / 1e6:.1f} MB, estimated KL {switch.predicted_damage:.4f}", file=sys.stderr)
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -405,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model and save it")
     q.add_argument("model", help="built-in name (smollm2-135m, qwen2.5-coder-0.5b), HF folder, .gguf file or hub id")
-    q.add_argument("-s", "--scheme", default="rtn", help="technique: rtn (default), gptq, awq, eetq, llm-int8, "
+    q.add_argument("-s", "--scheme", default=None, help="technique: rtn (default; gptq with --adaptive), gptq, awq, eetq, llm-int8, "
                    "bnb-nf4, bnb-fp4, fp8, fp8-w8a8 ... (see `ampq schemes`; TGI's --quantize names work too)")
     q.add_argument("-f", "--format", default=None, help="number format (default: the scheme's, int4-g128 for rtn; see `ampq formats`)")
     q.add_argument("--calib", default="wiki", help="calibration text: built-in corpus or file (default wiki, first half)")
@@ -416,6 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--in-order", action="store_true", help="GPTQ: visit columns in order and fit each group "
                    "when reached, instead of act-order with static groups (the default)")
     _add_budget_args(q)
+    q.add_argument("--adaptive", default=None, metavar="LOW:HIGH",
+                   help="store every layer at several precisions (e.g. 4:8 or 3:5:8: a LOW-bit base plus residual "
+                        "codes), to switch between at run time with ampq.adapt or `ampq generate --adapt-memory`")
     q.add_argument("--plan", help="follow this plan (JSON from `ampq plan`, or written by hand)")
     q.add_argument("-o", "--output", help="checkpoint folder (default: ./MODEL-FORMAT)")
     q.add_argument("--dtype", default=None, help="dtype of the unquantized parts: float32 (default), bfloat16, float16")
@@ -476,11 +573,24 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("schemes", help="list the quantization schemes")
     s.set_defaults(func=cmd_schemes)
 
+    x = sub.add_parser("export", help="write a checkpoint another engine loads (compressed-tensors: vLLM)")
+    x.add_argument("directory", help="ampq checkpoint folder")
+    x.add_argument("--to", required=True, choices=["compressed-tensors"], help="the format to write")
+    x.add_argument("out", help="output folder")
+    x.add_argument("--nearest", action="store_true", help="re-quantize layers whose format has no exact "
+                   "counterpart to the nearest one that has, and report how far the weights moved")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    x.set_defaults(func=cmd_export)
+
     g = sub.add_parser("generate", help="greedy text generation from a model or checkpoint")
     g.add_argument("model")
     g.add_argument("--prompt", default="The capital of France is")
     g.add_argument("--max-new-tokens", type=int, default=40)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--adapt-memory", default=None, help="adaptive checkpoints: keep the whole model under this size "
+                   "(e.g. 60MB) and within free memory, switching layers between steps")
+    g.add_argument("--adapt-budget", type=float, default=None,
+                   help="adaptive checkpoints: switch to this many bits per weight before generating")
     g.set_defaults(func=cmd_generate)
     return parser
 

@@ -55,7 +55,8 @@ def allocation_heatmap(layers: dict[str, dict], path: str | Path, title: str = "
         if b is None and e.get("bytes") and e.get("shape"):
             b = 8 * e["bytes"] / (e["shape"][0] * e["shape"][1])
         bits[r, c] = b if b is not None else np.nan
-        labels[r][c] = e["format"]
+        residuals = (e.get("nested") or {}).get("residuals", [])  # adaptive layers: base + residual bits
+        labels[r][c] = e["format"] + "".join(f"+{x['format'].split('-')[0]}" for x in residuals)
     fig, ax = plt.subplots(figsize=(1.3 * len(projections) + 2.5, 0.28 * len(blocks) + 1.6))
     im = ax.imshow(bits, aspect="auto", cmap="viridis", vmin=2, vmax=max(8.5, float(np.nanmax(bits))))
     for r in range(len(blocks)):

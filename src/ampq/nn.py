@@ -13,6 +13,8 @@ class QuantLinear(nn.Module):
     """Holds the stored tensors of one format (packed codes, scales, ...) as buffers named by
     their role, so a state dict key reads ``model.layers.0.mlp.up_proj.codes``."""
 
+    is_quantized_linear = True  # what reports and savers count as one layer (see quantized_linears)
+
     def __init__(self, in_features: int, out_features: int, format_name: str,
                  stored: dict[str, torch.Tensor], bias: torch.Tensor | None = None,
                  algorithm: str = "rtn", activation: str | None = None,
@@ -71,3 +73,22 @@ class QuantLinear(nn.Module):
         act += f", compute_dtype={self.compute_dtype}" if self.compute_dtype else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"format={self.format_name}, algorithm={self.algorithm}, bias={self.bias is not None}{act}")
+
+
+def quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Every quantized linear by name, QuantLinear or :class:`ampq.nested.NestedLinear`, without
+    the QuantLinears a NestedLinear holds inside."""
+    found: dict[str, nn.Module] = {}
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for child_name, child in module.named_children():
+            name = f"{prefix}.{child_name}" if prefix else child_name
+            if getattr(child, "is_quantized_linear", False):
+                found[name] = child
+            else:
+                walk(child, name)
+
+    if getattr(model, "is_quantized_linear", False):
+        return {"": model}
+    walk(model, "")
+    return found

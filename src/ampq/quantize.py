@@ -75,7 +75,7 @@ def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", c
              clip: bool = False, bias_correction: bool = False, awq: bool = False,
              activation: str | None = None, lm_head: bool = False, options: dict | None = None,
              compute_dtype: str | None = None, batch_size: int = 8, sequential: bool = True,
-             progress: bool = True) -> nn.Module:
+             on_layer=None, progress: bool = True) -> nn.Module:
     """Quantize ``model`` in place and return it.
 
     ``formats``: one format name for every linear of the decoder blocks, or a map from fnmatch
@@ -88,6 +88,9 @@ def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", c
     ``compute_dtype`` (e.g. "bfloat16") makes the quantized matmuls run in that dtype whatever
     the activations' dtype. Embeddings and norms are never touched; the output head only with
     ``lm_head=True`` (round to nearest; a tied head is untied). Blocks are done one at a time.
+    ``on_layer(name, linear, quantized, stats)``, when given, returns what replaces each linear
+    instead of ``quantized`` (adaptive checkpoints nest residuals there); with ``calibration`` it
+    gets the layer's input statistics, whatever the algorithm.
     """
     if isinstance(formats, Plan):
         names = [p.format for p in formats.layers.values()]
@@ -106,7 +109,8 @@ def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", c
 
         parse_dtype(compute_dtype)
     layer_kwargs = {"activation": activation, "compute_dtype": compute_dtype}
-    needs_stats = bool(algorithms & NEEDS_CALIBRATION) or clip or bias_correction or awq
+    needs_stats = bool(algorithms & NEEDS_CALIBRATION) or clip or bias_correction or awq or (
+        on_layer is not None and calibration is not None)
     blocks = decoder_blocks(model)
     if needs_stats:
         if calibration is None:
@@ -124,9 +128,10 @@ def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", c
             for sub, fmt in targets.items():
                 name = f"{prefix}.{sub}"
                 algo, _ = _layer_method(name, formats, algorithm, clip)
-                _replace(block, sub, quantize_linear(name, block.get_submodule(sub), fmt, algo,
-                                                     options=options if algo == algorithm else None,
-                                                     **layer_kwargs))
+                linear = block.get_submodule(sub)
+                layer = quantize_linear(name, linear, fmt, algo, options=options if algo == algorithm else None,
+                                        **layer_kwargs)
+                _replace(block, sub, on_layer(name, linear, layer, None) if on_layer else layer)
             continue
         if awq:
             from ampq.algorithms.awq import awq_block
@@ -144,10 +149,11 @@ def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", c
             for sub in group:
                 name = f"{prefix}.{sub}"
                 algo, layer_clip = _layer_method(name, formats, algorithm, clip)
-                _replace(block, sub, quantize_linear(
-                    name, block.get_submodule(sub), targets[sub], algo, stats, clip=layer_clip,
-                    bias_correction=bias_correction, options=options if algo == algorithm else None,
-                    **layer_kwargs))
+                linear = block.get_submodule(sub)
+                layer = quantize_linear(name, linear, targets[sub], algo, stats, clip=layer_clip,
+                                        bias_correction=bias_correction,
+                                        options=options if algo == algorithm else None, **layer_kwargs)
+                _replace(block, sub, on_layer(name, linear, layer, stats) if on_layer else layer)
         cal.advance(block)
     if lm_head:
         head = lm_head_name(model)
@@ -161,4 +167,6 @@ def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", c
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    from ampq.nn import quantized_linears
+
+    return quantized_linears(model)

@@ -6,7 +6,7 @@ import sys
 
 from torch import nn
 
-from ampq.nn import QuantLinear
+from ampq.nn import quantized_linears
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -29,17 +29,18 @@ def _persistent(model: nn.Module, name: str) -> bool:
 def linear_bits(model: nn.Module, names: list[str] | None = None) -> float:
     """Average stored bits per weight over the linears ``names`` (default: every QuantLinear, or
     the decoder blocks' linears of an unquantized model), each in the bytes it actually stores."""
-    if names is None and not any(isinstance(m, QuantLinear) for m in model.modules()):
-        names = block_linear_names(model)
+    quantized = quantized_linears(model)
+    if names is None:
+        names = list(quantized) or block_linear_names(model)
     bits = weights = 0
-    for name, m in model.named_modules():
-        if (name in names) if names is not None else isinstance(m, QuantLinear):
-            if isinstance(m, QuantLinear):
-                bits += 8 * m.nbytes()
-                weights += m.in_features * m.out_features
-            elif isinstance(m, nn.Linear):
-                bits += 8 * m.weight.numel() * m.weight.element_size()
-                weights += m.weight.numel()
+    for name in names:
+        m = quantized.get(name) or model.get_submodule(name)
+        if name in quantized:
+            bits += 8 * m.nbytes()
+            weights += m.in_features * m.out_features
+        elif isinstance(m, nn.Linear):
+            bits += 8 * m.weight.numel() * m.weight.element_size()
+            weights += m.weight.numel()
     return bits / weights if weights else float("nan")
 
 
@@ -48,7 +49,10 @@ def block_linear_names(model: nn.Module) -> list[str]:
 
     names = []
     for prefix, block in decoder_blocks(model):
-        names += [f"{prefix}.{n}" for n, m in block.named_modules() if isinstance(m, (nn.Linear, QuantLinear))]
+        quantized = quantized_linears(block)
+        inside = tuple(f"{n}." for n in quantized)
+        names += [f"{prefix}.{n}" for n, m in block.named_modules()
+                  if n in quantized or (isinstance(m, nn.Linear) and not n.startswith(inside))]
     return names
 
 

@@ -275,7 +275,9 @@ def _verify(directory: str | Path, keep: bool) -> tuple[dict[str, torch.Tensor],
                     if _tensor_sha256(t) != e["sha256"]:
                         raise damaged(f"tensor {name!r} in {shard} does not match its SHA-256 in {MANIFEST}")
                     if keep:
-                        loaded[name] = t
+                        # a private copy: safetensors' tensors are views of the file's memory map, which
+                        # stays resident while any of them lives, so dropping one would free nothing
+                        loaded[name] = t.clone()
         except AmpqError:
             raise
         except Exception as e:  # safetensors raises its own SafetensorError plus assorted OSError/ValueError

@@ -24,15 +24,29 @@ def _version() -> str:
     return __version__
 
 
+def _layer_entry(m: QuantLinear) -> dict:
+    return {"format": m.format_name, "algorithm": m.algorithm, "shape": list(m.shape),
+            "tensors": list(m.stored_names), "bias": m.bias is not None,
+            "activation": m.activation, "input_scale": m.input_scale is not None,
+            "compute_dtype": m.compute_dtype,
+            "bytes": m.nbytes(), "bits_per_weight": 8 * m.nbytes() / (m.shape[0] * m.shape[1])}
+
+
 def _layer_entries(model: nn.Module) -> dict[str, dict]:
+    from ampq.nested import NestedLinear
+    from ampq.nn import quantized_linears
+
     layers = {}
-    for name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
-            layers[name] = {"format": m.format_name, "algorithm": m.algorithm, "shape": list(m.shape),
-                            "tensors": list(m.stored_names), "bias": m.bias is not None,
-                            "activation": m.activation, "input_scale": m.input_scale is not None,
-                            "compute_dtype": m.compute_dtype,
-                            "bytes": m.nbytes(), "bits_per_weight": 8 * m.nbytes() / (m.shape[0] * m.shape[1])}
+    for name, m in quantized_linears(model).items():
+        if isinstance(m, NestedLinear):
+            # the base's entry, under the prefix "base", plus what each stored level adds
+            weights = m.shape[0] * m.shape[1]
+            layers[name] = {**_layer_entry(m.base), "nested": {
+                "residuals": [{"format": r.format_name, "tensors": list(r.stored_names)} for r in m.residuals],
+                "damage": m.damage[: m.level + 1] if m.damage else None},
+                "bytes": m.nbytes(), "bits_per_weight": 8 * m.nbytes() / weights}
+        else:
+            layers[name] = _layer_entry(m)
     return layers
 
 
@@ -65,7 +79,11 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite: 
         "layers": layers,
         **(extra_manifest or {}),
     }
-    extra = {"config.json": model.config.to_json_string().encode()}
+    from ampq.hf import config_json
+
+    # config.json carries quantization_config (quant_method "ampq" + the layer table) so that
+    # transformers' from_pretrained loads the folder after `import ampq` (see ampq.hf)
+    extra = {"config.json": config_json(model).encode()}
     if getattr(model, "generation_config", None) is not None:
         extra["generation_config.json"] = model.generation_config.to_json_string().encode()
     extra.update(_tokenizer_files(tokenizer))
@@ -113,6 +131,35 @@ def _check_layer(name: str, entry, module, stored: dict[str, torch.Tensor]) -> N
         raise ValueError(f"{entry['format']} needs {expected} bytes, the checkpoint holds {held}")
 
 
+def _quant_linear(name: str, entry: dict, module, tensors: dict[str, torch.Tensor]) -> QuantLinear:
+    stored = {k: tensors.pop(f"{name}.{k}") for k in entry["tensors"]}
+    _check_layer(name, entry, module, stored)
+    bias = tensors.pop(f"{name}.bias") if entry.get("bias") else None
+    input_scale = tensors.pop(f"{name}.input_scale") if entry.get("input_scale") else None
+    out_f, in_f = entry["shape"]
+    return QuantLinear(in_f, out_f, entry["format"], stored, bias, entry.get("algorithm", "rtn"),
+                       entry.get("activation"), input_scale, entry.get("compute_dtype"))
+
+
+def _nested_linear(name: str, entry: dict, nested, base: QuantLinear, module, tensors, directory: Path, entries):
+    from ampq.nested import NestedLinear
+
+    if not isinstance(nested, dict) or not isinstance(nested.get("residuals"), list):
+        raise ValueError("malformed nested entry")
+    residuals = []
+    for i, r in enumerate(nested["residuals"]):
+        if not isinstance(r, dict) or not isinstance(r.get("format"), str) or not isinstance(r.get("tensors"), list):
+            raise ValueError(f"malformed residual {i + 1}")
+        residuals.append(_quant_linear(f"{name}.residuals.{i}", {**r, "shape": entry["shape"]}, module, tensors))
+    damage = nested.get("damage")
+    if damage is not None and not (isinstance(damage, list) and len(damage) == len(residuals) + 1
+                                   and all(isinstance(d, (int, float)) for d in damage)):
+        raise ValueError("malformed damage list")
+    layer = NestedLinear(base, [r.format_name for r in residuals], residuals, damage)
+    layer.__dict__["_source"] = (directory, name, entries)
+    return layer
+
+
 def load(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a model saved by :func:`save` from its folder alone, after verifying every hash."""
     from accelerate import init_empty_weights
@@ -129,8 +176,16 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module
         config = AutoConfig.from_pretrained(directory)
     except Exception as e:  # noqa: BLE001 - whatever a config file makes transformers raise
         raise AmpqError(f"{directory}/config.json is not a usable model config ({_first_line(e)})") from None
+    # the quantization_config ampq.save writes is for transformers' from_pretrained (ampq.hf); the
+    # manifest is what this loader follows, so the model is built without it
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     _check_config(directory, config, tensors)
-    floats = [t.dtype for t in tensors.values() if t.is_floating_point() and t.dtype.itemsize >= 2]
+    # the model's dtype is that of its unquantized tensors: quantized layers' fp16 scales outnumber
+    # them and would make a float32 model float16
+    inside = tuple(f"{name}." for name in layers)
+    floats = [t.dtype for n, t in tensors.items()
+              if t.is_floating_point() and t.dtype.itemsize >= 2 and not n.startswith(inside)]
     dtype = max(set(floats), key=floats.count) if floats else torch.float32
     try:
         with init_empty_weights():
@@ -139,13 +194,12 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module
         raise AmpqError(f"{directory}/config.json does not describe a model transformers can build ({_first_line(e)})") from None
     for name, entry in layers.items():
         try:
-            stored = {k: tensors.pop(f"{name}.{k}") for k in entry["tensors"]}
-            _check_layer(name, entry, model.get_submodule(name), stored)
-            bias = tensors.pop(f"{name}.bias") if entry.get("bias") else None
-            input_scale = tensors.pop(f"{name}.input_scale") if entry.get("input_scale") else None
-            out_f, in_f = entry["shape"]
-            layer = QuantLinear(in_f, out_f, entry["format"], stored, bias, entry.get("algorithm", "rtn"),
-                                entry.get("activation"), input_scale, entry.get("compute_dtype"))
+            nested = entry.get("nested") if isinstance(entry, dict) else None
+            module = model.get_submodule(name)
+            layer = _quant_linear(f"{name}.base" if nested is not None else name, entry, module, tensors)
+            if nested is not None:
+                layer = _nested_linear(name, entry, nested, layer, module, tensors, Path(directory),
+                                       manifest["tensors"])
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, layer)
         except (KeyError, AttributeError, ValueError, TypeError, AmpqError) as e:

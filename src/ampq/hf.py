@@ -1,0 +1,390 @@
+"""transformers integration: after ``import ampq``, ``AutoModelForCausalLM.from_pretrained`` loads ampq checkpoints.
+
+    import ampq  # registers quant_method "ampq" with transformers' quantizer registry
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained("out/smollm2-int4")   # a folder written by ampq.save, or a hub id
+    model.generate(...); model.save_pretrained("out/again")             # loads again the same way
+
+:func:`ampq.save` writes ``quantization_config`` into config.json: ``quant_method: "ampq"`` and the
+layer table of ``ampq.json`` (each quantized linear's format, shape, stored tensor names, bias,
+activation treatment, AWQ input scale, compute dtype and, for adaptive layers, the residual levels).
+It is all the loader needs, so a hub repo id works as well as a local folder: the shapes and
+dtypes of the stored tensors come from the safetensors headers transformers has already fetched.
+
+Before the weights load, :class:`AmpqHfQuantizer` replaces each listed ``nn.Linear`` (still on the
+meta device) with a :class:`ampq.nn.QuantLinear` (or :class:`ampq.nested.NestedLinear`) whose
+buffers are placeholders of exactly the stored shapes and dtypes, so that transformers' own loader
+fills ``...q_proj.codes``, ``...q_proj.scale``, ... as they are on disk, with no cast. The model
+then computes exactly what :func:`ampq.load` gives.
+
+Registration is lazy: ``import ampq`` does not import transformers' quantizers (seconds of
+torch.distributed imports); ampq registers itself the moment transformers imports its quantizer
+registry, which every ``from_pretrained`` does first (or at once, where it is already imported).
+
+Not verified here: the SHA-256 of every tensor that ``ampq.json`` records. :func:`ampq.load` is the
+verifying loader; this path trusts the files as transformers trusts any checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import json
+import struct
+import sys
+from collections import Counter
+
+import torch
+from torch import nn
+
+QUANT_METHOD = "ampq"
+CONFIG_VERSION = 1
+# what a layer entry of ampq.json carries that the loader needs (bytes and bits_per_weight are reports)
+_ENTRY_KEYS = ("format", "algorithm", "shape", "tensors", "bias", "activation", "input_scale", "compute_dtype")
+_MAX_HEADER_BYTES = 100 << 20
+
+_SAFETENSORS_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+    **{name: getattr(torch, attr) for name, attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
+                                                     ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"))
+       if hasattr(torch, attr)},
+}
+
+
+# ---- the quantization_config that ampq.save writes ----------------------------------------------------
+def _config_layers(entries: dict[str, dict]) -> dict[str, dict]:
+    layers = {}
+    for name, entry in entries.items():
+        out = {k: entry[k] for k in _ENTRY_KEYS if k in entry}
+        nested = entry.get("nested")
+        if nested is not None:
+            out["nested"] = {"residuals": [{"format": r["format"], "tensors": list(r["tensors"])}
+                                           for r in nested["residuals"]],
+                             "damage": nested.get("damage")}
+        layers[name] = out
+    return layers
+
+
+def _unquantized_dtype(model: nn.Module, layer_names) -> str | None:
+    """The dtype of the tensors outside the quantized layers (embeddings, norms): what
+    :func:`ampq.load` builds the model in, and what ``from_pretrained(dtype="auto")`` should."""
+    inside = tuple(f"{name}." for name in layer_names)
+    floats = [t.dtype for n, t in model.state_dict().items()
+              if t.is_floating_point() and t.dtype.itemsize >= 2 and not n.startswith(inside)]
+    if not floats:
+        return None
+    return str(Counter(floats).most_common(1)[0][0]).removeprefix("torch.")
+
+
+def quantization_config_dict(model: nn.Module) -> dict | None:
+    """config.json's ``quantization_config`` for ``model``: quant_method "ampq" and the layer table;
+    None for a model without quantized linears."""
+    from ampq.io.model import _layer_entries
+
+    entries = _layer_entries(model)
+    if not entries:
+        return None
+    return {"quant_method": QUANT_METHOD, "version": CONFIG_VERSION, "dtype": _unquantized_dtype(model, entries),
+            "layers": _config_layers(entries)}
+
+
+def config_json(model: nn.Module) -> str:
+    """``model.config.to_json_string()`` with ``quantization_config`` set from the model: the ampq
+    layer table where it has quantized linears; otherwise an ampq one left over is dropped (another
+    tool's is kept as it is)."""
+    config = json.loads(model.config.to_json_string())
+    qc = quantization_config_dict(model)
+    if qc is not None:
+        config["quantization_config"] = qc
+    elif isinstance(config.get("quantization_config"), dict) and \
+            config["quantization_config"].get("quant_method") == QUANT_METHOD:
+        del config["quantization_config"]
+    return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+
+def _check_config(version, layers, dtype) -> None:
+    if not isinstance(version, int) or version > CONFIG_VERSION:
+        raise ValueError(f"this ampq quantization_config has version {version!r}; this ampq reads up to "
+                         f"{CONFIG_VERSION}: upgrade ampq")
+    if not isinstance(layers, dict):
+        raise ValueError("ampq quantization_config: 'layers' is not a table; re-save the checkpoint with ampq.save")
+
+    def names(tensors):
+        return isinstance(tensors, list) and all(isinstance(t, str) for t in tensors)
+
+    for name, entry in layers.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("format"), str)
+                and isinstance(entry.get("shape"), list) and len(entry["shape"]) == 2
+                and all(type(v) is int and v > 0 for v in entry["shape"]) and names(entry.get("tensors"))):
+            raise ValueError(f"ampq quantization_config: malformed entry for layer {name!r}; re-save the "
+                             "checkpoint with ampq.save")
+        nested = entry.get("nested")
+        if nested is not None and not (
+                isinstance(nested, dict) and isinstance(nested.get("residuals"), list)
+                and all(isinstance(r, dict) and isinstance(r.get("format"), str) and names(r.get("tensors"))
+                        for r in nested["residuals"])):
+            raise ValueError(f"ampq quantization_config: malformed nested entry for layer {name!r}")
+    if dtype is not None and not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+        raise ValueError(f"ampq quantization_config: unknown dtype {dtype!r}")
+
+
+_classes: dict[str, type] = {}
+
+
+def _config_class() -> type:
+    """AmpqConfig, defined on first use so that ``import ampq`` does not import transformers."""
+    if "AmpqConfig" in _classes:
+        return _classes["AmpqConfig"]
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+
+    class AmpqConfig(QuantizationConfigMixin):
+        """``quantization_config`` of an ampq checkpoint: ``layers`` maps each quantized linear's
+        module name to its ampq.json entry (format, shape, tensors, bias, activation, input_scale,
+        compute_dtype, and ``nested`` for adaptive layers); ``dtype`` is that of the unquantized
+        tensors. It describes a checkpoint; it does not quantize a model on load (ampq.quantize does)."""
+
+        def __init__(self, layers: dict | None = None, dtype: str | None = None, version: int = CONFIG_VERSION,
+                     quant_method: str = QUANT_METHOD, **kwargs):
+            if quant_method != QUANT_METHOD:
+                raise ValueError(f"AmpqConfig takes quant_method {QUANT_METHOD!r}, not {quant_method!r}")
+            self.quant_method = QUANT_METHOD
+            self.version = version
+            self.layers = dict(layers or {})
+            self.dtype = dtype
+            self.post_init()
+
+        def post_init(self):
+            _check_config(self.version, self.layers, self.dtype)
+
+        def to_dict(self) -> dict:
+            return {"quant_method": QUANT_METHOD, "version": self.version, "dtype": self.dtype,
+                    "layers": json.loads(json.dumps(self.layers))}
+
+        def to_diff_dict(self) -> dict:
+            return self.to_dict()
+
+        def __repr__(self) -> str:
+            return f"AmpqConfig({len(self.layers)} quantized linears, dtype={self.dtype})"
+
+    AmpqConfig.__module__, AmpqConfig.__qualname__ = __name__, "AmpqConfig"
+    _classes["AmpqConfig"] = AmpqConfig
+    return AmpqConfig
+
+
+# ---- building the quantized modules before the weights load ------------------------------------------------
+def _header_specs(checkpoint_files) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Every stored tensor's (dtype, shape), read from the safetensors headers alone."""
+    specs = {}
+    for path in checkpoint_files or ():
+        if not str(path).endswith(".safetensors"):
+            continue
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            size = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+            if not 0 < size <= _MAX_HEADER_BYTES:
+                raise ValueError(f"{path} is not a safetensors file")
+            header = json.loads(f.read(size))
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise ValueError(f"{path}: tensor {key} has dtype {info.get('dtype')!r}, which ampq does not store")
+            specs[key] = (dtype, tuple(int(d) for d in info["shape"]))
+    return specs
+
+
+def _placeholder(prefix: str, entry: dict, linear: nn.Linear, specs) -> "QuantLinear":
+    """A QuantLinear on the meta device whose buffers have the stored shapes and dtypes."""
+    from ampq.formats import get_format
+    from ampq.nn import QuantLinear
+
+    def meta(key):
+        if key not in specs:
+            raise ValueError(f"the checkpoint holds no tensor {key}")
+        dtype, shape = specs[key]
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    shape = tuple(entry["shape"])
+    stored = {t: meta(f"{prefix}.{t}") for t in entry["tensors"]}
+    held = sum(t.numel() * t.element_size() for t in stored.values())
+    expected = get_format(entry["format"]).nbytes(shape)
+    if held != expected:
+        raise ValueError(f"{entry['format']} needs {expected} bytes, the checkpoint holds {held} for {prefix}")
+    # the bias is unquantized: it loads in the model's dtype like the other unquantized tensors
+    bias = torch.empty(shape[0], dtype=linear.weight.dtype, device="meta") if entry.get("bias") else None
+    input_scale = meta(f"{prefix}.input_scale") if entry.get("input_scale") else None
+    return QuantLinear(shape[1], shape[0], entry["format"], stored, bias, entry.get("algorithm") or "rtn",
+                       entry.get("activation"), input_scale, entry.get("compute_dtype"))
+
+
+def replace_linears(model: nn.Module, layers: dict[str, dict], specs) -> None:
+    """Put a placeholder QuantLinear / NestedLinear in place of each listed linear of ``model``."""
+    from ampq.nested import NestedLinear
+
+    for name, entry in layers.items():
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"ampq quantization_config lists layer {name!r}, which this model has not") from None
+        if not isinstance(linear, nn.Linear) or tuple(linear.weight.shape) != tuple(entry["shape"]):
+            raise ValueError(f"ampq quantization_config: {name!r} is not a {entry['shape'][0]}x{entry['shape'][1]} "
+                             "linear in this model; config.json does not match its quantization_config")
+        nested = entry.get("nested")
+        if nested is None:
+            layer = _placeholder(name, entry, linear, specs)
+        else:
+            base = _placeholder(f"{name}.base", entry, linear, specs)
+            residuals = [_placeholder(f"{name}.residuals.{i}", {**r, "shape": entry["shape"]}, linear, specs)
+                         for i, r in enumerate(nested["residuals"])]
+            layer = NestedLinear(base, [r.format_name for r in residuals], residuals, nested.get("damage"))
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+
+
+def _quantizer_class() -> type:
+    """AmpqHfQuantizer, defined on first use: importing transformers.quantizers costs seconds
+    (it pulls in torch.distributed), which ``import ampq`` should not pay unless transformers does."""
+    if "AmpqHfQuantizer" in _classes:
+        return _classes["AmpqHfQuantizer"]
+    from transformers.quantizers.base import HfQuantizer
+
+    class AmpqHfQuantizer(HfQuantizer):
+        """Loads ampq checkpoints in ``from_pretrained``: swaps the listed linears for ampq's quantized
+        modules before the weights load, so the stored tensors fill their buffers unchanged."""
+
+        requires_calibration = True  # pre-quantized checkpoints only: ampq.quantize does the quantizing
+
+        def validate_environment(self, *args, **kwargs):
+            device_map = kwargs.get("device_map")
+            if isinstance(device_map, dict) and "disk" in device_map.values():
+                raise ValueError("ampq checkpoints cannot be offloaded to disk; give a device_map without 'disk'")
+
+        def update_attn_implementation(self, config):
+            # called before transformers settles dtype="auto": make "auto" the dtype ampq.load builds in
+            # (that of the unquantized tensors) rather than whatever float tensor comes first in the file
+            if self.quantization_config.dtype is not None:
+                config.dtype = getattr(torch, self.quantization_config.dtype)
+            return config
+
+        def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+            specs = _header_specs(checkpoint_files)
+            if not specs:
+                raise ValueError("ampq checkpoints load from safetensors files; none were found")
+            replace_linears(model, self.quantization_config.layers, specs)
+            return model
+
+        def _process_model_after_weight_loading(self, model, **kwargs):
+            return model
+
+        def get_state_dict_and_metadata(self, model):
+            # save_pretrained: record the layers as they are now (an adaptive model may have switched level)
+            from ampq.io.model import _layer_entries
+
+            entries = _layer_entries(model)
+            self.quantization_config.layers = _config_layers(entries)
+            self.quantization_config.dtype = _unquantized_dtype(model, entries)
+            return None, {}
+
+        def _dequantize(self, model, dtype=None):
+            from ampq.nn import quantized_linears
+
+            for name, layer in quantized_linears(model).items():
+                weight = layer.dequantize(dtype or torch.float32)
+                linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                                   device=weight.device, dtype=weight.dtype)
+                linear.weight.data.copy_(weight)
+                if layer.bias is not None:
+                    linear.bias.data.copy_(layer.bias)
+                linear.requires_grad_(False)
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, linear)
+            return model
+
+        def is_serializable(self, *args, **kwargs):
+            return True
+
+        @property
+        def is_trainable(self) -> bool:
+            return False
+
+    AmpqHfQuantizer.__module__, AmpqHfQuantizer.__qualname__ = __name__, "AmpqHfQuantizer"
+    _classes["AmpqHfQuantizer"] = AmpqHfQuantizer
+    return AmpqHfQuantizer
+
+
+def __getattr__(name: str):  # ampq.hf.AmpqConfig, ampq.hf.AmpqHfQuantizer (importing transformers)
+    if name == "AmpqConfig":
+        return _config_class()
+    if name == "AmpqHfQuantizer":
+        return _quantizer_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_AUTO = "transformers.quantizers.auto"
+
+
+def register() -> bool:
+    """Register quant_method "ampq" with transformers' quantizer registry; False where this
+    transformers has none."""
+    try:
+        auto = importlib.import_module(_AUTO)
+        config, quantizer = _config_class(), _quantizer_class()
+    except ImportError:
+        return False
+    if not hasattr(auto, "AUTO_QUANTIZER_MAPPING") \
+            or not hasattr(auto, "AUTO_QUANTIZATION_CONFIG_MAPPING"):
+        return False
+    auto.AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = config
+    auto.AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = quantizer
+    return True
+
+
+class _RegisterAfterImport(importlib.abc.MetaPathFinder):
+    """Registers ampq right after transformers imports its quantizer registry (which every
+    ``from_pretrained`` does), so that ``import ampq`` alone does not import it."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _AUTO:
+            return None
+        _remove_finder()
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _RegisteringLoader(spec.loader)
+        return spec
+
+
+class _RegisteringLoader(importlib.abc.Loader):
+    def __init__(self, inner):
+        self._inner = inner
+
+    def create_module(self, spec):
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module):
+        self._inner.exec_module(module)
+        try:
+            register()
+        except Exception as e:  # noqa: BLE001 - never break transformers' own import
+            import warnings
+
+            warnings.warn(f"ampq could not register with transformers' quantizers ({e}); "
+                          "from_pretrained will not load ampq checkpoints", stacklevel=2)
+
+    def __getattr__(self, name):  # get_source, get_filename, ... for tracebacks and inspect
+        return getattr(self._inner, name)
+
+
+def _remove_finder() -> None:
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _RegisterAfterImport)]
+
+
+def _install() -> None:
+    if _AUTO in sys.modules:
+        register()
+    elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterAfterImport())
+
+
+_install()
