@@ -400,7 +400,12 @@ def cmd_schemes(args) -> int:
 def cmd_export(args) -> int:
     from ampq.export import export_compressed_tensors
 
-    summary = export_compressed_tensors(args.directory, args.out, nearest=args.nearest, overwrite=args.overwrite)
+    if args.to == "gguf":
+        from ampq.export.gguf import export_gguf
+
+        summary = export_gguf(args.directory, args.out, nearest=args.nearest, overwrite=args.overwrite)
+    else:
+        summary = export_compressed_tensors(args.directory, args.out, nearest=args.nearest, overwrite=args.overwrite)
     print(summary["line"])
     for warning in summary["warnings"]:
         print(f"ampq: warning: {warning}", file=sys.stderr)
@@ -573,13 +578,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("schemes", help="list the quantization schemes")
     s.set_defaults(func=cmd_schemes)
 
-    x = sub.add_parser("export", help="write a checkpoint another engine loads (compressed-tensors: vLLM)")
+    x = sub.add_parser("export", help="write a checkpoint another engine loads "
+                       "(compressed-tensors: vLLM; gguf: llama.cpp)")
     x.add_argument("directory", help="ampq checkpoint folder")
-    x.add_argument("--to", required=True, choices=["compressed-tensors"], help="the format to write")
-    x.add_argument("out", help="output folder")
+    x.add_argument("--to", required=True, choices=["compressed-tensors", "gguf"], help="the format to write")
+    x.add_argument("out", help="output folder (compressed-tensors) or .gguf file (gguf)")
     x.add_argument("--nearest", action="store_true", help="re-quantize layers whose format has no exact "
                    "counterpart to the nearest one that has, and report how far the weights moved")
-    x.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output folder or file")
     x.set_defaults(func=cmd_export)
 
     g = sub.add_parser("generate", help="greedy text generation from a model or checkpoint")
