@@ -44,6 +44,8 @@ import torch
 from torch import nn
 
 from ampq.errors import AmpqError
+from ampq.export.common import base_of, source_of
+from ampq.io.checkpoint import _fsync
 
 # Layers vLLM fuses into one (qkv_proj, gate_up_proj): they must share one scheme.
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -110,21 +112,6 @@ class _Layer:
 # ---- what each layer becomes ------------------------------------------------------------------
 
 
-def _base(layer: nn.Module) -> nn.Module:
-    """The QuantLinear that holds the layer's format (an adaptive layer's base)."""
-    return getattr(layer, "base", layer)
-
-
-def _source(layer: nn.Module) -> str:
-    base = _base(layer)
-    text = layer.format_name
-    if base.activation:
-        text += f" + {base.activation} activations"
-    if base.input_scale is not None:
-        text += " + input scale"
-    return text
-
-
 def _groups(group_size: int | None, in_features: int) -> tuple[str, int | None] | None:
     """compressed-tensors' (strategy, group size) that holds ampq's grouping exactly, or None."""
     if not group_size:  # None: one group per output channel; 0: one for the tensor, repeated per channel
@@ -148,7 +135,7 @@ def _exact_scheme(layer: nn.Module) -> tuple[Scheme | None, str]:
 
     if getattr(layer, "residuals", None):
         return None, "adaptive layers above their base level add two formats"
-    base = _base(layer)
+    base = base_of(layer)
     fmt = base.format
     act = (base.activation or "").strip().lower() or None
     if base.input_scale is not None:
@@ -210,7 +197,7 @@ def _nearest_scheme(layer: nn.Module) -> Scheme:
     from ampq.formats.integer import IntegerFormat
     from ampq.formats.minifloat import MinifloatFormat
 
-    base = _base(layer)
+    base = base_of(layer)
     fmt = base.format
     in_f = base.in_features
     act = (base.activation or "").strip().lower()
@@ -349,7 +336,7 @@ def _scale_dtype(scale: torch.Tensor, candidates: list[torch.dtype]) -> torch.dt
 def _convert(item: _Layer, model_dtype: torch.dtype) -> dict:
     """Fill ``item.tensors`` (names local to the layer); return the weight change, for ``nearest``."""
     layer, scheme = item.module, item.scheme
-    base = _base(layer)
+    base = base_of(layer)
     change: dict = {}
     weight = layer.dequantize(torch.float32)
     if scheme is None:  # a 16-bit layer, written as it is
@@ -517,16 +504,7 @@ def _write_shards(tmp: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 def _fsync_tree(path: Path) -> None:
     for p in [*path.iterdir(), path]:
-        try:
-            fd = os.open(p, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        _fsync(p)
 
 
 def _install(tmp: Path, out: Path, overwrite: bool) -> None:
@@ -580,11 +558,11 @@ def export_compressed_tensors(directory, out, nearest: bool = False, *, overwrit
 
     items: dict[str, _Layer] = {}
     for name, layer in layers.items():
-        if isinstance(_base(layer).format, PlainFloatFormat) and not getattr(layer, "residuals", None):
-            items[name] = _Layer(name, layer, _source(layer), None)
+        if isinstance(base_of(layer).format, PlainFloatFormat) and not getattr(layer, "residuals", None):
+            items[name] = _Layer(name, layer, source_of(layer), None)
             continue
         scheme, why = _exact_scheme(layer)
-        items[name] = _Layer(name, layer, _source(layer), scheme, scheme is not None, why)
+        items[name] = _Layer(name, layer, source_of(layer), scheme, scheme is not None, why)
 
     inexact = [it for it in items.values() if not it.exact]
     if inexact and not nearest:

@@ -65,6 +65,8 @@ import torch
 from torch import nn
 
 from ampq.errors import AmpqError
+from ampq.export.common import base_of, source_of
+from ampq.io.checkpoint import _fsync
 
 BLOCK = 32  # inputs per block of every GGUF type written here
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -97,20 +99,6 @@ class _Layer:
     change: dict = field(default_factory=dict)
 
 
-def _base(layer: nn.Module) -> nn.Module:
-    return getattr(layer, "base", layer)
-
-
-def _source(layer: nn.Module) -> str:
-    base = _base(layer)
-    text = layer.format_name
-    if base.activation:
-        text += f" + {base.activation} activations"
-    if base.input_scale is not None:
-        text += " + input scale"
-    return text
-
-
 def _exact_type(layer: nn.Module, gguf) -> tuple[object | None, bool, str]:
     """(GGUF type holding ``layer`` exactly, whether it is wider than the format, "") or
     (None, False, why none does)."""
@@ -122,7 +110,7 @@ def _exact_type(layer: nn.Module, gguf) -> tuple[object | None, bool, str]:
     T = gguf.GGMLQuantizationType
     if getattr(layer, "residuals", None):
         return None, False, "adaptive layers above their base level add two formats"
-    base = _base(layer)
+    base = base_of(layer)
     fmt = base.format
     if base.input_scale is not None:
         return None, False, "AWQ input scales kept outside the weights (GGUF has no per-input scale)"
@@ -158,7 +146,7 @@ def _nearest_types(layer: nn.Module, gguf) -> list:
     of its width; the export keeps whichever re-quantizes its decoded weight with the smaller mean
     squared change."""
     T = gguf.GGMLQuantizationType
-    base = _base(layer)
+    base = base_of(layer)
     if base.in_features % BLOCK:
         return [T.F16]
     if getattr(layer, "residuals", None):
@@ -407,19 +395,6 @@ def _check_target(out: Path, overwrite: bool) -> None:
                         "or choose another path")
 
 
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def export_gguf(directory, out, nearest: bool = False, *, overwrite: bool = False) -> dict:
     """Write the ampq checkpoint ``directory`` as the GGUF file ``out`` (llama and qwen2 models).
 
@@ -453,7 +428,7 @@ def export_gguf(directory, out, nearest: bool = False, *, overwrite: bool = Fals
     items: dict[str, _Layer] = {}
     for name, layer in layers.items():
         qtype, widened, why = _exact_type(layer, gguf)
-        items[name] = _Layer(name, layer, _source(layer), qtype, qtype is not None, widened, why)
+        items[name] = _Layer(name, layer, source_of(layer), qtype, qtype is not None, widened, why)
     inexact = [it for it in items.values() if not it.exact]
     if inexact and not nearest:
         by_source: dict[str, list[_Layer]] = {}
@@ -514,7 +489,7 @@ def export_gguf(directory, out, nearest: bool = False, *, overwrite: bool = Fals
             continue
         done.add(owner)
         it = items[owner]
-        layer, base = it.module, _base(it.module)
+        layer, base = it.module, base_of(it.module)
         n_head = permutation(owner)
         weight = layer.dequantize(torch.float32)
         if base.input_scale is not None:
@@ -559,7 +534,7 @@ def export_gguf(directory, out, nearest: bool = False, *, overwrite: bool = Fals
         warnings.append(f"{', '.join(widened)} held exactly in wider GGUF blocks "
                         f"({', '.join(sorted({it.qtype.name for it in items.values() if it.widened}))}): the file is "
                         "larger than the checkpoint")
-    lost = sorted({_base(it.module).activation for it in items.values() if _base(it.module).activation})
+    lost = sorted({base_of(it.module).activation for it in items.values() if base_of(it.module).activation})
     if lost:
         warnings.append(f"activation schemes ({', '.join(lost)}) are not carried: llama.cpp handles activations "
                         "its own way")
