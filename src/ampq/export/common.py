@@ -19,3 +19,13 @@ def source_of(layer: nn.Module) -> str:
     if base.input_scale is not None:
         text += " + input scale"
     return text
+
+
+def owner_of(key: str, layers) -> str | None:
+    """The longest prefix of the tensor name ``key`` that is one of ``layers`` (its layer), or None."""
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:i])
+        if prefix in layers:
+            return prefix
+    return None

@@ -44,8 +44,8 @@ import torch
 from torch import nn
 
 from ampq.errors import AmpqError
-from ampq.export.common import base_of, source_of
-from ampq.io.checkpoint import _fsync
+from ampq.export.common import base_of, owner_of, source_of
+from ampq.io.checkpoint import _fsync, replace_directory
 
 # Layers vLLM fuses into one (qkv_proj, gate_up_proj): they must share one scheme.
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -461,15 +461,6 @@ def _check_targets(config_groups: dict, groups: dict, items: dict[str, _Layer], 
 # ---- writing ----------------------------------------------------------------------------------------
 
 
-def _owner(key: str, layers) -> str | None:
-    parts = key.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        prefix = ".".join(parts[:i])
-        if prefix in layers:
-            return prefix
-    return None
-
-
 def _write_shards(tmp: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
@@ -509,23 +500,7 @@ def _fsync_tree(path: Path) -> None:
 
 def _install(tmp: Path, out: Path, overwrite: bool) -> None:
     _check_target(out, overwrite)  # someone may have made it meanwhile
-    old = None
-    if out.is_dir():
-        if any(out.iterdir()):
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            if old.exists():
-                shutil.rmtree(old)
-            os.rename(out, old)
-        else:
-            out.rmdir()
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.rename(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_directory(tmp, out)
 
 
 # ---- the export -------------------------------------------------------------------------------------
@@ -610,7 +585,7 @@ def export_compressed_tensors(directory, out, nearest: bool = False, *, overwrit
     tensors: dict[str, torch.Tensor] = {}
     done = set()
     for key, value in state.items():
-        owner = _owner(key, items)
+        owner = owner_of(key, items)
         if owner is None:
             tensors[key] = value
         elif owner not in done:

@@ -65,7 +65,7 @@ import torch
 from torch import nn
 
 from ampq.errors import AmpqError
-from ampq.export.common import base_of, source_of
+from ampq.export.common import base_of, owner_of, source_of
 from ampq.io.checkpoint import _fsync
 
 BLOCK = 32  # inputs per block of every GGUF type written here
@@ -378,15 +378,6 @@ def _write_tokenizer(writer, tokenizer: dict | None) -> dict:
 # ---- the export ------------------------------------------------------------------------------------
 
 
-def _owner(key: str, layers) -> str | None:
-    parts = key.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        prefix = ".".join(parts[:i])
-        if prefix in layers:
-            return prefix
-    return None
-
-
 def _check_target(out: Path, overwrite: bool) -> None:
     if out.is_dir():
         raise AmpqError(f"cannot export to {out}: it is a directory; give the path of the .gguf file to write")
@@ -475,7 +466,7 @@ def export_gguf(directory, out, nearest: bool = False, *, overwrite: bool = Fals
     tensors: list[tuple[str, np.ndarray, object]] = []
     done: set[str] = set()
     for key, value in state.items():
-        owner = _owner(key, items)
+        owner = owner_of(key, items)
         if owner is None:
             data, qtype = _plain_array(value, gguf)
             if value.dim() == 1:  # norms and biases: F32, as llama.cpp's converter writes them

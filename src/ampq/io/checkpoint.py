@@ -174,28 +174,34 @@ def write_checkpoint(directory: str | Path, tensors: dict[str, torch.Tensor], ma
         _fsync(tmp)
 
         check_target()  # someone may have created it while we were writing
-        old = None
-        if directory.is_dir():
-            if any(directory.iterdir()):
-                old = directory.parent / f".{directory.name}.old-{os.getpid()}"
-                if old.exists():
-                    shutil.rmtree(old)
-                os.rename(directory, old)
-            else:
-                directory.rmdir()
-        try:
-            os.rename(tmp, directory)
-        except BaseException:
-            if old is not None:
-                os.rename(old, directory)
-            raise
-        _fsync(directory.parent)
+        replace_directory(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return directory
+
+
+def replace_directory(tmp: Path, directory: Path) -> None:
+    """Rename the finished folder ``tmp`` onto ``directory``: an existing non-empty one is moved
+    aside first and deleted only once the rename has succeeded (put back if it fails)."""
+    old = None
+    if directory.is_dir():
+        if any(directory.iterdir()):
+            old = directory.parent / f".{directory.name}.old-{os.getpid()}"
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(directory, old)
+        else:
+            directory.rmdir()
+    try:
+        os.rename(tmp, directory)
+    except BaseException:
+        if old is not None:
+            os.rename(old, directory)
+        raise
+    _fsync(directory.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    return directory
 
 
 def _verify(directory: str | Path, keep: bool) -> tuple[dict[str, torch.Tensor], dict]:
