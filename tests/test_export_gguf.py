@@ -352,7 +352,7 @@ def test_a_tokenizer_that_is_not_byte_level_bpe_is_refused(tmp_path):
 
 
 def test_pre_tokenizer_names():
-    from ampq.export.gguf import _LLAMA3_SPLIT, _QWEN2_SPLIT, _pre_tokenizer
+    from ampq.export.gguf_vocab import _LLAMA3_SPLIT, _QWEN2_SPLIT, _pre_tokenizer
 
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
     split = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}
@@ -514,3 +514,34 @@ def test_smollm2_int4_g32_perplexity_survives_the_export(tmp_path):
     for key in ("tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
                 "llama.rope.freq_base", "llama.attention.head_count_kv", "llama.context_length"):
         assert fields[key].contents() == gguf.GGUFReader(tmp_path / "smollm2.gguf").fields[key].contents(), key
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_the_export_within_one_percent(tmp_path):
+    """llama.cpp itself (llama-cpp-python, a benchmark extra that compiles llama.cpp: skipped where it
+    is not installed) scores the exported file on the same tokens as ampq."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from ampq.data import make_windows
+
+    model, tok = ampq.load_model("smollm2-135m")
+    ampq.quantize(model, "int4-g64-sym", progress=False)  # Q4_0 in GGUF
+    ampq.save(model, tmp_path / "ckpt", tok)
+    summary = export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf")
+    assert summary["types"] == {"Q4_0": 210}
+    ids = make_windows(tok, "wiki", "eval", 256, 2).tokens
+    with ampq.kernels.use("reference"), torch.no_grad():
+        ours = torch.log_softmax(model(ids).logits.float(), -1)
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=256, n_batch=256, logits_all=True, n_threads=2,
+                          verbose=False)
+    nll_ours = nll_theirs = 0.0
+    for i, window in enumerate(ids.tolist()):
+        llm.reset()
+        llm.eval(window)
+        theirs = torch.log_softmax(torch.tensor(np.asarray(llm.scores[:256], dtype=np.float32)), -1)
+        target = torch.tensor(window[1:])[:, None]
+        nll_ours -= ours[i, :-1].gather(-1, target).sum().item()
+        nll_theirs -= theirs[:-1].gather(-1, target).sum().item()
+        # llama.cpp quantizes activations to 8 bits for its Q4_0 matmul: logits agree closely, not exactly
+        assert (theirs.argmax(-1) == ours[i].argmax(-1)).float().mean() > 0.95
+    ratio = math.exp((nll_theirs - nll_ours) / (2 * 255))
+    assert abs(ratio - 1) < 0.01

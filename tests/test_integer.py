@@ -5,7 +5,7 @@ from ampq.formats import get_format
 from ampq.formats.packing import pack_bits, packed_nbytes, unpack_bits
 
 torch.manual_seed(0)
-INT_FORMATS = [f"int{b}-{g}{s}" for b in (2, 3, 4, 5, 6, 8) for g in ("g32", "g64", "g128", "ch") for s in ("", "-sym")]
+INT_FORMATS = [f"int{b}-{g}{s}" for b in (2, 3, 4, 5, 6, 8) for g in ("g32", "g64", "g128", "ch") for s in ("", "-sym", "-zp")]
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -23,11 +23,12 @@ def test_int4_packs_two_per_byte_low_nibble_first():
 
 def _bound(fmt, w, params):
     """Largest error round to nearest may make: half a step, plus what fp16 rounding of the
-    parameters may shift the grid by."""
+    parameters may shift the grid by. With integer zero points the grid is shifted by up to half a
+    step to put 0 on it, so the far end may clip by another half step."""
     v = fmt.expand(params.values, w.shape)
     s = v["scale"]
     span = s * fmt.qmax if not fmt.symmetric else s * fmt.half
-    return 0.5 * s + 2 ** -10 * (span + (v["min"].abs() if "min" in v else 0)) + 1e-7
+    return (1.0 if fmt.zero_point else 0.5) * s + 2 ** -10 * (span + (v["min"].abs() if "min" in v else 0)) + 1e-7
 
 
 @pytest.mark.parametrize("name", INT_FORMATS)
@@ -105,3 +106,25 @@ def test_expand_gives_one_parameter_per_weight():
 def test_weights_beyond_fp16_range_are_refused():
     with pytest.raises(ValueError, match="fp16"):
         get_format("int4-g32").quantize(torch.full((2, 32), 1e6) * torch.linspace(-1, 1, 32))
+
+
+def test_zero_point_format_is_gptq_arithmetic():
+    # w = scale * (q - zero) with integer zeros: what GPTQ/AWQ/compressed-tensors decode
+    fmt = get_format("int4-g64-zp")
+    w = torch.randn(16, 256) + 0.3
+    stored = fmt.quantize(w)
+    assert stored["zero"].dtype == torch.uint8 and stored["scale"].dtype == torch.float16
+    codes, _ = fmt.unpack(stored, (16, 256))
+    scale = stored["scale"].float().repeat_interleave(64, 1)
+    zero = stored["zero"].float().repeat_interleave(64, 1)
+    assert torch.equal(fmt.dequantize(stored, (16, 256)), (codes.float() - zero) * scale)
+    assert fmt.bits_per_weight((4096, 4096)) == 4 + 24 / 64
+    # zero itself is a code, so exact zeros stay zero (GPTQ widens the range to hold 0 as well)
+    w[:, :64] = torch.rand(16, 64) + 1.0
+    w[:, 0] = 0.0
+    assert bool((fmt.fake_quantize(w)[:, 0] == 0).all())
+
+
+def test_zero_point_and_symmetric_are_exclusive():
+    with pytest.raises(Exception, match="int4-g64-sym-zp"):
+        get_format("int4-g64-sym-zp")

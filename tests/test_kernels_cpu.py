@@ -21,7 +21,7 @@ def rel_err(a, b):
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("fmt", ["int4-g32", "int4-g64", "int4-g128", "int4-g64-sym", "int8-ch", "int8-ch-sym"])
+@pytest.mark.parametrize("fmt", ["int4-g32", "int4-g64", "int4-g128", "int4-g64-sym", "int4-g128-zp", "int8-ch", "int8-ch-sym", "int8-ch-zp"])
 @pytest.mark.parametrize("shape", [(96, 256), (576, 576), (1536, 576)])
 @pytest.mark.parametrize("rows", [1, 4, 16])
 def test_packed_kernels_match_the_reference(fmt, shape, rows):

@@ -64,6 +64,25 @@ def _quality_table(title: str, rows_meta: list[tuple[str, object, float, int]], 
     print_table(title, columns, rows, note)
 
 
+def _resume(model, output: Path, args, target, kwargs: dict, calibration):
+    """The progress record of this run: a killed run with the same model and arguments resumes."""
+    import hashlib
+
+    from ampq import __version__
+    from ampq.models import decoder_blocks
+    from ampq.resume import Resume, fingerprint, progress_dir
+
+    tokens = None if calibration is None else hashlib.sha256(calibration.tokens.numpy().tobytes()).hexdigest()
+    key = {"ampq": __version__, "model": args.model, "weights": fingerprint(model), "dtype": args.dtype,
+           "target": target if isinstance(target, str) else target.to_dict(), "options": kwargs,
+           "calibration": tokens, "lm_head": args.lm_head}
+    resume = Resume(progress_dir(output), key)
+    if resume.done:
+        print(f"resuming: {resume.done} of {len(decoder_blocks(model))} blocks were finished by an earlier run "
+              f"with these arguments ({resume.directory})", file=sys.stderr)
+    return resume
+
+
 def cmd_quantize(args) -> int:
     import ampq
     from ampq.report import block_linear_names, linear_bits, model_bytes
@@ -142,10 +161,14 @@ def cmd_quantize(args) -> int:
                                                                                "window": args.calib_window}}
         print(f"adaptive: every layer stores levels {':'.join(map(str, levels))}; plans from {lo:.3f} to "
               f"{hi:.3f} bits per weight can be switched to with ampq.adapt", file=sys.stderr)
+        resume = None
     else:
-        ampq.quantize(model, target, calibration=calibration, lm_head=args.lm_head, **kwargs)
+        resume = _resume(model, output, args, target, kwargs, calibration)
+        ampq.quantize(model, target, calibration=calibration, lm_head=args.lm_head, resume=resume, **kwargs)
     t_save = time.perf_counter()
     ampq.save(model, output, tok, overwrite=args.overwrite, extra_manifest=extra_manifest)
+    if resume is not None:
+        resume.finish()
     seconds = time.perf_counter() - t0
     print(f"stage times: quantization {t_save - t_quantize:.1f} s, saving {time.perf_counter() - t_save:.1f} s, "
           f"total {seconds:.1f} s", file=sys.stderr)

@@ -40,7 +40,8 @@ from torch import nn
 QUANT_METHOD = "ampq"
 CONFIG_VERSION = 1
 # what a layer entry of ampq.json carries that the loader needs (bytes and bits_per_weight are reports)
-_ENTRY_KEYS = ("format", "algorithm", "shape", "tensors", "bias", "activation", "input_scale", "compute_dtype")
+_ENTRY_KEYS = ("format", "algorithm", "shape", "tensors", "bias", "activation", "input_scale", "compute_dtype",
+               "input_perm")
 _MAX_HEADER_BYTES = 100 << 20
 
 _SAFETENSORS_DTYPES = {
@@ -215,8 +216,9 @@ def _placeholder(prefix: str, entry: dict, linear: nn.Linear, specs) -> "QuantLi
     # the bias is unquantized: it loads in the model's dtype like the other unquantized tensors
     bias = torch.empty(shape[0], dtype=linear.weight.dtype, device="meta") if entry.get("bias") else None
     input_scale = meta(f"{prefix}.input_scale") if entry.get("input_scale") else None
+    input_perm = meta(f"{prefix}.input_perm") if entry.get("input_perm") else None
     return QuantLinear(shape[1], shape[0], entry["format"], stored, bias, entry.get("algorithm") or "rtn",
-                       entry.get("activation"), input_scale, entry.get("compute_dtype"))
+                       entry.get("activation"), input_scale, entry.get("compute_dtype"), input_perm)
 
 
 def replace_linears(model: nn.Module, layers: dict[str, dict], specs) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -42,11 +43,15 @@ def load_model(spec: str, dtype: str | torch.dtype | None = None):
     if path.is_dir() and (path / "ampq.json").exists():
         from ampq.io.model import load
 
-        try:
-            tok = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError):  # saved without a tokenizer: the model still runs
-            tok = None
-        return load(path), tok
+        return load(path), _tokenizer(path)
+    from ampq import importers
+
+    if path.is_dir() and importers.quant_method(path) in importers.LAYOUTS:
+        model, notes = importers.load_foreign(path, dtype)
+        for line in notes:
+            print(f"note: {line}", file=sys.stderr)
+        model.config.ampq_source = spec
+        return model, _tokenizer(path)
     try:
         if path.is_file() and path.suffix == ".gguf":
             tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -73,6 +78,15 @@ def load_model(spec: str, dtype: str | torch.dtype | None = None):
     model.requires_grad_(False)
     model.config.ampq_source = spec
     return model, tok
+
+
+def _tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):  # saved without a tokenizer: the model still runs
+        return None
 
 
 def decoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -62,9 +62,9 @@ class NestedLinear(nn.Module):
     def __init__(self, base: QuantLinear, formats: list[str], residuals: list[QuantLinear],
                  damage: list[float] | None = None):
         super().__init__()
-        if base.input_scale is not None or base.activation is not None:
+        if base.input_scale is not None or base.activation is not None or base.input_perm is not None:
             raise AmpqError("adaptive layers need a plain weight-only base (gptq or rtn), not AWQ's input scales "
-                            "or quantized activations")
+                            "or quantized activations, nor an act-order input permutation")
         self.base = base
         self.residual_formats = list(formats)
         self.residuals = nn.ModuleList(residuals)

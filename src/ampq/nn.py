@@ -18,7 +18,8 @@ class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, format_name: str,
                  stored: dict[str, torch.Tensor], bias: torch.Tensor | None = None,
                  algorithm: str = "rtn", activation: str | None = None,
-                 input_scale: torch.Tensor | None = None, compute_dtype: str | None = None):
+                 input_scale: torch.Tensor | None = None, compute_dtype: str | None = None,
+                 input_perm: torch.Tensor | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.format_name, self.algorithm = format_name, algorithm
@@ -36,6 +37,16 @@ class QuantLinear(nn.Module):
             self.register_buffer("input_scale", input_scale)
         else:
             self.input_scale = None
+        # GPTQ act-order checkpoints (desc_act, g_idx): groups are of the inputs in this order, so the
+        # codes are stored with columns permuted, W' = W[:, input_perm], and y = W' x[input_perm]
+        if input_perm is not None:
+            if activation is not None:
+                raise ValueError("an input permutation with quantized activations is not supported")
+            if input_perm.device.type != "meta" and sorted(input_perm.tolist()) != list(range(in_features)):
+                raise ValueError(f"input_perm is not a permutation of {in_features} inputs")
+            self.register_buffer("input_perm", input_perm.to(torch.int32))
+        else:
+            self.input_perm = None
 
     @property
     def format(self) -> Format:
@@ -53,7 +64,13 @@ class QuantLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in self.stored().values())
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.format.dequantize(self.stored(), self.shape).to(dtype)
+        """The weight W, (out, in), in the inputs' own order."""
+        w = self.format.dequantize(self.stored(), self.shape).to(dtype)
+        if self.input_perm is not None:
+            unpermuted = torch.empty_like(w)
+            unpermuted[:, self.input_perm.long()] = w
+            w = unpermuted
+        return w
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, format_name: str, codes: torch.Tensor, params,
@@ -71,6 +88,7 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         act = f", activation={self.activation}" if self.activation else ""
         act += f", compute_dtype={self.compute_dtype}" if self.compute_dtype else ""
+        act += ", input_perm=True" if self.input_perm is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"format={self.format_name}, algorithm={self.algorithm}, bias={self.bias is not None}{act}")
 

@@ -75,7 +75,7 @@ def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", c
              clip: bool = False, bias_correction: bool = False, awq: bool = False,
              activation: str | None = None, lm_head: bool = False, options: dict | None = None,
              compute_dtype: str | None = None, batch_size: int = 8, sequential: bool = True,
-             on_layer=None, progress: bool = True) -> nn.Module:
+             on_layer=None, progress: bool = True, resume=None) -> nn.Module:
     """Quantize ``model`` in place and return it.
 
     ``formats``: one format name for every linear of the decoder blocks, or a map from fnmatch
@@ -90,7 +90,8 @@ def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", c
     ``lm_head=True`` (round to nearest; a tied head is untied). Blocks are done one at a time.
     ``on_layer(name, linear, quantized, stats)``, when given, returns what replaces each linear
     instead of ``quantized`` (adaptive checkpoints nest residuals there); with ``calibration`` it
-    gets the layer's input statistics, whatever the algorithm.
+    gets the layer's input statistics, whatever the algorithm. ``resume`` (an
+    :class:`ampq.resume.Resume`) records each finished block and restores those a killed run finished.
     """
     if isinstance(formats, Plan):
         names = [p.format for p in formats.layers.values()]
@@ -120,41 +121,18 @@ def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", c
 
         tokens = getattr(calibration, "tokens", calibration)
         cal = Calibration(model, tokens, batch_size)
-    for prefix, block in tqdm(blocks, desc=f"quantize ({algorithm})", unit="block", disable=not progress):
-        targets = {sub: format_for(f"{prefix}.{sub}", formats) for sub, m in block.named_modules()
-                   if isinstance(m, nn.Linear)}
-        targets = {sub: f for sub, f in targets.items() if f is not None}
-        if not needs_stats:
-            for sub, fmt in targets.items():
-                name = f"{prefix}.{sub}"
-                algo, _ = _layer_method(name, formats, algorithm, clip)
-                linear = block.get_submodule(sub)
-                layer = quantize_linear(name, linear, fmt, algo, options=options if algo == algorithm else None,
-                                        **layer_kwargs)
-                _replace(block, sub, on_layer(name, linear, layer, None) if on_layer else layer)
+    done = resume.done if resume is not None else 0
+    for i, (prefix, block) in enumerate(tqdm(blocks, desc=f"quantize ({algorithm})", unit="block",
+                                             disable=not progress)):
+        if i < done:  # finished by a run that was killed: as it was, without quantizing again
+            resume.restore(i, block)
+            if needs_stats and i == done - 1:
+                cal.inputs = resume.inputs()
             continue
-        if awq:
-            from ampq.algorithms.awq import awq_block
-
-            awq_block(block, cal, targets)
-        groups = cal.groups(block)
-        # sequential: each group measured after the groups before it were quantized (one partial
-        # pass per group); otherwise all from the float block in one pass, as llm-compressor does
-        shared = None if sequential else cal.stats_all(block, groups)
-        for whole in groups:
-            group = [sub for sub in whole if sub in targets]
-            if not group:
-                continue
-            stats = cal.stats(block, group) if shared is None else shared[whole[0]]
-            for sub in group:
-                name = f"{prefix}.{sub}"
-                algo, layer_clip = _layer_method(name, formats, algorithm, clip)
-                linear = block.get_submodule(sub)
-                layer = quantize_linear(name, linear, targets[sub], algo, stats, clip=layer_clip,
-                                        bias_correction=bias_correction,
-                                        options=options if algo == algorithm else None, **layer_kwargs)
-                _replace(block, sub, on_layer(name, linear, layer, stats) if on_layer else layer)
-        cal.advance(block)
+        _quantize_block(prefix, block, formats, algorithm, clip, bias_correction, awq, options, layer_kwargs,
+                        on_layer, cal if needs_stats else None, sequential)
+        if resume is not None:
+            resume.save(i, block, cal.inputs if needs_stats else None)
     if lm_head:
         head = lm_head_name(model)
         module = model.get_submodule(head)
@@ -164,6 +142,45 @@ def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", c
                 model.config.tie_word_embeddings = False
             _replace(model, head, quantize_linear(head, module, fmt, "rtn", **layer_kwargs))
     return model
+
+
+def _quantize_block(prefix, block, formats, algorithm, clip, bias_correction, awq, options, layer_kwargs,
+                    on_layer, cal, sequential) -> None:
+    """One decoder block's linears; with calibration (``cal``), the inputs then move past the block."""
+    targets = {sub: format_for(f"{prefix}.{sub}", formats) for sub, m in block.named_modules()
+               if isinstance(m, nn.Linear)}
+    targets = {sub: f for sub, f in targets.items() if f is not None}
+    if cal is None:
+        for sub, fmt in targets.items():
+            name = f"{prefix}.{sub}"
+            algo, _ = _layer_method(name, formats, algorithm, clip)
+            linear = block.get_submodule(sub)
+            layer = quantize_linear(name, linear, fmt, algo, options=options if algo == algorithm else None,
+                                    **layer_kwargs)
+            _replace(block, sub, on_layer(name, linear, layer, None) if on_layer else layer)
+        return
+    if awq:
+        from ampq.algorithms.awq import awq_block
+
+        awq_block(block, cal, targets)
+    groups = cal.groups(block)
+    # sequential: each group measured after the groups before it were quantized (one partial
+    # pass per group); otherwise all from the float block in one pass, as llm-compressor does
+    shared = None if sequential else cal.stats_all(block, groups)
+    for whole in groups:
+        group = [sub for sub in whole if sub in targets]
+        if not group:
+            continue
+        stats = cal.stats(block, group) if shared is None else shared[whole[0]]
+        for sub in group:
+            name = f"{prefix}.{sub}"
+            algo, layer_clip = _layer_method(name, formats, algorithm, clip)
+            linear = block.get_submodule(sub)
+            layer = quantize_linear(name, linear, targets[sub], algo, stats, clip=layer_clip,
+                                    bias_correction=bias_correction,
+                                    options=options if algo == algorithm else None, **layer_kwargs)
+            _replace(block, sub, on_layer(name, linear, layer, stats) if on_layer else layer)
+    cal.advance(block)
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:

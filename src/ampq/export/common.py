@@ -18,6 +18,8 @@ def source_of(layer: nn.Module) -> str:
         text += f" + {base.activation} activations"
     if base.input_scale is not None:
         text += " + input scale"
+    if base.input_perm is not None:
+        text += " + act-order input permutation"
     return text
 
 

@@ -140,6 +140,8 @@ def _exact_scheme(layer: nn.Module) -> tuple[Scheme | None, str]:
     act = (base.activation or "").strip().lower() or None
     if base.input_scale is not None:
         return None, "AWQ input scales kept outside the weights (compressed-tensors has no per-input scale)"
+    if base.input_perm is not None:
+        return None, "GPTQ act-order groups (ampq does not write compressed-tensors' g_idx)"
     if isinstance(fmt, IntegerFormat):
         if act is not None:
             return None, f"{act} activations (compressed-tensors has no outlier decomposition)"
@@ -271,7 +273,8 @@ def _same_grid(layer, scheme: Scheme) -> bool:
     from ampq.formats.integer import IntegerFormat
 
     fmt = getattr(layer, "format", None)
-    if layer is None or not isinstance(fmt, IntegerFormat) or layer.input_scale is not None:
+    if (layer is None or not isinstance(fmt, IntegerFormat) or layer.input_scale is not None
+            or layer.input_perm is not None):
         return False
     if not (fmt.symmetric and scheme.symmetric and scheme.type == "int" and fmt.bits <= scheme.bits):
         return False

@@ -1,6 +1,6 @@
 """Number formats by name.
 
-Names are data users type: ``int4-g128``, ``int4-g128-sym``, ``int8-ch``, ``nf4-b64-dq``,
+Names are data users type: ``int4-g128``, ``int4-g128-sym``, ``int4-g128-zp`` (integer zero points), ``int8-ch``, ``nf4-b64-dq``,
 ``fp8-e4m3-ch``, ``e2m1-g32``, and ``bf16``/``fp16`` (unquantized). Granularity suffixes: ``-gN`` (or ``-bN``) a group of N inputs,
 ``-ch`` one group per output channel, ``-t`` (or nothing, for minifloats) one for the whole tensor.
 Adding a family is one file in this package plus one entry in ``_FAMILIES``.
@@ -33,7 +33,7 @@ STANDARD_FORMATS = [
 
 _GRAN = r"(?:-(?P<gran>ch|t|[gb]\d+))?"
 _FAMILIES = [
-    (re.compile(r"int(?P<bits>\d)" + _GRAN + r"(?P<sym>-sym)?"), "integer"),
+    (re.compile(r"int(?P<bits>\d)" + _GRAN + r"(?:(?P<sym>-sym)|(?P<zp>-zp))?"), "integer"),
     (re.compile(r"(?P<kind>nf4|fp4)(?:-b(?P<block>\d+))?(?P<dq>-dq)?"), "normal_float"),
     (re.compile(r"(?:fp(?P<total>\d)-)?e(?P<e>\d)m(?P<m>\d)" + _GRAN), "minifloat"),
 ]
@@ -66,7 +66,7 @@ def _build(name: str) -> Format | None:
                 raise AmpqError(f"integer formats have 2 to 8 bits, not {bits} ({name!r})")
             if d["gran"] is None:
                 raise AmpqError(f"{name!r} needs a granularity: {name}-g128 (group of 128 inputs) or {name}-ch (per channel)")
-            return IntegerFormat(bits, _group(d["gran"], None), bool(d["sym"]), name)
+            return IntegerFormat(bits, _group(d["gran"], None), bool(d["sym"]), name, zero_point=bool(d["zp"]))
         if family == "normal_float":
             block = int(d["block"] or 64)
             return NormalFloatFormat(d["kind"], block, bool(d["dq"]), name)
@@ -91,5 +91,5 @@ def get_format(name: str) -> Format:
 
 
 def known_formats() -> list[str]:
-    return list(STANDARD_FORMATS) + ["bf16", "fp16", "int4-ch", "int8-g128", "int3-ch", "nf4-b128", "fp8-e4m3-g128",
+    return list(STANDARD_FORMATS) + ["bf16", "fp16", "int4-ch", "int8-g128", "int4-g128-zp", "int3-ch", "nf4-b128", "fp8-e4m3-g128",
                                      "fp8-e5m2", "e2m1-b32", "e3m2-ch", "e2m3-ch"]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ def _layer_entry(m: QuantLinear) -> dict:
     return {"format": m.format_name, "algorithm": m.algorithm, "shape": list(m.shape),
             "tensors": list(m.stored_names), "bias": m.bias is not None,
             "activation": m.activation, "input_scale": m.input_scale is not None,
+            "input_perm": m.input_perm is not None,
             "compute_dtype": m.compute_dtype,
             "bytes": m.nbytes(), "bits_per_weight": 8 * m.nbytes() / (m.shape[0] * m.shape[1])}
 
@@ -136,9 +137,10 @@ def _quant_linear(name: str, entry: dict, module, tensors: dict[str, torch.Tenso
     _check_layer(name, entry, module, stored)
     bias = tensors.pop(f"{name}.bias") if entry.get("bias") else None
     input_scale = tensors.pop(f"{name}.input_scale") if entry.get("input_scale") else None
+    input_perm = tensors.pop(f"{name}.input_perm") if entry.get("input_perm") else None
     out_f, in_f = entry["shape"]
     return QuantLinear(in_f, out_f, entry["format"], stored, bias, entry.get("algorithm", "rtn"),
-                       entry.get("activation"), input_scale, entry.get("compute_dtype"))
+                       entry.get("activation"), input_scale, entry.get("compute_dtype"), input_perm)
 
 
 def _nested_linear(name: str, entry: dict, nested, base: QuantLinear, module, tensors, directory: Path, entries):
@@ -161,10 +163,19 @@ def _nested_linear(name: str, entry: dict, nested, base: QuantLinear, module, te
 
 
 def load(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model saved by :func:`save` from its folder alone, after verifying every hash."""
+    """Rebuild a model saved by :func:`save` from its folder alone, after verifying every hash.
+    A folder another tool quantized (GPTQ, AWQ, compressed-tensors, bitsandbytes 4-bit; see
+    :mod:`ampq.importers`) loads too, each layer in the ampq format that holds it exactly."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from ampq import importers
+
+    if not (Path(directory) / "ampq.json").exists() and importers.quant_method(directory) in importers.LAYOUTS:
+        model, notes = importers.load_foreign(directory)
+        for line in notes:
+            warnings.warn(line, stacklevel=2)
+        return model.to(device)
     tensors, manifest = read_checkpoint(directory)
     if manifest.get("format") != MANIFEST_FORMAT:
         raise AmpqError(f"{directory}/ampq.json has format {manifest.get('format')!r}, not {MANIFEST_FORMAT!r}; "

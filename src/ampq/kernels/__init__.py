@@ -68,15 +68,22 @@ def _linear(layer, x: torch.Tensor) -> torch.Tensor:
             weight = _cache[layer] = layer.dequantize(x.dtype)
         bias = layer.bias.to(x.dtype) if layer.bias is not None else None
         return torch.nn.functional.linear(x, weight, bias)
+    # the fast kernels read the stored codes, whose columns follow input_perm where there is one;
+    # the reference kernel decodes the weight in the inputs' own order
     if _mode == "auto" and x.is_cuda and x.numel() <= TRITON_ROWS * x.shape[-1] and _triton_ok(layer):
         from ampq.kernels.triton.lut_gemm import lut_linear
 
-        return lut_linear(layer, x)
+        return lut_linear(layer, _permuted(layer, x))
     if _mode == "auto" and x.device.type == "cpu" and x.numel() <= _cpu_rows(layer) * x.shape[-1]:
         from ampq.kernels.cpu import packed_linear
 
-        return packed_linear(layer, x)
+        return packed_linear(layer, _permuted(layer, x))
     return reference_linear(layer, x)
+
+
+def _permuted(layer, x: torch.Tensor) -> torch.Tensor:
+    perm = getattr(layer, "input_perm", None)
+    return x if perm is None else x.index_select(-1, perm.to(device=x.device, dtype=torch.long))
 
 
 # Up to this many rows the Triton kernel runs on a GPU; above, decoding once then cuBLAS. A first

@@ -1,0 +1,131 @@
+"""Resumable quantization runs.
+
+After each decoder block, what the block became (its state, with each QuantLinear's format) and,
+with calibration, the next block's inputs are written beside the output, each file under a
+temporary name and then renamed, and only then the count of finished blocks. A run killed at any
+moment and started again with the same arguments restores the finished blocks instead of
+quantizing them, continues from the saved inputs, and so writes the same bytes as a run that was
+never killed. Different arguments or a different model start afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ampq.errors import AmpqError
+
+RUN, STATE, INPUTS = "run.json", "state.json", "inputs.safetensors"
+
+
+def progress_dir(output: Path) -> Path:
+    """Where a run writing ``output`` keeps its progress: a hidden folder beside it."""
+    output = Path(output)
+    return output.parent / f".{output.name}.ampq-resume"
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A cheap identity of a model's weights: names, shapes, dtypes and 4096 evenly spaced values of
+    every tensor, hashed (hashing all of a multi-GB model would cost seconds on every run)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        flat = t.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].contiguous().cpu()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(sample.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, sort_keys=True)))
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class Resume:
+    """Progress of one quantization run, identified by ``key`` (JSON: the model's fingerprint and
+    every argument that changes the result)."""
+
+    def __init__(self, directory: Path, key: dict):
+        self.directory = Path(directory)
+        self.key = json.loads(json.dumps(key, sort_keys=True, default=str))
+        self.done = 0
+        if _read_json(self.directory / RUN) == self.key:
+            state = _read_json(self.directory / STATE) or {}
+            done = state.get("blocks", 0)
+            if isinstance(done, int) and done > 0 and all(self._block_file(i).exists() for i in range(done)):
+                self.done = done
+        if self.done == 0:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory.mkdir(parents=True)
+            _write_json(self.directory / RUN, self.key)
+
+    def _block_file(self, i: int) -> Path:
+        return self.directory / f"block-{i:05d}.safetensors"
+
+    def save(self, i: int, block: nn.Module, inputs: list[torch.Tensor] | None) -> None:
+        """Record block ``i`` as finished (and the next block's calibration inputs)."""
+        from ampq.io.model import _layer_entry
+        from ampq.nn import QuantLinear
+
+        layers = {n: _layer_entry(m) for n, m in block.named_modules() if isinstance(m, QuantLinear)}
+        state = {k: v.detach().cpu().clone().contiguous() for k, v in block.state_dict().items()}
+        _write_atomic(self._block_file(i), lambda tmp: save_file(state, str(tmp), metadata={"layers": json.dumps(layers)}))
+        if inputs is not None:
+            tensors = {f"{j:06d}": x.detach().cpu().contiguous() for j, x in enumerate(inputs)}
+            _write_atomic(self.directory / INPUTS, lambda tmp: save_file(tensors, str(tmp)))
+        _write_json(self.directory / STATE, {"blocks": i + 1})
+
+    def restore(self, i: int, block: nn.Module) -> None:
+        """Make block ``i`` what it was when it was recorded."""
+        from safetensors import SafetensorError, safe_open
+
+        from ampq.io.model import _quant_linear
+
+        path = self._block_file(i)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                layers = json.loads((f.metadata() or {})["layers"])
+            state = load_file(str(path))
+            for name, entry in layers.items():
+                layer = _quant_linear(name, entry, block.get_submodule(name), dict(state))
+                parent, _, child = name.rpartition(".")
+                setattr(block.get_submodule(parent) if parent else block, child, layer)
+            block.load_state_dict(state, strict=True)
+        except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as e:
+            raise AmpqError(f"the saved progress in {self.directory} is damaged ({' '.join(str(e).split())[:160]}); "
+                            f"delete that folder and run again") from None
+
+    def inputs(self) -> list[torch.Tensor]:
+        from safetensors import SafetensorError
+
+        try:
+            tensors = load_file(str(self.directory / INPUTS))
+        except (OSError, SafetensorError) as e:
+            raise AmpqError(f"the saved progress in {self.directory} is damaged ({' '.join(str(e).split())[:160]}); "
+                            f"delete that folder and run again") from None
+        return [tensors[k] for k in sorted(tensors)]
+
+    def finish(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)

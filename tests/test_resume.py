@@ -1,0 +1,105 @@
+"""A quantization killed at a random moment (SIGKILL) and started again with the same arguments
+finishes from where it was and writes the same bytes as a run that was never killed."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import ampq
+from ampq.resume import Resume, progress_dir
+from test_model_io import tiny_llama
+
+CALIB = ["--calib-windows", "4", "--calib-window", "64"]
+BLOCKS = 12
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A random 12-block Llama with SmolLM2's tokenizer: each block quantizes in a fraction of a
+    second, so a run takes seconds and can still be killed between and inside blocks."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from ampq.builtin import fetch_model
+
+    tok = AutoTokenizer.from_pretrained(fetch_model("smollm2-135m"))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=BLOCKS,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    folder = tmp_path_factory.mktemp("resume") / "tiny"
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _cmd(model: Path, out: Path, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "ampq", "quantize", str(model), *args, *CALIB, "-o", str(out)]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed,args", [(0, ["-s", "gptq", "-f", "int4-g64"]),
+                                       (1, ["-f", "int4-g32", "--bias-correction", "--clip"])])
+def test_sigkill_then_rerun_gives_the_same_bytes(tmp_path, model_dir, seed, args):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    whole = tmp_path / "whole"
+    subprocess.run(_cmd(model_dir, whole, args), check=True, capture_output=True, env=env)
+    killed = tmp_path / "killed"
+    progress = progress_dir(killed)
+    proc = subprocess.Popen(_cmd(model_dir, killed, args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    rng = random.Random(seed)
+    target = rng.randint(1, BLOCKS - 2)  # a random block, then a random moment inside the next ones
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        state = progress / "state.json"
+        if state.exists() and json.loads(state.read_text())["blocks"] >= target:
+            time.sleep(rng.random() * 0.2)
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "ampq.json").exists()
+    done = json.loads((progress / "state.json").read_text())["blocks"]
+    assert 1 <= done < BLOCKS
+    again = subprocess.run(_cmd(model_dir, killed, args), capture_output=True, text=True, env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resuming: {done} of {BLOCKS} blocks" in again.stderr
+    assert _files(killed) == _files(whole)  # byte for byte, manifest included
+    assert not progress.exists()  # cleaned up after the save
+
+
+def test_resume_restores_finished_blocks_without_requantizing(tmp_path):
+    model = tiny_llama()
+    calib = torch.randint(0, model.config.vocab_size, (4, 32))
+    key = {"test": 1}
+    first = Resume(tmp_path / "p", key)
+    reference = ampq.quantize(tiny_llama(), "int4-g32", algorithm="gptq", calibration=calib, progress=False)
+    ampq.quantize(model, "int4-g32", algorithm="gptq", calibration=calib, progress=False, resume=first)
+    second = Resume(tmp_path / "p", key)
+    assert second.done == len(model.model.layers)
+    fresh = tiny_llama()
+    ampq.quantize(fresh, "int4-g32", algorithm="gptq", calibration=calib, progress=False, resume=second)
+    ids = calib[:1]
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, reference(ids).logits)
+    assert Resume(tmp_path / "p", {"test": 2}).done == 0  # other arguments: start afresh
+
+
+def test_damaged_progress_is_named(tmp_path):
+    model = tiny_llama()
+    first = Resume(tmp_path / "p", {"k": 1})
+    ampq.quantize(model, "int4-g32", progress=False, resume=first)
+    (tmp_path / "p" / "block-00000.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ampq.AmpqError, match="progress in .* is damaged.*delete that folder"):
+        ampq.quantize(tiny_llama(), "int4-g32", progress=False, resume=Resume(tmp_path / "p", {"k": 1}))
