@@ -545,3 +545,37 @@ def test_llama_cpp_runs_the_export_within_one_percent(tmp_path):
         assert (theirs.argmax(-1) == ours[i].argmax(-1)).float().mean() > 0.95
     ratio = math.exp((nll_theirs - nll_ours) / (2 * 255))
     assert abs(ratio - 1) < 0.01
+
+
+# ---- reading GGUF back with its layers kept quantized (ampq.importers.gguf) -------------------------
+
+
+@pytest.mark.parametrize("spec", ["int4-g32", "int4-g32-sym", "int5-g64", "int5-g32-sym", "int8-ch-sym",
+                                  {"*mlp*": "int8-g32-sym", "*": "int4-g128"}])
+def test_gguf_layers_load_back_as_the_same_codes(tmp_path, spec):
+    from ampq.importers.gguf import keep_quantized
+    from ampq.nn import QuantLinear, quantized_linears
+
+    ckpt, model = _checkpoint(tmp_path, spec)
+    export_gguf(ckpt, tmp_path / "m.gguf")
+    back = _load_gguf(tmp_path / "m.gguf")
+    assert keep_quantized(back, tmp_path / "m.gguf") == []
+    ours = quantized_linears(model)
+    theirs = quantized_linears(back)
+    assert set(theirs) == set(ours)
+    for name, layer in theirs.items():
+        assert isinstance(layer, QuantLinear) and "-g32" in layer.format_name  # GGUF blocks are 32 inputs
+        assert torch.equal(layer.dequantize(), ours[name].dequantize()), name  # q/k rows back in order too
+    assert torch.equal(_reference_logits(back), _reference_logits(model))
+
+
+def test_gguf_float_layers_stay_float_without_a_note(tmp_path):
+    from ampq.importers.gguf import keep_quantized
+    from ampq.nn import quantized_linears
+
+    ckpt, _ = _checkpoint(tmp_path, {"*mlp*": None, "*": "int4-g32"})
+    export_gguf(ckpt, tmp_path / "m.gguf")
+    back = _load_gguf(tmp_path / "m.gguf")
+    assert keep_quantized(back, tmp_path / "m.gguf") == []
+    assert quantized_linears(back) and all(".mlp." not in n for n in quantized_linears(back))
+    assert isinstance(back.get_submodule("model.layers.0.mlp.up_proj"), torch.nn.Linear)

@@ -124,6 +124,11 @@ def cmd_quantize(args) -> int:
     if output.exists() and any(output.iterdir()) and not args.overwrite:
         raise AmpqError(f"{output} already exists; choose another --output or pass --overwrite")
     model, tok = ampq.load_model(args.model, args.dtype)
+    from ampq.nn import quantized_linears
+
+    if quantized_linears(model):
+        raise AmpqError(f"{args.model} is already quantized ({len(quantized_linears(model))} quantized layers); "
+                        "quantize from the unquantized model (a float folder, a hub id or a built-in name)")
     names = block_linear_names(model)
     original = copy.deepcopy(model) if args.eval else None
     orig_bits, orig_bytes = linear_bits(model, names), model_bytes(model)
@@ -239,7 +244,7 @@ def cmd_eval(args) -> int:
     import ampq
     from ampq.report import linear_bits, model_bytes
 
-    model, tok = ampq.load_model(args.target)
+    model, tok = ampq.load_model(args.target, keep_quantized=True)
     ref_spec = args.reference or getattr(model.config, "ampq_source", None)
     reference = None
     if ref_spec and ref_spec != args.target:
@@ -287,7 +292,7 @@ def cmd_bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     baseline = bench.resident_bytes()
-    model, _ = ampq.load_model(args.model, args.dtype)
+    model, _ = ampq.load_model(args.model, args.dtype, keep_quantized=True)
     model.to(args.device)
     try:
         batches = tuple(int(b) for b in args.batch.split(","))
@@ -440,7 +445,7 @@ def cmd_generate(args) -> int:
 
     import ampq
 
-    model, tok = ampq.load_model(args.model)
+    model, tok = ampq.load_model(args.model, keep_quantized=True)
     if tok is None:
         raise AmpqError(f"{args.model} has no tokenizer to read the prompt with; re-save it with its tokenizer")
     messages = [{"role": "user", "content": args.prompt}]

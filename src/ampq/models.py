@@ -29,9 +29,12 @@ def _clear_gguf_quantizer(model) -> None:
         del model.config.quantization_config
 
 
-def load_model(spec: str, dtype: str | torch.dtype | None = None):
-    """(model, tokenizer) for a built-in name, an ampq checkpoint, an HF folder, a GGUF file or a
-    hub id. Unquantized weights load in float32 unless ``dtype`` says otherwise."""
+def load_model(spec: str, dtype: str | torch.dtype | None = None, keep_quantized: bool = False):
+    """(model, tokenizer) for a built-in name, an ampq checkpoint, an HF folder (also one another
+    tool quantized: :mod:`ampq.importers`), a GGUF file or a hub id. Unquantized weights load in
+    float32 unless ``dtype`` says otherwise. A GGUF file loads dequantized (a model to quantize),
+    or with ``keep_quantized`` its Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 layers as the ampq formats that hold
+    them exactly (a model to run)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ampq import builtin
@@ -57,6 +60,11 @@ def load_model(spec: str, dtype: str | torch.dtype | None = None):
             tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
             _clear_gguf_quantizer(model)
+            if keep_quantized:
+                from ampq.importers.gguf import keep_quantized as keep
+
+                for line in keep(model, path):
+                    print(f"note: {line}", file=sys.stderr)
         elif path.is_dir():
             if not (path / "config.json").exists():
                 raise AmpqError(f"{path} is a folder without config.json: not a Hugging Face model or ampq checkpoint")

@@ -8,41 +8,51 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import weakref
 
 import torch
 
 from ampq.kernels.reference import reference_linear
 
-_cache: weakref.WeakKeyDictionary | None = None
 # "auto": the fastest kernel for the format, device and number of rows; "reference": always decode
 # then matmul (exact to the format, the ground truth)
-_mode = os.environ.get("AMPQ_KERNELS", "auto")
+_DEFAULT_MODE = os.environ.get("AMPQ_KERNELS", "auto")
+
+
+class _State(threading.local):
+    """Per thread, so that one thread evaluating with the reference kernel (or calibrating with
+    the decode cache) does not change what another thread serving the same model computes."""
+
+    def __init__(self):
+        self.mode = _DEFAULT_MODE
+        self.cache: weakref.WeakKeyDictionary | None = None
+
+
+_state = _State()
 
 
 @contextlib.contextmanager
 def use(mode: str):
-    """Run the block with kernel selection ``mode`` ("auto" or "reference")."""
-    global _mode
+    """Run the block with kernel selection ``mode`` ("auto" or "reference"), in this thread."""
     if mode not in ("auto", "reference"):
         raise ValueError(f"unknown kernel mode {mode!r}; choose auto or reference")
-    outer, _mode = _mode, mode
+    outer, _state.mode = _state.mode, mode
     try:
         yield
     finally:
-        _mode = outer
+        _state.mode = outer
 
 
 @contextlib.contextmanager
 def dequantized_weights_cached():
     """Within this block, each QuantLinear decodes its weight once and reuses it: for calibration,
     which runs one block over many batches. Memory grows by the decoded weights used inside."""
-    global _cache
-    outer, _cache = _cache, weakref.WeakKeyDictionary()
+    outer, _state.cache = _state.cache, weakref.WeakKeyDictionary()
     try:
         yield
     finally:
-        _cache = outer
+        _state.cache = outer
 
 
 def linear(layer, x: torch.Tensor) -> torch.Tensor:
@@ -62,19 +72,20 @@ def _linear(layer, x: torch.Tensor) -> torch.Tensor:
         from ampq.kernels.activation import activation_linear
 
         return activation_linear(layer, x)
-    if _cache is not None:
-        weight = _cache.get(layer)
+    cache, mode = _state.cache, _state.mode
+    if cache is not None:
+        weight = cache.get(layer)
         if weight is None or weight.dtype != x.dtype:
-            weight = _cache[layer] = layer.dequantize(x.dtype)
+            weight = cache[layer] = layer.dequantize(x.dtype)
         bias = layer.bias.to(x.dtype) if layer.bias is not None else None
         return torch.nn.functional.linear(x, weight, bias)
     # the fast kernels read the stored codes, whose columns follow input_perm where there is one;
     # the reference kernel decodes the weight in the inputs' own order
-    if _mode == "auto" and x.is_cuda and x.numel() <= TRITON_ROWS * x.shape[-1] and _triton_ok(layer):
+    if mode == "auto" and x.is_cuda and x.numel() <= TRITON_ROWS * x.shape[-1] and _triton_ok(layer):
         from ampq.kernels.triton.lut_gemm import lut_linear
 
         return lut_linear(layer, _permuted(layer, x))
-    if _mode == "auto" and x.device.type == "cpu" and x.numel() <= _cpu_rows(layer) * x.shape[-1]:
+    if mode == "auto" and x.device.type == "cpu" and x.numel() <= _cpu_rows(layer) * x.shape[-1]:
         from ampq.kernels.cpu import packed_linear
 
         return packed_linear(layer, _permuted(layer, x))
