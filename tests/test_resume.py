@@ -103,3 +103,30 @@ def test_damaged_progress_is_named(tmp_path):
     (tmp_path / "p" / "block-00000.safetensors").write_bytes(b"garbage")
     with pytest.raises(ampq.AmpqError, match="progress in .* is damaged.*delete that folder"):
         ampq.quantize(tiny_llama(), "int4-g32", progress=False, resume=Resume(tmp_path / "p", {"k": 1}))
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_sensitivity_resumes_after_the_last_measured_block(tmp_path):
+    from ampq.sensitivity import measure
+
+    candidates = ["int4-g32:gptq", "int8-ch:rtn"]
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(3))
+    whole = measure(tiny_llama(), calib, candidates, gradient_windows=2, progress=False)
+    key = {"sensitivity": 1}
+    resume = Resume(tmp_path / "p", key)
+    original_save = resume.save
+
+    def crash_after_first_block(i, *args, **kwargs):  # a kill right after block 0 was recorded
+        original_save(i, *args, **kwargs)
+        raise _Killed
+
+    resume.save = crash_after_first_block
+    with pytest.raises(_Killed):
+        measure(tiny_llama(), calib, candidates, gradient_windows=2, progress=False, resume=resume)
+    again = Resume(tmp_path / "p", key)
+    assert again.done == 1 and again.tensors("fisher") is not None
+    resumed = measure(tiny_llama(), calib, candidates, gradient_windows=2, progress=False, resume=again)
+    assert resumed.estimates == whole.estimates and resumed.nbytes == whole.nbytes  # exactly, float for float

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -67,11 +69,22 @@ def sensitivity(model: nn.Module, tokenizer, candidates: list[str] | None = None
             return table
     except AmpqError:
         pass
+    from ampq.resume import Resume, fingerprint
+
     tokens = make_windows(tokenizer, calib, "calib", window, windows)
-    table = measure(model, tokens, candidates, estimator=estimator, progress=progress)
+    table_path = Path(table_path)
+    # a measurement killed half-way continues where it was (the hidden folder beside the table)
+    resume = Resume(table_path.with_name(f".{table_path.name}.ampq-resume"),
+                    {"table": table_key(source, candidates, spec), "weights": fingerprint(model),
+                     "tokens": hashlib.sha256(getattr(tokens, "tokens", tokens).numpy().tobytes()).hexdigest()})
+    if resume.done and progress:
+        print(f"resuming the sensitivity measurement: {resume.done} blocks were measured by an earlier run",
+              file=sys.stderr)
+    table = measure(model, tokens, candidates, estimator=estimator, progress=progress, resume=resume)
     table.calibration = {**table.calibration, **spec}
     table_path.parent.mkdir(parents=True, exist_ok=True)
     table.save(table_path)
+    resume.finish()
     return table
 
 

@@ -84,14 +84,18 @@ class Resume:
     def _block_file(self, i: int) -> Path:
         return self.directory / f"block-{i:05d}.safetensors"
 
-    def save(self, i: int, block: nn.Module, inputs: list[torch.Tensor] | None) -> None:
-        """Record block ``i`` as finished (and the next block's calibration inputs)."""
+    def save(self, i: int, block: nn.Module | None, inputs: list[torch.Tensor] | None, record: dict | None = None) -> None:
+        """Record block ``i`` as finished: what the block became (or, for a stage that measures
+        instead of changing it, a JSON ``record`` of what it found), and the next block's inputs."""
         from ampq.io.model import _layer_entry
         from ampq.nn import QuantLinear
 
-        layers = {n: _layer_entry(m) for n, m in block.named_modules() if isinstance(m, QuantLinear)}
-        state = {k: v.detach().cpu().clone().contiguous() for k, v in block.state_dict().items()}
-        _write_atomic(self._block_file(i), lambda tmp: save_file(state, str(tmp), metadata={"layers": json.dumps(layers)}))
+        state, metadata = {}, {"record": json.dumps(record)}
+        if block is not None:
+            metadata["layers"] = json.dumps({n: _layer_entry(m) for n, m in block.named_modules()
+                                             if isinstance(m, QuantLinear)})
+            state = {k: v.detach().cpu().clone().contiguous() for k, v in block.state_dict().items()}
+        _write_atomic(self._block_file(i), lambda tmp: save_file(state, str(tmp), metadata=metadata))
         if inputs is not None:
             tensors = {f"{j:06d}": x.detach().cpu().contiguous() for j, x in enumerate(inputs)}
             _write_atomic(self.directory / INPUTS, lambda tmp: save_file(tensors, str(tmp)))
@@ -116,6 +120,34 @@ class Resume:
         except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as e:
             raise AmpqError(f"the saved progress in {self.directory} is damaged ({' '.join(str(e).split())[:160]}); "
                             f"delete that folder and run again") from None
+
+    def record(self, i: int) -> dict | None:
+        """The JSON record saved with block ``i``."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(self._block_file(i)), framework="pt") as f:
+                return json.loads((f.metadata() or {})["record"])
+        except (OSError, KeyError, ValueError, SafetensorError) as e:
+            raise AmpqError(f"the saved progress in {self.directory} is damaged ({' '.join(str(e).split())[:160]}); "
+                            f"delete that folder and run again") from None
+
+    def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Keep a stage's own tensors (written before any block is recorded as finished)."""
+        data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        _write_atomic(self.directory / f"{name}.safetensors", lambda tmp: save_file(data, str(tmp)))
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor] | None:
+        """What :meth:`save_tensors` kept under ``name``, or None."""
+        path = self.directory / f"{name}.safetensors"
+        if not path.exists():
+            return None
+        from safetensors import SafetensorError
+
+        try:
+            return load_file(str(path))
+        except (OSError, SafetensorError):
+            return None  # written under a temporary name and renamed: damage means start the stage again
 
     def inputs(self) -> list[torch.Tensor]:
         from safetensors import SafetensorError

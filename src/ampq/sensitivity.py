@@ -114,13 +114,15 @@ ESTIMATORS = ("fisher", "hessian")
 @torch.inference_mode()
 def measure(model: nn.Module, calibration, candidates: list[str] | None = None, *, estimator: str = "fisher",
             gradient_windows: int = 8, batch_size: int = 8, progress: bool = True,
-            on_candidate=None) -> SensitivityTable:
+            on_candidate=None, resume=None) -> SensitivityTable:
     """Every estimator for every linear of the decoder blocks x every candidate, from one
     block-by-block pass over the calibration windows of the unquantized model (plus, for
     ``fisher``, one backward pass per window over the first ``gradient_windows`` of them).
 
     ``on_candidate(name, candidate, dequantized_weight)``, when given, is called for each pair while
-    the rest of the model is still unquantized (benchmarks use it to measure the true damage)."""
+    the rest of the model is still unquantized (benchmarks use it to measure the true damage).
+    ``resume`` (an :class:`ampq.resume.Resume`) keeps the Fisher weights and each block's estimates,
+    so a killed measurement continues after the last finished block."""
     from ampq.calibrate import Calibration
     from ampq.fisher import fisher_damage, output_fisher
     from ampq.report import block_linear_names
@@ -131,13 +133,29 @@ def measure(model: nn.Module, calibration, candidates: list[str] | None = None, 
     tokens = getattr(calibration, "tokens", calibration)
     fisher = None
     if estimator == "fisher":
-        with torch.inference_mode(False):
-            fisher = output_fisher(model, tokens[:gradient_windows].clone(), block_linear_names(model), progress=progress)
+        fisher = resume.tensors("fisher") if resume is not None else None
+        if fisher is None:
+            with torch.inference_mode(False):
+                fisher = output_fisher(model, tokens[:gradient_windows].clone(), block_linear_names(model),
+                                       progress=progress)
+            if resume is not None:
+                resume.save_tensors("fisher", fisher)
     cal = Calibration(model, tokens, batch_size)
     estimates: dict[str, dict[str, dict[str, float]]] = {e: {} for e in ESTIMATORS if e == "hessian" or fisher}
     nbytes: dict[str, dict[str, int]] = {}
     shapes: dict[str, list[int]] = {}
-    for prefix, block in tqdm(cal.blocks, desc="sensitivity", unit="block", disable=not progress):
+    done = resume.done if resume is not None and on_candidate is None else 0
+    for i, (prefix, block) in enumerate(tqdm(cal.blocks, desc="sensitivity", unit="block", disable=not progress)):
+        if i < done:  # measured by a run that was killed
+            record = resume.record(i)
+            for e, table in record["estimates"].items():
+                estimates[e].update(table)
+            nbytes.update(record["nbytes"])
+            shapes.update(record["shapes"])
+            if i == done - 1:
+                cal.inputs = resume.inputs()
+            continue
+        names_before = set(shapes)
         groups = cal.groups(block)
         all_stats = cal.stats_and_advance(block, groups)
         for group in groups:
@@ -163,6 +181,11 @@ def measure(model: nn.Module, calibration, candidates: list[str] | None = None, 
                     nbytes[name][cand.name] = cand.nbytes(shape)
                     if on_candidate is not None:
                         on_candidate(name, cand, deq)
+        if resume is not None and on_candidate is None:
+            mine = [n for n in shapes if n not in names_before]
+            resume.save(i, None, cal.inputs, {"estimates": {e: {n: t[n] for n in mine} for e, t in estimates.items()},
+                                              "nbytes": {n: nbytes[n] for n in mine},
+                                              "shapes": {n: shapes[n] for n in mine}})
     return SensitivityTable(estimator, [c.name for c in cands], estimates[estimator], nbytes, shapes,
                             getattr(model.config, "ampq_source", None),
                             {"windows": int(tokens.shape[0]), "window": int(tokens.shape[1]),
