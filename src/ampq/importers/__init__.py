@@ -67,8 +67,7 @@ def load_foreign(directory: str | Path, dtype: torch.dtype | None = None) -> tup
     """(model, notes) for a folder quantized by another tool. Unquantized tensors load in ``dtype``
     (default: the dtype they are stored in); notes list every conversion that was not exact (empty:
     bit for bit)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from ampq.io.model import _first_line, empty_model, model_config
 
     directory = Path(directory)
     method = quant_method(directory)
@@ -77,19 +76,10 @@ def load_foreign(directory: str | Path, dtype: torch.dtype | None = None) -> tup
         raise AmpqError(f"{directory}: quant_method {method!r} is not one ampq imports "
                         f"({', '.join(LAYOUTS)}); load it with its own tool or give the unquantized model")
     qconfig = json.loads((directory / "config.json").read_text())["quantization_config"]
-    try:
-        config = AutoConfig.from_pretrained(directory)
-    except Exception as e:  # noqa: BLE001 - whatever a config file makes transformers raise
-        raise AmpqError(f"{directory}/config.json is not a usable model config ({_first_line(e)})") from None
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
+    config = model_config(directory)
     tensors = _read_tensors(directory)
     dtype = dtype or _stored_dtype(tensors)
-    try:
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except Exception as e:  # noqa: BLE001
-        raise AmpqError(f"{directory}/config.json does not describe a model transformers can build ({_first_line(e)})") from None
+    model = empty_model(directory, config, dtype)
     notes, converted = Notes(), []
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
@@ -147,8 +137,3 @@ def _stored_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
         if t.is_floating_point() and t.dtype.itemsize >= 2:
             counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
     return max(counts, key=counts.get) if counts else torch.float32
-
-
-def _first_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return (text or type(e).__name__)[:200]

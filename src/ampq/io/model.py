@@ -166,9 +166,6 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module
     """Rebuild a model saved by :func:`save` from its folder alone, after verifying every hash.
     A folder another tool quantized (GPTQ, AWQ, compressed-tensors, bitsandbytes 4-bit; see
     :mod:`ampq.importers`) loads too, each layer in the ampq format that holds it exactly."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from ampq import importers
 
     if not (Path(directory) / "ampq.json").exists() and importers.quant_method(directory) in importers.LAYOUTS:
@@ -183,14 +180,9 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module
     layers = manifest.get("layers", {})
     if not isinstance(layers, dict):
         raise AmpqError(f"{directory}/ampq.json has a malformed 'layers' table; re-create the checkpoint")
-    try:
-        config = AutoConfig.from_pretrained(directory)
-    except Exception as e:  # noqa: BLE001 - whatever a config file makes transformers raise
-        raise AmpqError(f"{directory}/config.json is not a usable model config ({_first_line(e)})") from None
     # the quantization_config ampq.save writes is for transformers' from_pretrained (ampq.hf); the
     # manifest is what this loader follows, so the model is built without it
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
+    config = model_config(directory)
     _check_config(directory, config, tensors)
     # the model's dtype is that of its unquantized tensors: quantized layers' fp16 scales outnumber
     # them and would make a float32 model float16
@@ -198,11 +190,7 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module
     floats = [t.dtype for n, t in tensors.items()
               if t.is_floating_point() and t.dtype.itemsize >= 2 and not n.startswith(inside)]
     dtype = max(set(floats), key=floats.count) if floats else torch.float32
-    try:
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except Exception as e:  # noqa: BLE001
-        raise AmpqError(f"{directory}/config.json does not describe a model transformers can build ({_first_line(e)})") from None
+    model = empty_model(directory, config, dtype)
     for name, entry in layers.items():
         try:
             nested = entry.get("nested") if isinstance(entry, dict) else None
@@ -229,6 +217,32 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module
     model.config.ampq_source = manifest.get("source")
     model.eval().requires_grad_(False)
     return model.to(device)
+
+
+def model_config(directory) -> object:
+    """The folder's config.json as transformers reads it, without a quantization_config: ampq's
+    loaders build the model and put the quantized layers in themselves."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except Exception as e:  # noqa: BLE001 - whatever a config file makes transformers raise
+        raise AmpqError(f"{directory}/config.json is not a usable model config ({_first_line(e)})") from None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
+def empty_model(directory, config, dtype: torch.dtype) -> nn.Module:
+    """The model ``config`` describes, with every weight on the meta device (no memory)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with init_empty_weights():
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except Exception as e:  # noqa: BLE001
+        raise AmpqError(f"{directory}/config.json does not describe a model transformers can build ({_first_line(e)})") from None
 
 
 def _first_line(e: BaseException) -> str:
