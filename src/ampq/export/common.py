@@ -31,3 +31,14 @@ def owner_of(key: str, layers) -> str | None:
         if prefix in layers:
             return prefix
     return None
+
+
+def inexact_by_source(inexact: list) -> tuple[dict[str, list], list[str]]:
+    """Layers an export cannot hold exactly (each with ``source``, ``name``, ``why``), grouped by what
+    ampq stores for them, and one phrase per group for the error that lists them."""
+    by_source: dict[str, list] = {}
+    for it in inexact:
+        by_source.setdefault(it.source, []).append(it)
+    parts = [f"{src} ({len(its)} layer{'s' if len(its) > 1 else ''}, e.g. {its[0].name}: {its[0].why})"
+             for src, its in by_source.items()]
+    return by_source, parts

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ampq.errors import AmpqError
-from ampq.export.common import base_of, owner_of, source_of
+from ampq.export.common import base_of, inexact_by_source, owner_of, source_of
 from ampq.io.checkpoint import _fsync, replace_directory
 
 # Layers vLLM fuses into one (qkv_proj, gate_up_proj): they must share one scheme.
@@ -544,11 +544,7 @@ def export_compressed_tensors(directory, out, nearest: bool = False, *, overwrit
 
     inexact = [it for it in items.values() if not it.exact]
     if inexact and not nearest:
-        by_source: dict[str, list[_Layer]] = {}
-        for it in inexact:
-            by_source.setdefault(it.source, []).append(it)
-        parts = [f"{src} ({len(its)} layer{'s' if len(its) > 1 else ''}, e.g. {its[0].name}: {its[0].why})"
-                 for src, its in by_source.items()]
+        by_source, parts = inexact_by_source(inexact)
         targets = "; ".join(f"{src} -> {' / '.join(dict.fromkeys(_nearest_scheme(it.module).describe() for it in its))}"
                             for src, its in by_source.items())
         raise AmpqError(f"cannot export {directory} to compressed-tensors exactly: {len(inexact)} layers have formats "

@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from ampq.errors import AmpqError
-from ampq.export.common import base_of, owner_of, source_of
+from ampq.export.common import base_of, inexact_by_source, owner_of, source_of
 from ampq.export.gguf_vocab import read_tokenizer, write_tokenizer
 from ampq.io.checkpoint import _fsync
 
@@ -330,11 +330,7 @@ def export_gguf(directory, out, nearest: bool = False, *, overwrite: bool = Fals
         items[name] = _Layer(name, layer, source_of(layer), qtype, qtype is not None, widened, why)
     inexact = [it for it in items.values() if not it.exact]
     if inexact and not nearest:
-        by_source: dict[str, list[_Layer]] = {}
-        for it in inexact:
-            by_source.setdefault(it.source, []).append(it)
-        parts = [f"{src} ({len(its)} layer{'s' if len(its) > 1 else ''}, e.g. {its[0].name}: {its[0].why})"
-                 for src, its in by_source.items()]
+        by_source, parts = inexact_by_source(inexact)
         targets = "; ".join(
             f"{src} -> {' or '.join(dict.fromkeys(t.name for it in its for t in _nearest_types(it.module, gguf)))}"
             for src, its in by_source.items())
