@@ -42,3 +42,13 @@ def inexact_by_source(inexact: list) -> tuple[dict[str, list], list[str]]:
     parts = [f"{src} ({len(its)} layer{'s' if len(its) > 1 else ''}, e.g. {its[0].name}: {its[0].why})"
              for src, its in by_source.items()]
     return by_source, parts
+
+
+def change_summary(converted: dict[str, dict]) -> dict:
+    """Over the re-quantized layers (each with ``max_abs_change``, ``mean_abs_change``, ``weights``):
+    the largest change, the weight-averaged mean change, and the phrase the summary line uses."""
+    weights = sum(c["weights"] for c in converted.values())
+    top = max((c["max_abs_change"] for c in converted.values()), default=0.0)
+    mean = sum(c["mean_abs_change"] * c["weights"] for c in converted.values()) / weights if weights else 0.0
+    text = f", {len(converted)} re-quantized (max |dW| {top:.3g}, mean {mean:.3g})" if converted else ""
+    return {"max_abs_change": top, "mean_abs_change": mean, "change_text": text}

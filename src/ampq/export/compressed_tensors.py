@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ampq.errors import AmpqError
-from ampq.export.common import base_of, inexact_by_source, owner_of, source_of
+from ampq.export.common import base_of, change_summary, inexact_by_source, owner_of, source_of
 from ampq.io.checkpoint import _fsync, replace_directory
 
 # Layers vLLM fuses into one (qkv_proj, gate_up_proj): they must share one scheme.
@@ -467,29 +467,14 @@ def _check_targets(config_groups: dict, groups: dict, items: dict[str, _Layer], 
 def _write_shards(tmp: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    seen: set[int] = set()
-    ready = {}
-    for name, t in tensors.items():
-        t = t.detach().cpu().contiguous()
-        storage = t.untyped_storage()
-        if storage.data_ptr() in seen or storage.nbytes() != t.numel() * t.element_size():
-            t = t.clone()  # safetensors refuses shared memory, and a view would drag its base along
-        seen.add(t.untyped_storage().data_ptr())
-        ready[name] = t
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, t in ready.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > MAX_SHARD_BYTES:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    n = len(shards)
-    files = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    from ampq.io.checkpoint import _plan_shards, _prepare_tensors, shard_file_names
+
+    ready = _prepare_tensors(tensors)
+    shards = _plan_shards(ready, MAX_SHARD_BYTES)
+    files = shard_file_names(len(shards))
     for file, names in zip(files, shards):
         save_file({k: ready[k] for k in names}, str(tmp / file), metadata={"format": "pt"})
-    if n > 1:
+    if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in ready.values())
         index = {"metadata": {"total_size": total},
                  "weight_map": {k: f for f, names in zip(files, shards) for k in names}}
@@ -636,7 +621,6 @@ def export_compressed_tensors(directory, out, nearest: bool = False, *, overwrit
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-    weights = sum(c["weights"] for c in converted.values())
     summary = {
         "out": str(out), "source": str(directory),
         "layers": sum(1 for it in items.values() if it.scheme is not None),
@@ -645,13 +629,10 @@ def export_compressed_tensors(directory, out, nearest: bool = False, *, overwrit
                               "targets": config_groups[g].targets} for g, s in zip(config_groups, groups)},
         "format": qconfig.format, "ignore": ignore, "bytes": nbytes,
         "converted": converted,
-        "max_abs_change": max((c["max_abs_change"] for c in converted.values()), default=0.0),
-        "mean_abs_change": (sum(c["mean_abs_change"] * c["weights"] for c in converted.values()) / weights
-                            if weights else 0.0),
+        **change_summary(converted),
         "warnings": warnings,
     }
-    change = (f", {len(converted)} re-quantized (max |dW| {summary['max_abs_change']:.3g}, "
-              f"mean {summary['mean_abs_change']:.3g})" if converted else "")
+    change = summary.pop("change_text")
     summary["line"] = (f"{out}: {summary['layers']} quantized layers ({summary['exact']} exact{change}) in "
                        f"{len(config_groups)} config group{'s' if len(config_groups) != 1 else ''} "
                        f"({qconfig.format}), {len(ignore)} ignored, {nbytes:,} bytes")

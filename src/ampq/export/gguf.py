@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from ampq.errors import AmpqError
-from ampq.export.common import base_of, inexact_by_source, owner_of, source_of
+from ampq.export.common import base_of, change_summary, inexact_by_source, owner_of, source_of
 from ampq.export.gguf_vocab import read_tokenizer, write_tokenizer
 from ampq.io.checkpoint import _fsync
 
@@ -466,7 +466,6 @@ def export_gguf(directory, out, nearest: bool = False, *, overwrite: bool = Fals
         raise
 
     converted = {n: it.change for n, it in items.items() if it.change}
-    weights = sum(c["weights"] for c in converted.values())
     nbytes = out.stat().st_size
     summary = {
         "out": str(out), "source": str(directory), "architecture": arch,
@@ -477,13 +476,10 @@ def export_gguf(directory, out, nearest: bool = False, *, overwrite: bool = Fals
                     for src in dict.fromkeys(it.source for it in items.values())},
         "file_type": file_types[main_type], "tensors": len(tensors), "tied_embeddings": tied,
         "tokenizer": tokenizer, "bytes": nbytes, "converted": converted,
-        "max_abs_change": max((c["max_abs_change"] for c in converted.values()), default=0.0),
-        "mean_abs_change": (sum(c["mean_abs_change"] * c["weights"] for c in converted.values()) / weights
-                            if weights else 0.0),
+        **change_summary(converted),
         "warnings": warnings,
     }
-    change = (f", {len(converted)} re-quantized (max |dW| {summary['max_abs_change']:.3g}, "
-              f"mean {summary['mean_abs_change']:.3g})" if converted else "")
+    change = summary.pop("change_text")
     types = ", ".join(f"{n} {t}" for t, n in summary["types"].items())
     summary["line"] = (f"{out}: GGUF ({arch}), {summary['layers']} quantized layers ({summary['exact']} exact{change}; "
                        f"{types}), {len(tensors)} tensors, {nbytes:,} bytes")

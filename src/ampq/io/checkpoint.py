@@ -81,6 +81,11 @@ def _prepare_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
+def shard_file_names(n: int) -> list[str]:
+    """transformers' names for ``n`` safetensors shards."""
+    return ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
 def _plan_shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
     shards: list[list[str]] = [[]]
     size = 0
@@ -122,7 +127,7 @@ def write_checkpoint(directory: str | Path, tensors: dict[str, torch.Tensor], ma
     tensors = _prepare_tensors(tensors)
     plan = _plan_shards(tensors, max_shard_bytes)
     n = len(plan)
-    shard_names = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    shard_names = shard_file_names(n)
     ours = set(shard_names) | {MANIFEST, INDEX}
     for name, data in extra_files.items():
         if not _is_plain_name(name) or name in ours:
