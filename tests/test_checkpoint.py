@@ -240,15 +240,15 @@ def test_empty_existing_dir_is_fine(tmp_path):
 
 def _crash_on_second_shard(monkeypatch):
     calls = []
-    real = ckpt.save_file
+    real = ckpt.safetensors_file.write
 
-    def flaky(tensors, path, metadata=None):
+    def flaky(path, tensors, metadata=None):
         calls.append(path)
         if len(calls) == 2:
             raise OSError("simulated crash")
-        return real(tensors, path, metadata=metadata)
+        return real(path, tensors, metadata)
 
-    monkeypatch.setattr(ckpt, "save_file", flaky)
+    monkeypatch.setattr(ckpt.safetensors_file, "write", flaky)
     return calls
 
 

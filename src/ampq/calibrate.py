@@ -18,6 +18,7 @@ from torch import nn
 from ampq.errors import AmpqError
 from ampq.kernels import dequantized_weights_cached
 from ampq.models import decoder_blocks
+from ampq.spill import ActivationStore
 
 
 @dataclass
@@ -60,13 +61,15 @@ class _Stop(Exception):
 class Calibration:
     """Block inputs for a set of calibration windows, advanced block by block."""
 
-    def __init__(self, model: nn.Module, tokens: torch.Tensor, batch_size: int = 8):
+    def __init__(self, model: nn.Module, tokens: torch.Tensor, batch_size: int = 8, store: ActivationStore | None = None):
         if tokens.dim() != 2 or tokens.shape[0] == 0:
             raise AmpqError("calibration needs at least one window of tokens")
         self.model = model
         self.blocks = decoder_blocks(model)
-        self.device = next(model.parameters()).device
-        self.inputs: list[torch.Tensor] = []
+        self.device = model.get_input_embeddings().weight.device if hasattr(model, "get_input_embeddings") else (
+            next(model.parameters()).device)
+        # one tensor per batch; a store with a byte limit spills the rest to disk (--max-memory)
+        self.inputs = store if store is not None else ActivationStore()
         self.kwargs: list[dict] = []
         self._capture(tokens, batch_size)
 
@@ -157,7 +160,8 @@ class Calibration:
                    for name, stats in acc.items()]
         try:
             if advance:
-                self.inputs = [self._run(block, i) for i in range(len(self.inputs))]
+                for i in range(len(self.inputs)):
+                    self.inputs[i] = self._run(block, i)
             else:
                 last = groups[-1][0]
                 self.visit_inputs(block, last, lambda x: None)  # stops at the last group's input
@@ -166,11 +170,26 @@ class Calibration:
                 h.remove()
         return acc
 
+    def restore_inputs(self, tensors) -> None:
+        """Put back the inputs a killed run recorded (one per batch, in order)."""
+        count = 0
+        for i, t in enumerate(tensors):
+            if i >= len(self.inputs):
+                raise AmpqError("the recorded calibration inputs do not match this run's batches; delete the progress "
+                                "folder and run again")
+            self.inputs[i] = t
+            count += 1
+        if count != len(self.inputs):
+            raise AmpqError("the recorded calibration inputs do not match this run's batches; delete the progress "
+                            "folder and run again")
+
     def stats_and_advance(self, block: nn.Module, groups: list[list[str]]) -> dict[str, LayerStats]:
         return self.stats_all(block, groups, advance=True)
 
     @torch.inference_mode()
     @dequantized_weights_cached()
     def advance(self, block: nn.Module) -> None:
-        """Replace the stored inputs by the (quantized) block's outputs: the next block's inputs."""
-        self.inputs = [self._run(block, i) for i in range(len(self.inputs))]
+        """Replace the stored inputs by the (quantized) block's outputs: the next block's inputs
+        (batch by batch, in place: a batch's input is not needed once its output exists)."""
+        for i in range(len(self.inputs)):
+            self.inputs[i] = self._run(block, i)

@@ -123,7 +123,8 @@ def cmd_quantize(args) -> int:
     output = Path(args.output or f"{Path(args.model).name.removesuffix('.gguf')}-{label.replace(' ', '-')}")
     if output.exists() and any(output.iterdir()) and not args.overwrite:
         raise AmpqError(f"{output} already exists; choose another --output or pass --overwrite")
-    model, tok = ampq.load_model(args.model, args.dtype)
+    memory = _memory_cap(args, output)
+    model, tok = ampq.load_model(args.model, args.dtype, lazy=memory is not None)
     from ampq.nn import quantized_linears
 
     if quantized_linears(model):
@@ -169,7 +170,10 @@ def cmd_quantize(args) -> int:
         resume = None
     else:
         resume = _resume(model, output, args, target, kwargs, calibration)
-        ampq.quantize(model, target, calibration=calibration, lm_head=args.lm_head, resume=resume, **kwargs)
+        if memory is not None:
+            memory.spill_dir = resume.directory  # removed with the progress when the run finishes
+        ampq.quantize(model, target, calibration=calibration, lm_head=args.lm_head, resume=resume, memory=memory,
+                      **kwargs)
     t_save = time.perf_counter()
     ampq.save(model, output, tok, overwrite=args.overwrite, extra_manifest=extra_manifest)
     if resume is not None:
@@ -177,6 +181,8 @@ def cmd_quantize(args) -> int:
     seconds = time.perf_counter() - t0
     print(f"stage times: quantization {t_save - t_quantize:.1f} s, saving {time.perf_counter() - t_save:.1f} s, "
           f"total {seconds:.1f} s", file=sys.stderr)
+    if memory is not None:
+        print(memory.report(), file=sys.stderr)
     bits, nbytes = linear_bits(model), model_bytes(model)
     print(f"quantized {args.model} with {label} in {seconds:.1f} s: {bits:.3f} bits per weight "
           f"over the quantized linears, {nbytes / 1e6:.1f} MB in all; saved to {output}")
@@ -193,6 +199,21 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _memory_cap(args, output: Path):
+    """The cap of ``--max-memory``, after refusing what cannot run under one."""
+    if args.max_memory is None:
+        return None
+    from ampq.memory import MemoryCap
+    from ampq.planner import parse_size
+
+    if args.eval:
+        raise AmpqError("--eval keeps the original model in memory beside the quantized one; drop --eval or "
+                        f"--max-memory, and score the result afterwards with `ampq eval {output}`")
+    if args.adaptive:
+        raise AmpqError("--adaptive measures every level on the whole model; drop --adaptive or --max-memory")
+    return MemoryCap(parse_size(args.max_memory), output.parent)
+
+
 def _plan(model, tok, args):
     """The plan of a mixed-precision run: read from --plan, or allocated for --budget/--max-size
     from the (cached) sensitivity table."""
@@ -205,7 +226,8 @@ def _plan(model, tok, args):
     t0 = time.perf_counter()
     table = planner.sensitivity(model, tok, _candidates(args), calib=args.calib, windows=args.calib_windows,
                                 window=args.calib_window, estimator=args.estimator,
-                                table_path=Path(args.sensitivity) if args.sensitivity else None)
+                                table_path=Path(args.sensitivity) if args.sensitivity else None,
+                                may_measure=getattr(args, "max_memory", None) is None)
     t1 = time.perf_counter()
     plan = planner.plan_for_budget(table, bits_per_weight=args.budget, max_size=args.max_size,
                                    fixed=planner.fixed_bytes(model, names), tied=not args.untied)
@@ -553,6 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(bitsandbytes' compute_dtype: bfloat16, float16, float32; default: the activations')")
     q.add_argument("--lm-head", action="store_true", help="quantize the output head too")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    q.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="keep resident memory under SIZE (e.g. 2GB): weights are read from the safetensors one "
+                        "block at a time, calibration activations that do not fit go to disk beside the output")
     q.add_argument("--eval", action="store_true", help="evaluate against the original and print the table")
     _add_eval_args(q)
     q.set_defaults(func=cmd_quantize)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import importlib.abc
 import importlib.util
 import json
-import struct
 import sys
 from collections import Counter
 
@@ -42,15 +41,7 @@ CONFIG_VERSION = 1
 # what a layer entry of ampq.json carries that the loader needs (bytes and bits_per_weight are reports)
 _ENTRY_KEYS = ("format", "algorithm", "shape", "tensors", "bias", "activation", "input_scale", "compute_dtype",
                "input_perm")
-_MAX_HEADER_BYTES = 100 << 20
 
-_SAFETENSORS_DTYPES = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
-    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-    **{name: getattr(torch, attr) for name, attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
-                                                     ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"))
-       if hasattr(torch, attr)},
-}
 
 
 # ---- the quantization_config that ampq.save writes ----------------------------------------------------
@@ -176,23 +167,12 @@ def _config_class() -> type:
 # ---- building the quantized modules before the weights load ------------------------------------------------
 def _header_specs(checkpoint_files) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """Every stored tensor's (dtype, shape), read from the safetensors headers alone."""
+    from ampq.io.safetensors_file import read_header
+
     specs = {}
     for path in checkpoint_files or ():
-        if not str(path).endswith(".safetensors"):
-            continue
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            size = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
-            if not 0 < size <= _MAX_HEADER_BYTES:
-                raise ValueError(f"{path} is not a safetensors file")
-            header = json.loads(f.read(size))
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
-            if dtype is None:
-                raise ValueError(f"{path}: tensor {key} has dtype {info.get('dtype')!r}, which ampq does not store")
-            specs[key] = (dtype, tuple(int(d) for d in info["shape"]))
+        if str(path).endswith(".safetensors"):
+            specs.update({k: (t.dtype, t.shape) for k, t in read_header(path)[0].items()})
     return specs
 
 

@@ -29,12 +29,13 @@ def _clear_gguf_quantizer(model) -> None:
         del model.config.quantization_config
 
 
-def load_model(spec: str, dtype: str | torch.dtype | None = None, keep_quantized: bool = False):
+def load_model(spec: str, dtype: str | torch.dtype | None = None, keep_quantized: bool = False, lazy: bool = False):
     """(model, tokenizer) for a built-in name, an ampq checkpoint, an HF folder (also one another
     tool quantized: :mod:`ampq.importers`), a GGUF file or a hub id. Unquantized weights load in
     float32 unless ``dtype`` says otherwise. A GGUF file loads dequantized (a model to quantize),
     or with ``keep_quantized`` its Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 layers as the ampq formats that hold
-    them exactly (a model to run)."""
+    them exactly (a model to run). With ``lazy`` the model's weights stay in its safetensors files
+    (:mod:`ampq.io.lazy`): it is built on the meta device, for a quantization under a memory cap."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ampq import builtin
@@ -43,6 +44,8 @@ def load_model(spec: str, dtype: str | torch.dtype | None = None, keep_quantized
     path = Path(spec).expanduser()
     if spec in builtin.MODELS and not path.exists():
         path = builtin.fetch_model(spec)
+    if lazy:
+        return _load_lazy(spec, path, dtype)
     if path.is_dir() and (path / "ampq.json").exists():
         from ampq.io.model import load
 
@@ -86,6 +89,29 @@ def load_model(spec: str, dtype: str | torch.dtype | None = None, keep_quantized
     model.requires_grad_(False)
     model.config.ampq_source = spec
     return model, tok
+
+
+def _load_lazy(spec: str, path: Path, dtype: torch.dtype):
+    from ampq import importers
+    from ampq.io.lazy import lazy_model
+
+    if not path.exists() and not path.is_absolute() and spec.count("/") == 1:
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                                "*.jinja", "tokenizer*"]))
+        except Exception as e:  # noqa: BLE001 - offline, unknown repo, no access: all end the same way
+            raise AmpqError(f"cannot fetch {spec!r} from the hub ({' '.join(str(e).split())[:160]}); give a local "
+                            "folder or a built-in name") from None
+    if not path.is_dir() or not (path / "config.json").exists():
+        raise AmpqError(f"--max-memory reads a model folder with config.json and safetensors shards; {spec!r} is not "
+                        "one (convert a .gguf with transformers first, or run without --max-memory)")
+    if (path / "ampq.json").exists() or importers.quant_method(path) is not None:
+        raise AmpqError(f"{spec} is already quantized; quantize from the unquantized model")
+    model = lazy_model(path, dtype)
+    model.config.ampq_source = spec
+    return model, _tokenizer(path)
 
 
 def _tokenizer(path: Path):

@@ -52,9 +52,10 @@ def table_key(source: str | None, candidates: list[str], calib: dict) -> str:
 
 def sensitivity(model: nn.Module, tokenizer, candidates: list[str] | None = None, *, calib: str = "wiki",
                 windows: int = 128, window: int = 512, estimator: str = "fisher", table_path=None,
-                progress: bool = True) -> SensitivityTable:
+                progress: bool = True, may_measure: bool = True) -> SensitivityTable:
     """The sensitivity table of ``model``: read from ``table_path`` or the cache when it was measured
-    before with the same candidates and calibration, measured (and saved) otherwise."""
+    before with the same candidates and calibration, measured (and saved) otherwise (unless not
+    ``may_measure``: a lazily loaded model cannot run whole)."""
     from ampq.builtin import cache_dir
     from ampq.data import make_windows
 
@@ -69,6 +70,10 @@ def sensitivity(model: nn.Module, tokenizer, candidates: list[str] | None = None
             return table
     except AmpqError:
         pass
+    if not may_measure:
+        raise AmpqError("--max-memory cannot measure sensitivity (it runs the whole model); measure it once without "
+                        "the cap (`ampq plan MODEL --budget ...` caches the table), then quantize with --max-memory, "
+                        "or pass --plan")
     from ampq.resume import Resume, fingerprint
 
     tokens = make_windows(tokenizer, calib, "calib", window, windows)

@@ -15,8 +15,11 @@ from ampq.algorithms.bias_correction import corrected_bias
 from ampq.algorithms.clip import search_clip
 from ampq.errors import AmpqError
 from ampq.formats import get_format
-from ampq.models import decoder_blocks, lm_head_name
+from ampq.io.lazy import weights_of
+from ampq.memory import MemoryCap, return_freed_memory, working_set
+from ampq.models import decoder_blocks, lm_head_name, tied_embeddings
 from ampq.nn import QuantLinear
+from ampq.spill import ActivationStore
 from ampq.plan import Plan
 
 FormatSpec = str | Mapping[str, str | None] | Plan
@@ -75,7 +78,7 @@ def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", c
              clip: bool = False, bias_correction: bool = False, awq: bool = False,
              activation: str | None = None, lm_head: bool = False, options: dict | None = None,
              compute_dtype: str | None = None, batch_size: int = 8, sequential: bool = True,
-             on_layer=None, progress: bool = True, resume=None) -> nn.Module:
+             on_layer=None, progress: bool = True, resume=None, memory: MemoryCap | None = None) -> nn.Module:
     """Quantize ``model`` in place and return it.
 
     ``formats``: one format name for every linear of the decoder blocks, or a map from fnmatch
@@ -92,6 +95,9 @@ def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", c
     instead of ``quantized`` (adaptive checkpoints nest residuals there); with ``calibration`` it
     gets the layer's input statistics, whatever the algorithm. ``resume`` (an
     :class:`ampq.resume.Resume`) records each finished block and restores those a killed run finished.
+    ``memory`` (an :class:`ampq.memory.MemoryCap`) keeps the run under a resident-memory cap: with a
+    model loaded with ``lazy=True`` each block's weights are read just before it is quantized, and
+    calibration activations that do not fit beside the work go to disk.
     """
     if isinstance(formats, Plan):
         names = [p.format for p in formats.layers.values()]
@@ -113,6 +119,18 @@ def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", c
     needs_stats = bool(algorithms & NEEDS_CALIBRATION) or clip or bias_correction or awq or (
         on_layer is not None and calibration is not None)
     blocks = decoder_blocks(model)
+    weights = weights_of(model)
+    in_blocks = tuple(f"{prefix}." for prefix, _ in blocks)
+    head = lm_head_name(model) if lm_head or weights is not None else None
+
+    def before_blocks(name: str) -> bool:  # what runs before the first block: embeddings and the like
+        return not name.startswith(in_blocks) and not (head and name.startswith(f"{head}.") and not tied_embeddings(model))
+
+    store = None
+    if memory is not None:
+        window = getattr(calibration, "tokens", calibration).shape[1] if needs_stats and calibration is not None else 0
+        head_bytes = _bytes(model, lambda n: n.startswith(f"{head}.")) if lm_head else 0
+        store = _activation_store(model, blocks, formats, memory, batch_size, window, before_blocks, head_bytes)
     if needs_stats:
         if calibration is None:
             raise AmpqError(f"{algorithm}{' with clip/bias correction/awq' if algorithm == 'rtn' else ''} needs "
@@ -120,28 +138,78 @@ def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", c
         from ampq.calibrate import Calibration
 
         tokens = getattr(calibration, "tokens", calibration)
-        cal = Calibration(model, tokens, batch_size)
+        if weights is not None:
+            weights.materialize(model, before_blocks)
+        cal = Calibration(model, tokens, batch_size, store)
+        if weights is not None:
+            weights.release(model, before_blocks)
+            return_freed_memory()
     done = resume.done if resume is not None else 0
-    for i, (prefix, block) in enumerate(tqdm(blocks, desc=f"quantize ({algorithm})", unit="block",
-                                             disable=not progress)):
-        if i < done:  # finished by a run that was killed: as it was, without quantizing again
-            resume.restore(i, block)
-            if needs_stats and i == done - 1:
-                cal.inputs = resume.inputs()
-            continue
-        _quantize_block(prefix, block, formats, algorithm, clip, bias_correction, awq, options, layer_kwargs,
-                        on_layer, cal if needs_stats else None, sequential)
-        if resume is not None:
-            resume.save(i, block, cal.inputs if needs_stats else None)
+    try:
+        for i, (prefix, block) in enumerate(tqdm(blocks, desc=f"quantize ({algorithm})", unit="block",
+                                                 disable=not progress)):
+            if i < done:  # finished by a run that was killed: as it was, without quantizing again
+                resume.restore(i, block)
+                if needs_stats and i == done - 1:
+                    cal.restore_inputs(resume.inputs())
+                continue
+            if weights is not None:
+                weights.materialize(model, lambda name, p=f"{prefix}.": name.startswith(p))
+            _quantize_block(prefix, block, formats, algorithm, clip, bias_correction, awq, options, layer_kwargs,
+                            on_layer, cal if needs_stats else None, sequential)
+            if resume is not None:
+                resume.save(i, block, cal.inputs if needs_stats else None)
+            if memory is not None:
+                return_freed_memory()
+    finally:
+        if store is not None:
+            memory.spilled += store.spilled
+            store.close()
     if lm_head:
-        head = lm_head_name(model)
         module = model.get_submodule(head)
         fmt = format_for(head, formats)
         if isinstance(module, nn.Linear) and fmt is not None:
+            if weights is not None:
+                weights.materialize(model, lambda name: name.startswith(f"{head}."))
             if getattr(model.config, "tie_word_embeddings", False):
                 model.config.tie_word_embeddings = False
             _replace(model, head, quantize_linear(head, module, fmt, "rtn", **layer_kwargs))
+            if weights is not None:  # a tied head read the embedding too, which saving streams again
+                weights.release(model, lambda name: not name.startswith(in_blocks))
+                return_freed_memory()
     return model
+
+
+def _activation_store(model, blocks, formats, memory: MemoryCap, batch_size: int, window: int, before_blocks,
+                      head_bytes: int):
+    """Where calibration activations go under ``memory``: as many as fit beside the estimated work
+    (refusing a cap below the work itself) stay in memory, the rest are spilled."""
+    outside = _bytes(model, before_blocks) if window else 0
+    need = working_set(model, blocks, batch_size, max(window, 1), outside, _quantized_bytes(blocks, formats), head_bytes)
+    limit = memory.allowance(need, "quantizing one block at a time")
+    if memory.activations is not None:
+        limit = min(limit, memory.activations)
+    return ActivationStore(limit, memory.spill_dir)
+
+
+def _bytes(model: nn.Module, wanted) -> int:
+    seen, total = set(), 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if wanted(name) and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.dtype.itemsize
+    return total
+
+
+def _quantized_bytes(blocks, formats) -> int:
+    """What the quantized linears of every block will hold (a layer left as it is: its float weight)."""
+    total = 0
+    for prefix, block in blocks:
+        for sub, m in block.named_modules():
+            if isinstance(m, nn.Linear):
+                fmt = format_for(f"{prefix}.{sub}", formats)
+                total += get_format(fmt).nbytes(tuple(m.weight.shape)) if fmt else m.weight.numel() * m.weight.dtype.itemsize
+    return total
 
 
 def _quantize_block(prefix, block, formats, algorithm, clip, bias_correction, awq, options, layer_kwargs,

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ampq.errors import AmpqError
+from ampq.io import safetensors_file
 
 RUN, STATE, INPUTS = "run.json", "state.json", "inputs.safetensors"
 
@@ -34,10 +36,18 @@ def progress_dir(output: Path) -> Path:
 def fingerprint(model: nn.Module) -> str:
     """A cheap identity of a model's weights: names, shapes, dtypes and 4096 evenly spaced values of
     every tensor, hashed (hashing all of a multi-GB model would cost seconds on every run)."""
+    from ampq.io.lazy import sample as stored_sample
+    from ampq.io.lazy import weights_of
+
+    weights = weights_of(model)
+    empty = weights.empty_tensors(model) if weights is not None else {}
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
-        flat = t.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)].contiguous().cpu()
+        step = max(1, t.numel() // 4096)
+        if name in empty:  # still on disk (a lazily loaded model): the same values, read in chunks
+            sample = stored_sample(*empty[name], step)
+        else:
+            sample = t.detach().reshape(-1)[::step].contiguous().cpu()
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
         h.update(sample.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -97,8 +107,9 @@ class Resume:
             state = {k: v.detach().cpu().clone().contiguous() for k, v in block.state_dict().items()}
         _write_atomic(self._block_file(i), lambda tmp: save_file(state, str(tmp), metadata=metadata))
         if inputs is not None:
-            tensors = {f"{j:06d}": x.detach().cpu().contiguous() for j, x in enumerate(inputs)}
-            _write_atomic(self.directory / INPUTS, lambda tmp: save_file(tensors, str(tmp)))
+            # streamed one batch at a time: spilled activations go from their file to this one
+            tensors = {f"{j:06d}": inputs.stored(j) if hasattr(inputs, "stored") else inputs[j] for j in range(len(inputs))}
+            _write_atomic(self.directory / INPUTS, lambda tmp: safetensors_file.write(tmp, tensors))
         _write_json(self.directory / STATE, {"blocks": i + 1})
 
     def restore(self, i: int, block: nn.Module) -> None:
@@ -116,7 +127,8 @@ class Resume:
                 layer = _quant_linear(name, entry, block.get_submodule(name), dict(state))
                 parent, _, child = name.rpartition(".")
                 setattr(block.get_submodule(parent) if parent else block, child, layer)
-            block.load_state_dict(state, strict=True)
+            # assign: a lazily loaded model's block is still empty (meta) and takes the tensors as they are
+            block.load_state_dict(state, strict=True, assign=True)
         except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as e:
             raise AmpqError(f"the saved progress in {self.directory} is damaged ({' '.join(str(e).split())[:160]}); "
                             f"delete that folder and run again") from None
@@ -149,15 +161,15 @@ class Resume:
         except (OSError, SafetensorError):
             return None  # written under a temporary name and renamed: damage means start the stage again
 
-    def inputs(self) -> list[torch.Tensor]:
-        from safetensors import SafetensorError
-
+    def inputs(self) -> Iterator[torch.Tensor]:
+        """The recorded next-block inputs, read one batch at a time."""
         try:
-            tensors = load_file(str(self.directory / INPUTS))
-        except (OSError, SafetensorError) as e:
+            stored, _ = safetensors_file.read_header(self.directory / INPUTS)
+            for k in sorted(stored):
+                yield stored[k].read()
+        except (OSError, safetensors_file.SafetensorsError) as e:
             raise AmpqError(f"the saved progress in {self.directory} is damaged ({' '.join(str(e).split())[:160]}); "
                             f"delete that folder and run again") from None
-        return [tensors[k] for k in sorted(tensors)]
 
     def finish(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

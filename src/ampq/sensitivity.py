@@ -153,7 +153,7 @@ def measure(model: nn.Module, calibration, candidates: list[str] | None = None, 
             nbytes.update(record["nbytes"])
             shapes.update(record["shapes"])
             if i == done - 1:
-                cal.inputs = resume.inputs()
+                cal.restore_inputs(resume.inputs())
             continue
         names_before = set(shapes)
         groups = cal.groups(block)

@@ -21,13 +21,16 @@ from ampq.formats import Format, Params
 
 def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of H^-1, dampening more if H is still not positive definite."""
-    n = h.shape[0]
     mean_diag = torch.diag(h).mean()
+    # few (in, in) temporaries alive at once: for a wide layer each is as big as the layer's weight
     for attempt in range(6):
-        damped = h + torch.eye(n, dtype=h.dtype, device=h.device) * (damp * 10**attempt * mean_diag)
+        damped = h.clone()
+        damped.diagonal().add_(damp * 10**attempt * mean_diag)
         lower, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
             inv = torch.cholesky_inverse(lower)
+            del lower
             upper, info = torch.linalg.cholesky_ex(inv, upper=True)
             if int(info) == 0:
                 return upper
@@ -41,11 +44,14 @@ def _prepared_hessian(stats, damp: float, act_order: bool, dtype: torch.dtype):
     key = ("gptq", damp, act_order, dtype)
     if cache is not None and key in cache:
         return cache[key]
-    h = stats.hessian.to(dtype).clone()
+    h = stats.hessian.to(dtype)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(h.shape[0])
-    prepared = dead, perm, _inverse_hessian_factor(h[perm][:, perm], damp)
+    if act_order:
+        h = h[perm]
+        h = h[:, perm]
+    prepared = dead, perm, _inverse_hessian_factor(h, damp)
     if cache is not None:
         cache[key] = prepared
     return prepared

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ampq.errors import AmpqError
+from ampq.io import safetensors_file
 
 MANIFEST = "ampq.json"
 INDEX = "model.safetensors.index.json"
@@ -63,20 +64,21 @@ def _is_plain_name(name: object) -> bool:
             and "/" not in name and "\\" not in name)
 
 
-def _prepare_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    seen_storages: set[int] = set()
+def _nbytes(t) -> int:
+    return math.prod(t.shape) * t.dtype.itemsize
+
+
+def _prepare_tensors(tensors: dict[str, object]) -> dict[str, object]:
+    out: dict[str, object] = {}
     for name, t in tensors.items():
         if not isinstance(name, str) or not name:
             raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
-        if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
-            raise ValueError(f"tensor {name!r} must be a dense torch.Tensor, got {type(t).__name__}")
-        t = t.detach().cpu().contiguous()
-        storage = t.untyped_storage()
-        # safetensors refuses tensors that share memory, and a view would drag its whole base along.
-        if storage.data_ptr() in seen_storages or storage.nbytes() != t.numel() * t.element_size():
-            t = t.clone()
-        seen_storages.add(t.untyped_storage().data_ptr())
+        if isinstance(t, torch.Tensor):
+            if t.layout != torch.strided or t.device.type == "meta":
+                raise ValueError(f"tensor {name!r} must be a dense tensor with data, got {t.layout} on {t.device}")
+            t = t.detach().cpu()
+        elif not (hasattr(t, "chunks") and hasattr(t, "shape") and isinstance(getattr(t, "dtype", None), torch.dtype)):
+            raise ValueError(f"tensor {name!r} must be a torch.Tensor or a stored tensor, got {type(t).__name__}")
         out[name] = t
     return out
 
@@ -86,11 +88,11 @@ def shard_file_names(n: int) -> list[str]:
     return ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
 
 
-def _plan_shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
+def _plan_shards(tensors: dict[str, object], max_shard_bytes: int) -> list[list[str]]:
     shards: list[list[str]] = [[]]
     size = 0
     for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
+        nbytes = _nbytes(t)
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -106,10 +108,11 @@ def _write_bytes(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def write_checkpoint(directory: str | Path, tensors: dict[str, torch.Tensor], manifest: dict,
+def write_checkpoint(directory: str | Path, tensors: dict[str, object], manifest: dict,
                      extra_files: dict[str, bytes] | None = None, *, max_shard_bytes: int = 2_000_000_000,
                      overwrite: bool = False) -> Path:
-    """Atomically write `tensors` as safetensors shards plus `extra_files` and `ampq.json` into `directory`."""
+    """Atomically write `tensors` (tensors, or stored tensors that stream from another file) as
+    safetensors shards plus `extra_files` and `ampq.json` into `directory`."""
     directory = Path(directory)
     extra_files = dict(extra_files or {})
     if not isinstance(manifest, dict):
@@ -155,16 +158,16 @@ def write_checkpoint(directory: str | Path, tensors: dict[str, torch.Tensor], ma
         entries: dict[str, dict] = {}
         for shard, names in zip(shard_names, plan):
             path = tmp / shard
-            save_file({k: tensors[k] for k in names}, str(path), metadata={"format": "pt"})
-            _fsync(path)
+            # streamed tensor by tensor: a tensor still on disk elsewhere (a lazily loaded model's
+            # unquantized weights) is copied through without ever being whole in memory
+            hashes = safetensors_file.write(path, {k: tensors[k] for k in names}, {"format": "pt"})
             # Hash what is on disk, not what we meant to write.
             files[shard] = {"bytes": path.stat().st_size, "sha256": _file_sha256(path)}
             for k in names:
                 t = tensors[k]
-                entries[k] = {"file": shard, "dtype": _dtype_name(t.dtype), "shape": list(t.shape),
-                              "sha256": _tensor_sha256(t)}
+                entries[k] = {"file": shard, "dtype": _dtype_name(t.dtype), "shape": list(t.shape), "sha256": hashes[k]}
         if n > 1:
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            total = sum(_nbytes(t) for t in tensors.values())
             index = {"metadata": {"total_size": total}, "weight_map": {k: e["file"] for k, e in entries.items()}}
             data = json.dumps(index, indent=2).encode()
             _write_bytes(tmp / INDEX, data)

@@ -69,7 +69,12 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite: 
     if tied:
         head = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
         state.pop(f"{head}.weight", None)
-    tensors = {k: v.detach().cpu() for k, v in state.items()}
+    from ampq.io.lazy import Converted, weights_of
+
+    # a lazily loaded model's tensors that were never needed are copied from its files as they stream
+    weights = weights_of(model)
+    empty = weights.empty_tensors(model) if weights is not None else {}
+    tensors = {k: Converted(*empty[k]) if k in empty else v.detach().cpu() for k, v in state.items()}
     layers = _layer_entries(model)
     manifest = {
         "format": MANIFEST_FORMAT,

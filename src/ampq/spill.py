@@ -1,0 +1,81 @@
+"""Calibration activations that go to disk once they pass a byte limit.
+
+A list of tensors (one per calibration batch) that keeps the first ones in memory while their
+bytes stay under ``limit`` and writes the rest to files in ``directory``, reading each back when
+asked for. Bytes round-trip exactly, so a run that spills computes what one that does not would.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from ampq.io.safetensors_file import StoredTensor
+
+
+class ActivationStore:
+    def __init__(self, limit: int | None = None, directory: str | Path | None = None):
+        self.limit = limit
+        self._parent = Path(directory) if directory is not None else None
+        self._dir: Path | None = None
+        self._items: list[torch.Tensor | StoredTensor | None] = []
+        self.in_memory = 0
+        self.spilled = 0  # how many tensors were written to disk, over the store's life
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        item = self._items[i]
+        return item if isinstance(item, torch.Tensor) else item.read()
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (self[i] for i in range(len(self)))
+
+    def stored(self, i: int) -> torch.Tensor | StoredTensor:
+        """Item ``i`` as held: a tensor, or where its bytes lie on disk (streams without loading)."""
+        return self._items[i]
+
+    def append(self, t: torch.Tensor) -> None:
+        self._items.append(None)  # a placeholder, replaced at once
+        self[len(self._items) - 1] = t
+
+    def __setitem__(self, i: int, t: torch.Tensor) -> None:
+        old = self._items[i]
+        if isinstance(old, torch.Tensor):
+            self.in_memory -= old.numel() * old.element_size()
+        nbytes = t.numel() * t.element_size()
+        if self.limit is None or self.in_memory + nbytes <= self.limit:
+            self._items[i] = t
+            self.in_memory += nbytes
+            return
+        path = self._directory() / f"{i:06d}.bin"
+        tmp = path.with_suffix(".tmp")
+        t = t.detach().cpu().contiguous()
+        with open(tmp, "wb") as f:
+            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        tmp.replace(path)  # the old item may still be read from this name until now
+        self._items[i] = StoredTensor(path, 0, t.dtype, tuple(t.shape))
+        self.spilled += 1
+
+    def _directory(self) -> Path:
+        if self._dir is None:
+            if self._parent is not None:
+                self._parent.mkdir(parents=True, exist_ok=True)
+            self._dir = Path(tempfile.mkdtemp(prefix=".ampq-spill-", dir=self._parent))
+        return self._dir
+
+    def close(self) -> None:
+        """Delete the spilled files."""
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+        self._items.clear()
+        self.in_memory = 0
+
+    def __del__(self):
+        self.close()
