@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--spill-windows", type=int, default=128)
     ap.add_argument("--scheme", default="gptq")
+    ap.add_argument("--spill-cap", default=None, help="the cap of the spill run (default --cap)")
     ap.add_argument("--runs", default="free,capped,spill")
     a = ap.parse_args()
     source = fetch_model(a.model) if not Path(a.model).exists() else Path(a.model)
@@ -61,8 +62,8 @@ def main() -> None:
     base = [a.model, "--dtype", "float32", "-s", a.scheme]
     configs = {"free": ("no cap", ["--calib-windows", str(a.windows)]),
                "capped": (f"--max-memory {a.cap}", ["--calib-windows", str(a.windows), "--max-memory", a.cap]),
-               "spill": (f"--max-memory {a.cap}, {a.spill_windows} windows",
-                         ["--calib-windows", str(a.spill_windows), "--max-memory", a.cap])}
+               "spill": (f"--max-memory {a.spill_cap or a.cap}, {a.spill_windows} windows",
+                         ["--calib-windows", str(a.spill_windows), "--max-memory", a.spill_cap or a.cap])}
     path = Path("benchmarks/results/memory_cap.json")
     saved = json.loads(path.read_text()) if path.exists() else {}
     results = {r["name"]: r for r in saved.get("runs", []) if "name" in r}
@@ -74,19 +75,20 @@ def main() -> None:
             r = run(base + extra, work / name)
             results[name] = {"name": name, "label": label, **r, "machine": machine()}
             print(f"{label}: peak {r['peak_bytes'] / 1e9:.2f} GB, {r['seconds']:.0f} s", file=sys.stderr)
-        if (work / "free").exists() and (work / "capped").exists():
-            same = files(work / "free") == files(work / "capped")
+            if (work / "free").exists() and (work / "capped").exists():
+                same = files(work / "free") == files(work / "capped")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"machine": machine(), "model": a.model, "weights_bytes": size, "cap": a.cap,
+                                        "scheme": a.scheme, "capped_identical_to_uncapped": same,
+                                        "runs": list(results.values())}, indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    m = machine()
     rows = [[r["label"], f"{r['peak_bytes'] / 1e9:.2f} GB", f"{r['seconds']:.0f} s", "yes" if r["spilled"] else "no"]
             for r in (results[n] for n in configs if n in results)]
-    m = machine()
     print_table(f"ampq quantize {a.model} in float32 ({size / 1e9:.2f} GB of weights), {a.scheme}",
                 ["run", "peak resident memory", "wall time", "activations spilled"], rows,
                 f"{describe(m)}; capped output byte-identical to the uncapped one: {same}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"machine": m, "model": a.model, "weights_bytes": size, "cap": a.cap, "scheme": a.scheme,
-                                "capped_identical_to_uncapped": same, "runs": list(results.values())}, indent=2))
 
 
 if __name__ == "__main__":

@@ -50,7 +50,8 @@ def _files(folder: Path) -> dict[str, bytes]:
 @pytest.mark.slow
 @pytest.mark.parametrize("seed,args", [(0, ["-s", "gptq", "-f", "int4-g64"]),
                                        (1, ["-f", "int4-g32", "--bias-correction", "--clip"]),
-                                       (2, ["-s", "gptq", "-f", "int4-g64", "--max-memory", "16GB"])])
+                                       (2, ["-s", "gptq", "-f", "int4-g64", "--max-memory", "16GB"]),
+                                       (3, ["--adaptive", "4:8", "-f", "int4-g64"])])
 def test_sigkill_then_rerun_gives_the_same_bytes(tmp_path, model_dir, seed, args):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     whole = tmp_path / "whole"

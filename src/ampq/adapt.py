@@ -44,8 +44,14 @@ def quantize_adaptive(model: nn.Module, levels: list[int], calibration, *, base_
     tokens = getattr(calibration, "tokens", calibration)
     if tokens is None:
         raise AmpqError("adaptive quantization needs calibration text to estimate each level's damage (CLI: --calib wiki)")
-    with torch.inference_mode(False):
-        fisher = output_fisher(model, tokens[:gradient_windows].clone(), block_linear_names(model), progress=progress)
+    names = block_linear_names(model)
+    resume = kwargs.get("resume")
+    fisher = resume.tensors("fisher") if resume is not None else None  # a killed run's, when it got that far
+    if fisher is None or set(fisher) != set(names):
+        with torch.inference_mode(False):
+            fisher = output_fisher(model, tokens[:gradient_windows].clone(), names, progress=progress)
+        if resume is not None:
+            resume.save_tensors("fisher", fisher)
 
     def on_layer(name, linear, base, stats):
         weight = linear.weight.detach().float()

@@ -75,7 +75,7 @@ def _resume(model, output: Path, args, target, kwargs: dict, calibration):
     tokens = None if calibration is None else hashlib.sha256(calibration.tokens.numpy().tobytes()).hexdigest()
     key = {"ampq": __version__, "model": args.model, "weights": fingerprint(model), "dtype": args.dtype,
            "target": target if isinstance(target, str) else target.to_dict(), "options": kwargs,
-           "calibration": tokens, "lm_head": args.lm_head}
+           "calibration": tokens, "lm_head": args.lm_head, "adaptive": args.adaptive}
     resume = Resume(progress_dir(output), key)
     if resume.done:
         print(f"resuming: {resume.done} of {len(decoder_blocks(model))} blocks were finished by an earlier run "
@@ -155,7 +155,8 @@ def cmd_quantize(args) -> int:
 
         if kwargs.pop("bias_correction"):
             raise AmpqError("--bias-correction fits one precision; adaptive layers switch between several, drop it")
-        quantize_adaptive(model, levels, calibration, base_format=target, lm_head=args.lm_head, **kwargs)
+        resume = _resume(model, output, args, target, kwargs, calibration)
+        quantize_adaptive(model, levels, calibration, base_format=target, lm_head=args.lm_head, resume=resume, **kwargs)
         damage, nbytes = level_table(model)
         lo, hi = stored_range(model)
         extra_manifest["adaptive"] = {"levels": levels, "base_format": target, "bits_per_weight": [lo, hi]}
@@ -167,7 +168,6 @@ def cmd_quantize(args) -> int:
                                                                                "window": args.calib_window}}
         print(f"adaptive: every layer stores levels {':'.join(map(str, levels))}; plans from {lo:.3f} to "
               f"{hi:.3f} bits per weight can be switched to with ampq.adapt", file=sys.stderr)
-        resume = None
     else:
         resume = _resume(model, output, args, target, kwargs, calibration)
         if memory is not None:

@@ -53,6 +53,11 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def _set(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
 def _write_atomic(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
@@ -98,13 +103,25 @@ class Resume:
         """Record block ``i`` as finished: what the block became (or, for a stage that measures
         instead of changing it, a JSON ``record`` of what it found), and the next block's inputs."""
         from ampq.io.model import _layer_entry
+        from ampq.nested import NestedLinear
         from ampq.nn import QuantLinear
 
         state, metadata = {}, {"record": json.dumps(record)}
         if block is not None:
-            metadata["layers"] = json.dumps({n: _layer_entry(m) for n, m in block.named_modules()
-                                             if isinstance(m, QuantLinear)})
+            modules = dict(block.named_modules())
+            metadata["layers"] = json.dumps({n: _layer_entry(m) for n, m in modules.items() if isinstance(m, QuantLinear)})
             state = {k: v.detach().cpu().clone().contiguous() for k, v in block.state_dict().items()}
+            # an adaptive layer: its levels and damage, and the residuals it holds off the model (_spare)
+            nested = {}
+            for n, m in modules.items():
+                if isinstance(m, NestedLinear):
+                    nested[n] = {"formats": m.residual_formats, "damage": m.damage, "base": _layer_entry(m.base),
+                                 "on_model": [_layer_entry(r) for r in m.residuals],
+                                 "spare": {str(k): _layer_entry(r) for k, r in m._spare.items()}}
+                    for k, r in m._spare.items():
+                        state.update({f"{n}.spare.{k}.{t}": v.detach().cpu().contiguous()
+                                      for t, v in r.state_dict().items()})
+            metadata["nested"] = json.dumps(nested)
         _write_atomic(self._block_file(i), lambda tmp: save_file(state, str(tmp), metadata=metadata))
         if inputs is not None:
             # streamed one batch at a time: spilled activations go from their file to this one
@@ -122,16 +139,31 @@ class Resume:
         try:
             with safe_open(str(path), framework="pt") as f:
                 layers = json.loads((f.metadata() or {})["layers"])
+                nested = json.loads((f.metadata() or {}).get("nested") or "{}")
             state = load_file(str(path))
+            for name, info in nested.items():
+                layers = {n: e for n, e in layers.items() if not n.startswith(f"{name}.")}
+                _set(block, name, self._nested(name, info, block.get_submodule(name), state))
             for name, entry in layers.items():
-                layer = _quant_linear(name, entry, block.get_submodule(name), dict(state))
-                parent, _, child = name.rpartition(".")
-                setattr(block.get_submodule(parent) if parent else block, child, layer)
+                _set(block, name, _quant_linear(name, entry, block.get_submodule(name), dict(state)))
             # assign: a lazily loaded model's block is still empty (meta) and takes the tensors as they are
             block.load_state_dict(state, strict=True, assign=True)
         except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as e:
             raise AmpqError(f"the saved progress in {self.directory} is damaged ({' '.join(str(e).split())[:160]}); "
                             f"delete that folder and run again") from None
+
+    @staticmethod
+    def _nested(name: str, info: dict, linear: nn.Module, state: dict) -> nn.Module:
+        """An adaptive layer as recorded: its base, the residuals on the model, those held aside."""
+        from ampq.io.model import _quant_linear
+        from ampq.nested import NestedLinear
+
+        base = _quant_linear(f"{name}.base", info["base"], linear, dict(state))
+        residuals = [_quant_linear(f"{name}.residuals.{j}", e, linear, dict(state)) for j, e in enumerate(info["on_model"])]
+        layer = NestedLinear(base, info["formats"], residuals, info["damage"])
+        for k, e in info["spare"].items():
+            layer._spare[int(k)] = _quant_linear(f"{name}.spare.{k}", e, linear, state)  # taken out of state
+        return layer
 
     def record(self, i: int) -> dict | None:
         """The JSON record saved with block ``i``."""
