@@ -173,12 +173,10 @@ class Calibration:
     def restore_inputs(self, tensors) -> None:
         """Put back the inputs a killed run recorded (one per batch, in order)."""
         count = 0
-        for i, t in enumerate(tensors):
-            if i >= len(self.inputs):
-                raise AmpqError("the recorded calibration inputs do not match this run's batches; delete the progress "
-                                "folder and run again")
-            self.inputs[i] = t
-            count += 1
+        for count, t in enumerate(tensors, 1):
+            if count > len(self.inputs):
+                break
+            self.inputs[count - 1] = t
         if count != len(self.inputs):
             raise AmpqError("the recorded calibration inputs do not match this run's batches; delete the progress "
                             "folder and run again")
