@@ -9,7 +9,8 @@ from ampq.algorithms.awq import awq_block, scales
 from ampq.calibrate import Calibration
 from ampq.data import make_windows
 from ampq.nn import QuantLinear
-from ampq.quantize import _replace, quantize_linear
+from ampq.models import replace_module as _replace
+from ampq.quantize import quantize_linear
 
 
 def linears(block):

@@ -250,7 +250,6 @@ def _candidates(args) -> list[str] | None:
 
 def cmd_plan(args) -> int:
     import ampq
-    from ampq import planner
     from ampq.report import print_table
 
     model, tok = ampq.load_model(args.model, args.dtype)

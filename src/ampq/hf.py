@@ -36,6 +36,8 @@ from collections import Counter
 import torch
 from torch import nn
 
+from ampq.models import replace_module
+
 QUANT_METHOD = "ampq"
 CONFIG_VERSION = 1
 # what a layer entry of ampq.json carries that the loader needs (bytes and bits_per_weight are reports)
@@ -221,8 +223,7 @@ def replace_linears(model: nn.Module, layers: dict[str, dict], specs) -> None:
             residuals = [_placeholder(f"{name}.residuals.{i}", {**r, "shape": entry["shape"]}, linear, specs)
                          for i, r in enumerate(nested["residuals"])]
             layer = NestedLinear(base, [r.format_name for r in residuals], residuals, nested.get("damage"))
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        replace_module(model, name, layer)
 
 
 def _quantizer_class() -> type:
@@ -280,8 +281,7 @@ def _quantizer_class() -> type:
                 if layer.bias is not None:
                     linear.bias.data.copy_(layer.bias)
                 linear.requires_grad_(False)
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, linear)
+                replace_module(model, name, linear)
             return model
 
         def is_serializable(self, *args, **kwargs):

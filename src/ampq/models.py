@@ -137,6 +137,12 @@ def decoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(f"{best}.{i}", block) for i, block in enumerate(blocks)]
 
 
+def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` where ``root``'s submodule ``name`` is."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
 def lm_head_name(model: nn.Module) -> str:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, module in model.named_modules():

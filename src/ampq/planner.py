@@ -120,7 +120,7 @@ def plan_for_budget(table: SensitivityTable, *, bits_per_weight: float | None = 
     groups = tie_groups(list(table.damage)) if tied else []
     try:
         result = allocate(table.damage, table.nbytes, budget, groups)
-    except AmpqError as e:
+    except AmpqError:
         if max_size is not None:
             lo, hi = reachable(table.nbytes, groups)
             raise AmpqError(f"--max-size {parse_size(max_size):,} bytes cannot be met: this model spans "

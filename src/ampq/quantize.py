@@ -17,7 +17,7 @@ from ampq.errors import AmpqError
 from ampq.formats import get_format
 from ampq.io.lazy import weights_of
 from ampq.memory import MemoryCap, return_freed_memory, working_set
-from ampq.models import decoder_blocks, lm_head_name, tied_embeddings
+from ampq.models import decoder_blocks, lm_head_name, replace_module, tied_embeddings
 from ampq.nn import QuantLinear
 from ampq.spill import ActivationStore
 from ampq.plan import Plan
@@ -44,11 +44,6 @@ def _layer_method(name: str, spec: FormatSpec, algorithm: str, clip: bool) -> tu
     if isinstance(spec, Plan) and name in spec.layers:
         return spec.layers[name].algorithm, spec.layers[name].clip
     return algorithm, clip
-
-
-def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
 def quantize_linear(name: str, linear: nn.Linear, fmt_name: str, algorithm: str = "rtn", stats=None, *,
@@ -173,7 +168,7 @@ def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", c
                 weights.materialize(model, lambda name: name.startswith(f"{head}."))
             if getattr(model.config, "tie_word_embeddings", False):
                 model.config.tie_word_embeddings = False
-            _replace(model, head, quantize_linear(head, module, fmt, "rtn", **layer_kwargs))
+            replace_module(model, head, quantize_linear(head, module, fmt, "rtn", **layer_kwargs))
             if weights is not None:  # a tied head read the embedding too, which saving streams again
                 weights.release(model, lambda name: not name.startswith(in_blocks))
                 return_freed_memory()
@@ -225,7 +220,7 @@ def _quantize_block(prefix, block, formats, algorithm, clip, bias_correction, aw
             linear = block.get_submodule(sub)
             layer = quantize_linear(name, linear, fmt, algo, options=options if algo == algorithm else None,
                                     **layer_kwargs)
-            _replace(block, sub, on_layer(name, linear, layer, None) if on_layer else layer)
+            replace_module(block, sub, on_layer(name, linear, layer, None) if on_layer else layer)
         return
     if awq:
         from ampq.algorithms.awq import awq_block
@@ -247,7 +242,7 @@ def _quantize_block(prefix, block, formats, algorithm, clip, bias_correction, aw
             layer = quantize_linear(name, linear, targets[sub], algo, stats, clip=layer_clip,
                                     bias_correction=bias_correction,
                                     options=options if algo == algorithm else None, **layer_kwargs)
-            _replace(block, sub, on_layer(name, linear, layer, stats) if on_layer else layer)
+            replace_module(block, sub, on_layer(name, linear, layer, stats) if on_layer else layer)
     cal.advance(block)
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from ampq.errors import AmpqError
 from ampq.io import safetensors_file
+from ampq.models import replace_module
 
 RUN, STATE, INPUTS = "run.json", "state.json", "inputs.safetensors"
 
@@ -51,11 +52,6 @@ def fingerprint(model: nn.Module) -> str:
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
         h.update(sample.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def _set(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -143,9 +139,9 @@ class Resume:
             state = load_file(str(path))
             for name, info in nested.items():
                 layers = {n: e for n, e in layers.items() if not n.startswith(f"{name}.")}
-                _set(block, name, self._nested(name, info, block.get_submodule(name), state))
+                replace_module(block, name, self._nested(name, info, block.get_submodule(name), state))
             for name, entry in layers.items():
-                _set(block, name, _quant_linear(name, entry, block.get_submodule(name), dict(state)))
+                replace_module(block, name, _quant_linear(name, entry, block.get_submodule(name), dict(state)))
             # assign: a lazily loaded model's block is still empty (meta) and takes the tensors as they are
             block.load_state_dict(state, strict=True, assign=True)
         except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as e:

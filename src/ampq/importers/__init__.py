@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ampq.errors import AmpqError
+from ampq.models import replace_module
 from ampq.importers import awq, bnb, compressed_tensors, gptq
 from ampq.importers.common import Notes
 
@@ -100,8 +101,7 @@ def load_foreign(directory: str | Path, dtype: torch.dtype | None = None) -> tup
             continue
         if layer.bias is not None:
             layer.bias.data = layer.bias.data.to(dtype)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        replace_module(model, name, layer)
         converted.append(name)
     if not converted:
         raise AmpqError(f"{directory}: config.json says {method} but no layer holds {method} tensors; "

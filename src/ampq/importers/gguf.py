@@ -71,7 +71,7 @@ def keep_quantized(model: nn.Module, path: str | Path) -> list[str]:
     QuantLinears holding the file's blocks where a format holds them exactly; returns notes."""
     import gguf
 
-    from ampq.models import decoder_blocks
+    from ampq.models import decoder_blocks, replace_module
 
     reader = gguf.GGUFReader(str(path))
     field = reader.fields["general.architecture"]
@@ -110,8 +110,7 @@ def keep_quantized(model: nn.Module, path: str | Path) -> list[str]:
         if not torch.equal(layer.dequantize(torch.float32).to(linear.weight.dtype), linear.weight.detach()):
             mismatched.append(name)
             continue
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
+        replace_module(model, name, layer)
         kept += 1
     notes = []
     if other:

@@ -12,7 +12,7 @@ from torch import nn
 
 from ampq.errors import AmpqError
 from ampq.io.checkpoint import read_checkpoint, write_checkpoint
-from ampq.models import tied_embeddings
+from ampq.models import replace_module, tied_embeddings
 from ampq.nn import QuantLinear
 
 MANIFEST_FORMAT = "ampq-checkpoint/1"
@@ -204,8 +204,7 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module
             if nested is not None:
                 layer = _nested_linear(name, entry, nested, layer, module, tensors, Path(directory),
                                        manifest["tensors"])
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, layer)
+            replace_module(model, name, layer)
         except (KeyError, AttributeError, ValueError, TypeError, AmpqError) as e:
             raise AmpqError(f"{directory}: layer {name!r} in ampq.json does not match the stored tensors "
                             f"({_first_line(e)})") from None
