@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ampq.memory import return_freed_memory
 from ampq.nn import QuantLinear
 
 
@@ -72,7 +73,10 @@ def predicted_bytes(model: nn.Module, batch: int, tokens: int) -> int:
 
 
 def resident_bytes() -> int:
-    """Current resident memory of this process (Linux /proc; elsewhere the peak, a coarser stand-in)."""
+    """Current resident memory of this process (Linux /proc; elsewhere the peak, a coarser stand-in).
+    Freed memory that the allocator still holds is handed back first: it would count as resident
+    here, and a new allocation would reuse it without growing the figure."""
+    return_freed_memory()
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * resource.getpagesize()
