@@ -161,7 +161,48 @@ def report(rows: list[dict], models: list[str], info: dict, out: Path) -> None:
     for r in table:
         md.append("| " + " | ".join(_cell(v) for v in r) + " |")
     print_table("AMPQ against uniform schemes", head, table, describe(info))
+    versus = [row for m in models for row in against_best_uniform(m, rows)]
+    if versus:
+        head2 = ["model", "budget", "bits/weight", "AMPQ ppl wiki / c4", "best uniform <= size", "its bits/weight",
+                 "its ppl wiki / c4", "ppl increase ratio wiki / c4", "AMPQ at or below"]
+        md += ["", "AMPQ against the best uniform scheme (lowest wiki perplexity) of equal or smaller size; the "
+               "ratio is AMPQ's perplexity increase over the original divided by that scheme's.", "",
+               "| " + " | ".join(head2) + " |", "|" + "---|" * len(head2)]
+        md += ["| " + " | ".join(_cell(v) for v in r) + " |" for r in versus]
+        print_table("AMPQ against the best uniform scheme of equal or smaller size", head2, versus, describe(info))
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
+
+
+def against_best_uniform(model: str, rows: list[dict], others: list[dict] | None = None) -> list[list]:
+    """Per AMPQ budget: the uniform scheme (ampq's or a peer's) with the lowest wiki perplexity among
+    those no larger in bits per weight, and how the two compare."""
+    mine = sorted([r for r in rows if r["model"] == model and "budget" in r], key=lambda r: r["budget"])
+    if not mine:
+        return []
+    others = uniform_rows(model, mine[0]["eval_windows"]) if others is None else others
+    base = {c: mine[0][f"{c}_original"]["perplexity"] for c in ("wiki", "c4")}
+    out = []
+    for r in mine:
+        fits = [u for u in others if u["bits_per_weight"] <= r["bits_per_weight"] + 1e-3]
+        if not fits:
+            out.append([model, r["budget"], r["bits_per_weight"], _pair(r), "none this small", "-", "-", "-", "-"])
+            continue
+        best = min(fits, key=lambda u: u["wiki"]["perplexity"])
+        ratio = [_ratio(r[c]["perplexity"] - base[c], best[c]["perplexity"] - base[c]) for c in base]
+        below = all(r[c]["perplexity"] <= best[c]["perplexity"] for c in base)
+        out.append([model, r["budget"], r["bits_per_weight"], _pair(r), best["name"], best["bits_per_weight"],
+                    _pair(best), " / ".join(ratio), "yes" if below else "no"])
+    return out
+
+
+def _ratio(mine: float, theirs: float) -> str:
+    if theirs <= 1e-6 * max(abs(mine), 1.0):  # the uniform scheme is lossless here
+        return "both lossless" if mine <= 1e-6 else "-"
+    return f"{mine / theirs:.2f}"
+
+
+def _pair(r: dict) -> str:
+    return f"{_cell(r['wiki']['perplexity'])} / {_cell(r['c4']['perplexity'])}"
 
 
 def _cell(v) -> str:
