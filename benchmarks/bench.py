@@ -1,8 +1,14 @@
 """`ampq bench` on a model unquantized (fp32, bf16) and quantized (round to nearest, int4 and int8), one
 process each, and the table with decode speed-ups over the bf16 model.
 
-    python benchmarks/bench.py [--model smollm2-135m] [--formats int4-g64,int8-ch]
+    python benchmarks/bench.py [--model smollm2-135m] [--formats int4-g64,int8-ch,int4-g64+head]
+    python benchmarks/bench.py --llama-cpp int4-g32-sym,int8-g32-sym   # also llama.cpp on the GGUF export
     python benchmarks/bench.py --table-only      # rebuild the table from the JSON files
+
+A format with ``+head`` quantizes the output head too (``--lm-head``). ``--llama-cpp FMT`` quantizes
+with ampq (round to nearest), exports the checkpoint to GGUF (int4-g32-sym is Q4_0, int8-g32-sym
+Q8_0, exactly) and times llama.cpp on it (llama-cpp-python, extra ``engines``; batch 1, as many
+threads as ampq).
 
 Writes benchmarks/results/bench-MODEL-VARIANT.json (one per run) and bench-MODEL.md.
 """
@@ -27,9 +33,22 @@ def run(model: str, variant: str, args) -> None:
         target = [model] + (["--dtype", "bfloat16"] if variant == "bf16" else [])
         subprocess.run([sys.executable, "-m", "ampq", "bench", *target, *common], check=True)
         return
+    engine, _, fmt = variant.rpartition(":")
+    fmt, head = fmt.removesuffix("+head"), fmt.endswith("+head")
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "ampq", "quantize", model, "-f", variant, "-o", f"{tmp}/m"], check=True)
-        subprocess.run([sys.executable, "-m", "ampq", "bench", f"{tmp}/m", *common], check=True)
+        subprocess.run([sys.executable, "-m", "ampq", "quantize", model, "-f", fmt, "-o", f"{tmp}/m"]
+                       + (["--lm-head"] if head else []), check=True)
+        if engine != "llama.cpp":
+            subprocess.run([sys.executable, "-m", "ampq", "bench", f"{tmp}/m", *common], check=True)
+            return
+        subprocess.run([sys.executable, "-m", "ampq", "export", f"{tmp}/m", "--to", "gguf", f"{tmp}/m.gguf"], check=True)
+        bits = subprocess.run([sys.executable, "-c", "import sys, ampq; from ampq.report import linear_bits; "
+                               "print(linear_bits(ampq.load(sys.argv[1])))", f"{tmp}/m"],
+                              capture_output=True, text=True, check=True).stdout.split()[-1]
+        subprocess.run([sys.executable, str(Path(__file__).with_name("_llama_cpp_bench.py")), f"{tmp}/m.gguf",
+                        "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
+                        "--repeats", str(args.repeats), "--json", str(RESULTS / f"bench-{model}-{variant}.json")]
+                       + (["--bits-per-weight", str(bits)] if bits else []), check=True)
 
 
 def table(model: str, variants: list[str]) -> str:
@@ -39,7 +58,8 @@ def table(model: str, variants: list[str]) -> str:
              "p99 ms | weights GB/s | predicted MB | measured MB |", "|" + "---|" * 11]
     for v, d in runs.items():
         for r in d["rows"]:
-            lines.append(f"| {model} {v} | {d['bits_per_weight']:.2f} | {r['batch']} | {r['prefill_tokens_per_s']:.0f} | "
+            bits = f"{d['bits_per_weight']:.2f}" if d.get("bits_per_weight") else "-"
+            lines.append(f"| {model} {v} | {bits} | {r['batch']} | {r['prefill_tokens_per_s']:.0f} | "
                          f"{r['decode_tokens_per_s']:.1f} | {r['decode_tokens_per_s'] / base[r['batch']]['decode_tokens_per_s']:.2f}x | "
                          f"{r['latency_p50_ms']:.1f} | {r['latency_p99_ms']:.1f} | {r['bandwidth_gb_s']:.2f} | "
                          f"{r['predicted_bytes'] / 1e6:.0f} | {r['measured_bytes'] / 1e6:.0f} |")
@@ -54,9 +74,10 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--llama-cpp", default="", help="formats to time in llama.cpp too, e.g. int4-g32-sym,int8-g32-sym")
     p.add_argument("--table-only", action="store_true")
     args = p.parse_args()
-    variants = ["fp32", "bf16"] + args.formats.split(",")
+    variants = ["fp32", "bf16"] + args.formats.split(",") + [f"llama.cpp:{f}" for f in args.llama_cpp.split(",") if f]
     if not args.table_only:
         for v in variants:
             run(args.model, v, args)

@@ -63,79 +63,6 @@ def layer_for(fmt: str, n: int, k: int) -> QuantLinear:
     return QuantLinear(k, n, fmt, f.pack(codes, params))
 
 
-def graph_time(fn, calls: int = 10, replays: int = 100) -> float:
-    """Seconds per call: ``calls`` calls captured in one CUDA graph, median over replays."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / calls)
-    return statistics.median(times)
-
-
-def gpu(args) -> None:
-    from ampq.kernels.triton.lut_gemm import lut_linear
-
-    dev = torch.device("cuda")
-    info = machine()
-    # 1. correctness on the device, every covered format
-    for fmt in ("int4-g128", "int4-ch", "int8-ch", "nf4-b64", "fp8-e4m3-ch"):
-        layer = layer_for(fmt, 512, 1024).to(dev)
-        x = torch.randn(7, 1024, device=dev, dtype=torch.float16)
-        want = torch.nn.functional.linear(x.float(), layer.dequantize(torch.float32))
-        err = float((lut_linear(layer, x).float() - want).abs().max() / want.abs().max())
-        print(f"check {fmt}: relative error {err:.2e}", file=sys.stderr, flush=True)
-        if err > 5e-3:
-            raise SystemExit(f"{fmt}: the Triton kernel disagrees with the reference ({err:.2e})")
-    rows = []
-    for shape in args.shapes.split(","):
-        k, n = (int(v) for v in shape.split("x"))
-        w16 = (torch.randn(n, k, device=dev) * 0.02).half()
-        layers = {fmt: layer_for(fmt, n, k).to(dev) for fmt in args.formats.split(",")}
-        codes = torch.randint(0, 16, (n, k), dtype=torch.int32, device=dev)
-        tiny = torch.ops.aten._convert_weight_to_int4pack(codes, 8) if hasattr(torch.ops.aten, "_convert_weight_to_int4pack") else None
-        sz = torch.rand(k // 128, n, 2, device=dev, dtype=torch.bfloat16)
-        w8 = w16.to(torch.float8_e4m3fn)
-        for m in (int(v) for v in args.m.split(",")):
-            x = torch.randn(m, k, device=dev, dtype=torch.float16)
-            row = {"k": k, "n": n, "m": m, "fp16_ms": 1e3 * graph_time(lambda: x @ w16.t())}
-            for fmt, layer in layers.items():
-                row[f"{fmt}_ms"] = 1e3 * graph_time(lambda: lut_linear(layer, x))
-            if tiny is not None:
-                xb = x.to(torch.bfloat16)
-                row["torch_int4_ms"] = 1e3 * graph_time(lambda: torch.ops.aten._weight_int4pack_mm(xb, tiny, 128, sz))
-            x8, one = x.to(torch.float8_e4m3fn), torch.ones((), device=dev)
-            try:
-                row["fp8_w8a8_ms"] = 1e3 * graph_time(lambda: torch._scaled_mm(x8, w8.t(), scale_a=one, scale_b=one,
-                                                                               out_dtype=torch.float16))
-            except RuntimeError as e:  # shapes _scaled_mm refuses (M not a multiple of 16 on some builds)
-                row["fp8_w8a8_ms"] = None
-                print(f"_scaled_mm at M={m}: {e}", file=sys.stderr)
-            rows.append(row)
-            print(row, file=sys.stderr, flush=True)
-    out = Path(args.out).with_name("kernels-gpu.json")
-    out.write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
-    keys = [k for k in rows[0] if k.endswith("_ms") and k != "fp16_ms"]
-    table = [[f"{r['k']}x{r['n']}", r["m"], r["fp16_ms"]] + [r["fp16_ms"] / r[k] if r.get(k) else None for k in keys]
-             for r in rows]
-    print_table("kernel time on the GPU (speed-up over fp16 cuBLAS, above 1 is faster)",
-                ["K x N", "M", "fp16 ms"] + [k.removesuffix("_ms") for k in keys], table,
-                f"{describe(info)}; 10 calls in a CUDA graph, median of 100 replays")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="4096x4096,4096x14336,14336x4096", help="K x N (inputs x outputs)")
@@ -143,10 +70,20 @@ def main() -> None:
     p.add_argument("--formats", default="int4-g128,int8-ch")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernels.json"))
-    p.add_argument("--gpu", action="store_true", help="check and time the Triton kernels on a CUDA device")
+    p.add_argument("--gpu", action="store_true", help="check and time the GPU kernels on a CUDA device")
+    p.add_argument("--e2e-after", type=float, default=420,
+                   help="--gpu: run the end-to-end decode bench only if fewer seconds than this have passed")
+    p.add_argument("--explore", action="store_true", help="--gpu: search wider tile shapes, log every one's time")
+    p.add_argument("--check-formats", default=None, help="--gpu: formats to check (default: every covered one)")
     args = p.parse_args()
     if args.gpu:
-        return gpu(args)
+        import _kernels_gpu
+
+        if args.m == p.get_default("m"):
+            args.m = "1,4,16,64,128,256,1024"
+        if args.formats == p.get_default("formats"):
+            args.formats = "int4-g128,int4-ch,int8-ch,nf4-b64,fp8-e4m3-ch"
+        return _kernels_gpu.run(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     info = machine()

@@ -132,7 +132,7 @@ class MinifloatSpec:
         return codes | (torch.signbit(x).to(torch.int32) << (self.bits - 1))
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.table[codes.long()]
+        return self.table.to(codes.device)[codes.long()]
 
     def round(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` rounded to the nearest representable value, float32."""

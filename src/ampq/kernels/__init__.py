@@ -81,7 +81,7 @@ def _linear(layer, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x, weight, bias)
     # the fast kernels read the stored codes, whose columns follow input_perm where there is one;
     # the reference kernel decodes the weight in the inputs' own order
-    if mode == "auto" and x.is_cuda and x.numel() <= TRITON_ROWS * x.shape[-1] and _triton_ok(layer):
+    if mode == "auto" and x.is_cuda and _triton_ok(layer):
         from ampq.kernels.triton.lut_gemm import lut_linear
 
         return lut_linear(layer, _permuted(layer, x))
@@ -95,11 +95,6 @@ def _linear(layer, x: torch.Tensor) -> torch.Tensor:
 def _permuted(layer, x: torch.Tensor) -> torch.Tensor:
     perm = getattr(layer, "input_perm", None)
     return x if perm is None else x.index_select(-1, perm.to(device=x.device, dtype=torch.long))
-
-
-# Up to this many rows the Triton kernel runs on a GPU; above, decoding once then cuBLAS. A first
-# guess until benchmarks/kernels.py --gpu measures it.
-TRITON_ROWS = 64
 
 
 def _triton_ok(layer) -> bool:

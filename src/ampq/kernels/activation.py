@@ -42,9 +42,8 @@ Modes (the string in ``layer.activation``):
     y = (xq * s) @ W_deq^T in float32, W_deq the fp8 weights decoded (an 8-bit minifloat format
     with one scale per output channel or per tensor: ``fp8-e4m3-ch``, ``fp8-e5m2-ch``,
     ``fp8-e4m3``, ``fp8-e5m2``). An all-zero token has s_i = 0 and gives 0, not NaN.
-    This is the reference semantics; a GPU kernel would compute the same product as
-    ``torch._scaled_mm(xq, codes_w.T, scale_a=s, scale_b=s_w)`` and can be added in
-    :func:`_fp8_token_matmul` beside the float32 path.
+    This is the reference semantics; on a GPU with fp8 tensor cores the same product runs as
+    ``torch._scaled_mm(xq, codes_w.T, scale_a=s, scale_b=s_w)`` (``fp8_scaled_mm.py``, bf16 output).
 
 Bias: added last, in the activation dtype. Output dtype: x's dtype.
 """
@@ -142,7 +141,13 @@ def activation_linear(layer, x: torch.Tensor) -> torch.Tensor:
         cb, step = int8_weight(layer)
         y = int8_outlier_matmul(x2, cb, step, mode.threshold)
     else:
-        y = _fp8_token_matmul(x2, layer.dequantize(torch.float32), mode.spec)
+        y = None
+        if x2.is_cuda:
+            from ampq.kernels.fp8_scaled_mm import scaled_mm_linear
+
+            y = scaled_mm_linear(layer, x2, mode.spec)
+        if y is None:
+            y = _fp8_token_matmul(x2, layer.dequantize(torch.float32), mode.spec)
     y = y.to(x.dtype)
     if layer.bias is not None:
         y = y + layer.bias.to(x.dtype)
@@ -219,10 +224,7 @@ def fp8_quantize_tokens(x: torch.Tensor, spec: MinifloatSpec) -> tuple[torch.Ten
 
 def _fp8_token_matmul(x: torch.Tensor, w: torch.Tensor, spec: MinifloatSpec) -> torch.Tensor:
     """(xq * s) @ w^T in float32 for 2-D ``x`` and decoded fp8 weights ``w`` (out, in); no bias.
-
-    The place for a GPU path (torch._scaled_mm on the fp8 codes with scale_a = s, scale_b = the
-    weight scales); this float32 path is its reference.
-    """
+    The reference for the GPU path in fp8_scaled_mm.py."""
     xq, scale = fp8_quantize_tokens(x, spec)
     return (xq * scale) @ w.float().T
 
