@@ -153,3 +153,15 @@ def test_adaptive_checkpoint_switches_while_generating(tmp_path, smol_dir):
     assert r.returncode == 2 and "gptq or rtn base" in r.stderr
     r = run("quantize", "smollm2-135m", "--adaptive", "8:4", "-o", str(tmp_path / "x"), check=False)
     assert r.returncode == 2 and "increasing bit widths" in r.stderr
+
+
+def test_checkpoint_without_tokenizer_is_evaluated_with_its_sources(tmp_path, smol_dir):
+    # transformers 5 builds an empty tokenizer from config.json alone; ampq must not read text with it
+    out = tmp_path / "no-tok"
+    model, _ = ampq.load_model(str(smol_dir))
+    ampq.save(ampq.quantize(model, "int8-ch", progress=False), out)  # no tokenizer given
+    assert ampq.load_model(str(out), keep_quantized=True)[1] is None
+    r = run("eval", str(out), "--windows", "1")
+    assert "original (" in r.stdout  # scored against its source, tokenized as the source is
+    r = run("generate", str(out), "--prompt", "Hello", check=False)
+    assert r.returncode == 2 and "tokenizer" in r.stderr and "Traceback" not in r.stderr

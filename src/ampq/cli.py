@@ -269,7 +269,8 @@ def cmd_eval(args) -> int:
     ref_spec = args.reference or getattr(model.config, "ampq_source", None)
     reference = None
     if ref_spec and ref_spec != args.target:
-        reference, _ = ampq.load_model(ref_spec)
+        reference, ref_tok = ampq.load_model(ref_spec)
+        tok = tok or ref_tok  # a checkpoint saved without its tokenizer reads text as its source does
     elif args.reference is None and ref_spec is None:
         print("no --reference given and the checkpoint names no source: reporting perplexity only", file=sys.stderr)
     results = _evaluate_pair(model, reference, tok, args)

@@ -71,7 +71,7 @@ def load_model(spec: str, dtype: str | torch.dtype | None = None, keep_quantized
         elif path.is_dir():
             if not (path / "config.json").exists():
                 raise AmpqError(f"{path} is a folder without config.json: not a Hugging Face model or ampq checkpoint")
-            tok = AutoTokenizer.from_pretrained(path)
+            tok = _tokenizer(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         elif path.exists():
             raise AmpqError(f"{path} is a file, but not a .gguf; give a model folder, a .gguf file or a built-in name")
@@ -118,9 +118,12 @@ def _tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):  # saved without a tokenizer: the model still runs
         return None
+    # transformers 5 builds an empty tokenizer from config.json alone when the folder holds no
+    # tokenizer files; it would turn every text into zero tokens
+    return tok if len(tok) > 1 else None
 
 
 def decoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
