@@ -50,9 +50,13 @@ def packed_linear(layer, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, kernel["packed"], kernel["group"], kernel["scales_zeros"])
         y = y.to(x.dtype)
     else:
-        y = torch.ops.aten._weight_int8pack_mm(xb, kernel["codes"], kernel["ones"]).to(x.dtype) * kernel["scale"].to(x.dtype)
-        if kernel["offset"] is not None:  # asymmetric: w = scale * (q - 128) + offset, per output row
-            y = y + x2.sum(-1, keepdim=True) * kernel["offset"].to(x.dtype)
+        # the float32 scales (and offsets) are applied outside the bf16 kernel, in as few ops as
+        # possible: at decoding sizes each op costs as much as the matmul itself
+        y = torch.ops.aten._weight_int8pack_mm(xb, kernel["codes"], kernel["ones"])
+        if kernel["offset"] is None:
+            y = (y * kernel["scale"]).to(x.dtype)
+        else:  # asymmetric: w = scale * (q - 128) + offset, per output row
+            y = torch.addcmul(x2.sum(-1, keepdim=True) * kernel["offset"], y, kernel["scale"]).to(x.dtype)
     if layer.bias is not None:
         y = y + layer.bias.to(x.dtype)
     return y.reshape(*shape[:-1], layer.out_features)
