@@ -7,7 +7,7 @@ import torch
 
 import ampq
 from ampq import AmpqError, planner
-from ampq.plan import LayerPlan, Plan
+from ampq.plan import Plan
 from ampq.report import block_linear_names
 from ampq.sensitivity import SensitivityTable, measure
 from test_model_io import logits, tiny_llama

@@ -1,7 +1,6 @@
 """transformers integration: AutoModelForCausalLM.from_pretrained loads ampq checkpoints after `import ampq`."""
 
 import json
-import shutil
 import subprocess
 import sys
 

@@ -6,7 +6,7 @@ import torch
 import ampq
 from ampq import AmpqError, QuantLinear
 from ampq.schemes import SCHEMES, get_scheme
-from test_model_io import IDS, logits, tiny_llama
+from test_model_io import logits, tiny_llama
 
 CALIB = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(2))
 

@@ -32,11 +32,15 @@ import importlib.util
 import json
 import sys
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ampq.models import replace_module
+
+if TYPE_CHECKING:
+    from ampq.nn import QuantLinear
 
 QUANT_METHOD = "ampq"
 CONFIG_VERSION = 1
