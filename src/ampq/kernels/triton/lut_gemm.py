@@ -21,7 +21,7 @@ checked against the reference kernel in the interpreter (tests/_triton_check.py)
 (benchmarks/kernels.py --gpu). Measured on an H200 (benchmarks/results/kernels-gpu.md): integer
 formats at 0.9-1.1x fp16 cuBLAS up to 16 rows and 0.2-0.6x beyond (still 3-10x faster there than
 decoding the weight with torch ops, then cuBLAS, so it serves every M); NF4/FP8 weights, whose
-values come from a table lookup per element, at 0.4-0.7x for one row and about 0.1x beyond.
+values come from a table lookup per element, at 0.4-0.7x for one row and 0.02-0.13x beyond.
 """
 
 from __future__ import annotations
