@@ -153,3 +153,17 @@ class Format(ABC):
 
     def __repr__(self) -> str:
         return f"Format({self.name!r})"
+
+
+_device_copies: dict = {}
+
+
+def constant_on(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small constant table on ``device``, copied once (decoding on a GPU indexes it with GPU
+    codes, and a copy per call would also break CUDA graph capture)."""
+    if table.device == device:
+        return table
+    key = (id(table), device)
+    if key not in _device_copies:
+        _device_copies[key] = (table, table.to(device))  # the original kept alive so its id stays unique
+    return _device_copies[key][1]

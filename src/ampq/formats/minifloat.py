@@ -22,7 +22,7 @@ from functools import cached_property
 
 import torch
 
-from ampq.formats.base import Format, Params
+from ampq.formats.base import Format, Params, constant_on
 
 SPECIALS = ("ieee", "fn", "none")
 
@@ -132,7 +132,7 @@ class MinifloatSpec:
         return codes | (torch.signbit(x).to(torch.int32) << (self.bits - 1))
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.table.to(codes.device)[codes.long()]
+        return constant_on(self.table, codes.device)[codes.long()]
 
     def round(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` rounded to the nearest representable value, float32."""

@@ -19,7 +19,7 @@ from functools import lru_cache
 
 import torch
 
-from ampq.formats.base import Format, Params
+from ampq.formats.base import Format, Params, constant_on
 
 # bitsandbytes.functional.get_4bit_type; the index in these lists is the 4-bit code bnb stores.
 _NF4 = [
@@ -84,7 +84,7 @@ def _dq_encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _dq_decode(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """bnb's ``dequantize_blockwise`` then ``+= offset``, in the same float32 steps."""
     per_code = scale.repeat_interleave(_DQ_BLOCK)[: codes.numel()]
-    return _dynamic_map().to(codes.device)[codes.long()] * per_code + offset
+    return constant_on(_dynamic_map(), codes.device)[codes.long()] * per_code + offset
 
 
 class NormalFloatFormat(Format):
@@ -127,7 +127,7 @@ class NormalFloatFormat(Format):
         return self._order[torch.bucketize(scaled, self._bounds)].to(torch.int32)
 
     def decode(self, codes: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.code.to(codes.device)[codes.long()] * values["absmax"]
+        return constant_on(self.code, codes.device)[codes.long()] * values["absmax"]
 
     def load_params(self, stored: dict[str, torch.Tensor], shape: tuple[int, int]) -> Params:
         rows, groups = shape[0], self.n_groups(shape[1])

@@ -185,7 +185,8 @@ def _prune(configs, named_args, **kwargs):
             and c.kwargs["BK"] <= max(64, triton.next_power_of_2(k))
             and c.kwargs["SPLIT_K"] <= triton.cdiv(k, c.kwargs["BK"])
             and (c.kwargs["SPLIT_K"] == 1 or named_args["y_ptr"].dtype != torch.bfloat16)]  # no bf16 atomics
-    return keep or [c for c in configs if not c.kwargs["TILE_SCALE"]][:1]
+    # nothing fits (K narrower than every tile): one tile per row, no split, so no atomics
+    return keep or [c for c in configs if not c.kwargs["TILE_SCALE"] and c.kwargs["SPLIT_K"] == 1][:1]
 
 
 _TUNED = {name: triton.autotune(_variants(cfgs),
