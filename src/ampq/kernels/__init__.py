@@ -56,6 +56,15 @@ def dequantized_weights_cached():
 
 
 def linear(layer, x: torch.Tensor) -> torch.Tensor:
+    # the common CPU case first, in as few Python steps as possible: decoding a small model calls
+    # this some 200 times per token, and each step here costs about a microsecond
+    rows = layer.__dict__.get("_cpu_plain_rows")
+    if rows is None:
+        rows = layer.__dict__["_cpu_plain_rows"] = _cpu_plain_rows(layer)
+    if rows and x.is_cpu and x.numel() <= rows * layer.in_features:
+        state = _state
+        if state.cache is None and state.mode == "auto":
+            return _packed_linear(layer, x)
     if layer.compute_dtype is not None:
         from ampq.models import parse_dtype
 
@@ -85,10 +94,15 @@ def _linear(layer, x: torch.Tensor) -> torch.Tensor:
         from ampq.kernels.triton.lut_gemm import lut_linear
 
         return lut_linear(layer, _permuted(layer, x))
-    if mode == "auto" and x.device.type == "cpu" and x.numel() <= _cpu_rows(layer) * x.shape[-1]:
-        from ampq.kernels.cpu import packed_linear
+    if mode == "auto" and x.device.type == "cpu":
+        if x.numel() <= _cpu_rows(layer) * x.shape[-1]:
+            from ampq.kernels.cpu import packed_linear
 
-        return packed_linear(layer, _permuted(layer, x))
+            return packed_linear(layer, _permuted(layer, x))
+        if _slab_ok(layer):
+            from ampq.kernels.cpu_slab import slab_linear
+
+            return slab_linear(layer, _permuted(layer, x))
     return reference_linear(layer, x)
 
 
@@ -104,10 +118,35 @@ def _triton_ok(layer) -> bool:
 
         ok = False
         if triton_kernels.available():
-            from ampq.kernels.triton.lut_gemm import lut_form
+            from ampq.kernels.lut import lut_form
 
             ok = lut_form(layer) is not None
         layer.__dict__["_triton_ok"] = ok
+    return ok
+
+
+def _cpu_plain_rows(layer) -> int:
+    """Rows up to which ``layer`` goes straight to the packed CPU kernel: one with no compute
+    dtype, input scale, activation quantization or input permutation of its own (0: never)."""
+    global _packed_linear
+    if layer.compute_dtype is not None or layer.input_scale is not None or layer.activation is not None \
+            or getattr(layer, "input_perm", None) is not None:
+        return 0
+    from ampq.kernels.cpu import packed_linear
+
+    _packed_linear = packed_linear
+    return _cpu_rows(layer)
+
+
+_packed_linear = None
+
+
+def _slab_ok(layer) -> bool:
+    ok = layer.__dict__.get("_slab_ok")
+    if ok is None:
+        from ampq.kernels.cpu_slab import supports
+
+        ok = layer.__dict__["_slab_ok"] = supports(layer)
     return ok
 
 

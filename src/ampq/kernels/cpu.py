@@ -1,5 +1,6 @@
 """CPU kernels for decoding and short prompts: torch's packed int4 (``_weight_int4pack_mm_for_cpu``) and int8
-(``_weight_int8pack_mm``) matmuls, run with bf16 activations.
+(``_weight_int8pack_mm``) matmuls, run with bf16 activations. int2 and int3 codes run in the int4
+kernel: w = scale * (q - half) + zero is the same weight as the int4 code q + 8 - half, exactly.
 
 At a few rows (decoding) the reference kernel spends its time decoding the whole weight, 30-100x
 the matmul itself on this 2-core CPU; the packed kernels read the codes directly. They are fast
@@ -22,19 +23,19 @@ DTYPE = torch.bfloat16
 # Up to how many rows the packed kernels run. benchmarks/kernels.py on this 2-core CPU (Llama-3-8B
 # shapes): at 1 and 16 rows they beat dense fp32 1.2-4.4x; at 128 rows they were 0.5-0.7x dense fp32
 # but 3-5x faster than decoding the weight first (the alternative, which costs 90-560 ms here).
-MAX_ROWS = {4: 256, 8: 256}
+MAX_ROWS = 256
 
 
 def max_rows(layer) -> int:
     """Rows up to which ``layer`` runs the packed kernel (0: never)."""
-    return MAX_ROWS[layer.format.bits] if supports(layer) else 0
+    return MAX_ROWS if supports(layer) else 0
 
 
 def supports(layer) -> bool:
     fmt = layer.format
     if not isinstance(fmt, IntegerFormat):
         return False
-    if fmt.bits == 4:
+    if fmt.bits <= 4:
         return fmt.group_size in INT4_GROUPS and layer.in_features % fmt.group_size == 0
     return fmt.bits == 8 and fmt.group_size is None  # per output channel
 
@@ -43,23 +44,25 @@ def packed_linear(layer, x: torch.Tensor) -> torch.Tensor:
     kernel = layer.__dict__.get("_cpu_packed")
     if kernel is None:
         kernel = layer.__dict__["_cpu_packed"] = _prepare(layer)
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
+    # each op below costs 1-3 us, as much as the matmul of a small layer at one row: none is spent
+    # on a reshape or cast that changes nothing
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     xb = x2.to(DTYPE)
-    if kernel["bits"] == 4:
+    if kernel["bits"] <= 4:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, kernel["packed"], kernel["group"], kernel["scales_zeros"])
-        y = y.to(x.dtype)
     else:
         # the float32 scales (and offsets) are applied outside the bf16 kernel, in as few ops as
-        # possible: at decoding sizes each op costs as much as the matmul itself
+        # possible, in float32: the kernel's bf16 scales would add a rounding shared by a whole row
         y = torch.ops.aten._weight_int8pack_mm(xb, kernel["codes"], kernel["ones"])
         if kernel["offset"] is None:
-            y = (y * kernel["scale"]).to(x.dtype)
+            y = y * kernel["scale"]
         else:  # asymmetric: w = scale * (q - 128) + offset, per output row
-            y = torch.addcmul(x2.sum(-1, keepdim=True) * kernel["offset"], y, kernel["scale"]).to(x.dtype)
+            y = torch.addcmul(x2.sum(-1, keepdim=True) * kernel["offset"], y, kernel["scale"])
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
     if layer.bias is not None:
         y = y + layer.bias.to(x.dtype)
-    return y.reshape(*shape[:-1], layer.out_features)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], layer.out_features)
 
 
 @torch.no_grad()
@@ -69,10 +72,11 @@ def _prepare(layer) -> dict:
     scale = params.values["scale"].float()
     # both formats' codes are unsigned, centred on 2^(bits-1): w = scale * (q - half) + zero
     zero = params.values["min"].float() + fmt.half * scale if not fmt.symmetric else torch.zeros_like(scale)
-    if fmt.bits == 4:
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+    if fmt.bits <= 4:
+        int4_codes = codes.to(torch.int32) + (8 - fmt.half)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(int4_codes.contiguous(), 1)
         scales_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(DTYPE).contiguous()  # (groups, out, 2)
-        return {"bits": 4, "packed": packed, "group": fmt.group_size, "scales_zeros": scales_zeros}
+        return {"bits": fmt.bits, "packed": packed, "group": fmt.group_size, "scales_zeros": scales_zeros}
     centred = (codes.to(torch.int16) - fmt.half).to(torch.int8).contiguous()
     return {"bits": 8, "codes": centred, "ones": torch.ones(layer.out_features, dtype=DTYPE),
             "scale": scale.reshape(1, -1), "offset": None if fmt.symmetric else zero.reshape(1, -1)}

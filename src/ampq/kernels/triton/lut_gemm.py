@@ -32,35 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ampq.formats.integer import IntegerFormat
-from ampq.formats.minifloat import MinifloatFormat
-from ampq.formats.normal_float import NormalFloatFormat
-
-
-def lut_form(layer) -> dict | None:
-    """The (lut, a, b) decomposition of ``layer``'s format, or None when it has none here."""
-    fmt = layer.format
-    k = layer.in_features
-    if fmt.bits not in (4, 8) or (fmt.bits == 4 and k % 2):
-        return None  # rows must start on a byte
-    codes, params = fmt.unpack(layer.stored(), layer.shape)
-    levels = torch.arange(1 << fmt.bits, dtype=torch.float32)
-    groups = fmt.n_groups(k) if fmt.group_size != 0 else 1
-    b = None
-    if isinstance(fmt, IntegerFormat):
-        lut, a = None, params.values["scale"].float().reshape(-1, groups)
-        b = -fmt.half * a if fmt.symmetric else params.values["min"].float().reshape(-1, groups)
-    elif isinstance(fmt, NormalFloatFormat):
-        lut, a = fmt.code.float(), params.values["absmax"]
-    elif isinstance(fmt, MinifloatFormat):
-        lut, a = fmt.spec.decode(levels.to(torch.int32)).float(), params.values["scale"]
-    else:
-        return None
-    a = a.float().reshape(-1, groups).expand(layer.out_features, groups).contiguous()
-    b = b.expand(layer.out_features, groups).contiguous() if b is not None else None
-    return {"bits": fmt.bits, "codes": layer.stored()["codes"].reshape(-1),
-            "lut": lut.contiguous() if lut is not None else None,
-            "a": a, "b": b, "groups": groups, "width": fmt.group_width(k)}
+from ampq.kernels.lut import lut_form
 
 
 @triton.jit
