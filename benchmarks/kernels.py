@@ -10,8 +10,9 @@ figures were taken (a CUDA graph, median of 100 replays), with weight copies rot
 cache, against fp16 cuBLAS and torch's int4 kernel; FP8 W8A8 against ``torch._scaled_mm`` alone.
 Writes kernels-gpu.json and .md to $OUT (the device tool's folder) or benchmarks/results.
 
-CPU: ampq's dispatch (`auto`: packed int4/int8 kernels up to 128/32 rows, else decode + matmul), the
-reference kernel alone, torch's dense fp32 and bf16 matmuls. The floor is the bytes a kernel must
+CPU: ampq's dispatch (`auto`: torch's packed int4 kernel for int2-4 and int8 per channel up to 256
+rows; otherwise the slab kernel, which decodes a slab of rows at a time, for every format with a
+lookup form: NF4/FP4, FP8, grouped int8; else the reference), the reference kernel alone, torch's dense fp32 and bf16 matmuls. The floor is the bytes a kernel must
 read (weights as stored, plus activations) over the copy bandwidth measured on this machine in the
 same run. Times are medians of repeated calls after a warm-up; ratios are to dense fp32 and bf16
 measured in the same run. Writes benchmarks/results/kernels.json and .md.
@@ -68,7 +69,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="4096x4096,4096x14336,14336x4096", help="K x N (inputs x outputs)")
     p.add_argument("--m", default=None, help="rows (default 1,16,128,1024 on the CPU, 1,4,16,64,128,256,1024 with --gpu)")
-    p.add_argument("--formats", default="int4-g128,int8-ch")
+    p.add_argument("--formats", default="int4-g128,int8-ch,int3-g128,nf4-b64,fp8-e4m3-ch")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernels.json"))
     p.add_argument("--gpu", action="store_true", help="check and time the GPU kernels on a CUDA device")
@@ -108,7 +109,7 @@ def main() -> None:
                 read = layer.nbytes() + x.numel() * 4
                 rows.append({"k": k, "n": n, "m": m, "format": fmt, "fp32_ms": 1e3 * fp32, "bf16_ms": 1e3 * bf16,
                              "ampq_ms": 1e3 * auto, "reference_ms": 1e3 * ref, "floor_ms": 1e3 * read / bandwidth,
-                             "kernel": "packed" if m <= _max_rows(layer) else "decode+matmul"})
+                             "kernel": _kernel_name(layer, m)})
                 r = rows[-1]
                 print(f"{k}x{n} {fmt} M={m}: ampq {r['ampq_ms']:.3f} ms ({r['kernel']}), fp32 {r['fp32_ms']:.3f}, "
                       f"bf16 {r['bf16_ms']:.3f}, floor {r['floor_ms']:.3f}", file=sys.stderr, flush=True)
@@ -128,10 +129,11 @@ def main() -> None:
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
 
 
-def _max_rows(layer) -> int:
+def _kernel_name(layer, m: int) -> str:
     from ampq.kernels.cpu import max_rows
+    from ampq.kernels.cpu_slab import supports
 
-    return max_rows(layer)
+    return "packed" if m <= max_rows(layer) else "slab" if supports(layer) else "reference"
 
 
 if __name__ == "__main__":

@@ -20,15 +20,17 @@ from ampq.formats.integer import IntegerFormat
 
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes the packed int4 kernel takes
 DTYPE = torch.bfloat16
-# Up to how many rows the packed kernels run. benchmarks/kernels.py on this 2-core CPU (Llama-3-8B
-# shapes): at 1 and 16 rows they beat dense fp32 1.2-4.4x; at 128 rows they were 0.5-0.7x dense fp32
-# but 3-5x faster than decoding the weight first (the alternative, which costs 90-560 ms here).
-MAX_ROWS = 256
+# Up to how many rows the packed kernels run; above, the slab kernel (cpu_slab.py), which decodes
+# each weight once per call, is faster. Measured on this 2-core CPU (4096x4096 and 576x1536): int4
+# packed 3.7 ms against slab 15.5 ms at 16 rows, even at 128 rows (30 ms each); int8 even at 64.
+# int2/int3 have no slab kernel, and the packed one beats decoding the weight first at every size
+# (232 against 297 ms at 1024 rows).
+MAX_ROWS = {2: 1 << 62, 3: 1 << 62, 4: 128, 8: 64}
 
 
 def max_rows(layer) -> int:
     """Rows up to which ``layer`` runs the packed kernel (0: never)."""
-    return MAX_ROWS if supports(layer) else 0
+    return MAX_ROWS[layer.format.bits] if supports(layer) else 0
 
 
 def supports(layer) -> bool:

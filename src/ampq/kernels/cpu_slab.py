@@ -1,12 +1,12 @@
 """CPU kernel for the formats torch has no packed kernel for: NF4/FP4 (with or without double
-quantization), FP8 and the other minifloats with 8-bit codes, integers with 5-8 bits in groups, and
-int2-4 at any row count. The weight is decoded a slab of output rows at a time, into a float32
+quantization), FP8 and the other minifloats with 4- or 8-bit codes, int8 in groups (llama.cpp's
+Q8_0 layout), and int4 and int8 above the packed kernels' 256 rows. The weight is decoded a slab of output rows at a time, into a float32
 buffer that stays in cache, and multiplied at once; the whole decoded weight never exists.
 
 Decoding reads the stored codes through the format's lookup form (w = lut[q] * a + b per group,
 :mod:`ampq.kernels.lut`): one ``index_select`` per slab on a table of every byte's value (for
 4-bit codes, the two values a byte holds, low nibble first), then the group's a and b. On this
-2-core CPU that decodes 4096x4096 NF4 in about 14 ms where the reference kernel's decode takes
+2-core CPU a 4096x4096 NF4 product at one row takes about 10 ms where the reference kernel takes
 about 130 ms; it is still far slower than the packed int4/int8 kernels, which never decode at all.
 The decoded values are the reference kernel's (float32, the same table), so results agree with it
 to float32 rounding (the sums run in slabs).
