@@ -196,3 +196,14 @@ def test_alpha_grid_starts_at_zero():
     assert torch.equal(same.self_attn.o_proj.input_scale, torch.ones(32))
     assert torch.equal(scales(torch.tensor([0.0, 1e-3, 5.0]), 0.0), torch.ones(3))
     assert torch.isfinite(scales(torch.tensor([0.0, 1e-3, 5.0]), 0.9)).all()
+
+
+def test_refine_tells_candidates_apart_by_their_scales_not_their_alpha():
+    # with and without duo scaling the same alpha gives two different s: both must be tried
+    cal, block = tiny_model("llama", 2)
+    quantized = {"mlp.gate_proj": "int3-g16", "mlp.up_proj": "int3-g16"}
+    torch.manual_seed(1)
+    wrecking = torch.rand(32) * 1e3 + 1e-3  # spreads each group over six decades: most weights round to 0
+    plain = torch.ones(32)
+    alpha, s = awq._refine(block, cal, "mlp", quantized, [(0.5, wrecking), (0.5, plain)])
+    assert s is plain

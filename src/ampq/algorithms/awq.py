@@ -145,9 +145,11 @@ def _refine(block, calibration, parent, quantized, candidates):
     try:
         seen = set()
         for alpha, s in candidates:
-            if alpha in seen:
+            # alpha = 0 may be among the best already; the same alpha with and without duo scaling
+            # is two candidates (two different s), so a candidate is known by its s, not its alpha
+            if id(s) in seen:
                 continue
-            seen.add(alpha)
+            seen.add(id(s))
             for name, lin in linears.items():
                 w = original[name].float()
                 lin.weight.copy_(get_format(quantized[name]).fake_quantize(w * s) / s)
