@@ -118,9 +118,9 @@ def _triton_ok(layer) -> bool:
 
         ok = False
         if triton_kernels.available():
-            from ampq.kernels.lut import lut_form
+            from ampq.kernels.lut import has_lut_form
 
-            ok = lut_form(layer) is not None
+            ok = has_lut_form(layer)
         layer.__dict__["_triton_ok"] = ok
     return ok
 

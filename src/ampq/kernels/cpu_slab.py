@@ -1,7 +1,8 @@
 """CPU kernel for the formats torch has no packed kernel for: NF4/FP4 (with or without double
 quantization), FP8 and the other minifloats with 4- or 8-bit codes, int8 in groups (llama.cpp's
-Q8_0 layout), and int4 and int8 above the packed kernels' 256 rows. The weight is decoded a slab of output rows at a time, into a float32
-buffer that stays in cache, and multiplied at once; the whole decoded weight never exists.
+Q8_0 layout), and int4 and int8 above the rows where the packed kernels stop paying (cpu.MAX_ROWS).
+The weight is decoded a slab of output rows at a time, into a float32 buffer that stays in cache,
+and multiplied at once; the whole decoded weight never exists.
 
 Decoding reads the stored codes through the format's lookup form (w = lut[q] * a + b per group,
 :mod:`ampq.kernels.lut`): one ``index_select`` per slab on a table of every byte's value (for
