@@ -86,8 +86,8 @@ def uniform_rows(model_name: str, windows: int) -> list[dict]:
                 continue
             if r.get("library", "ampq") == "ampq":
                 label = "ampq " + (r.get("scheme") or "rtn") if file == "schemes.json" else "ampq rtn"
-            else:
-                label = r["library"]
+            else:  # a peer: its library and scheme (llm-compressor has GPTQ and AWQ rows)
+                label = f"{r['library']} {r['scheme']}" if r.get("scheme") else r["library"]
             rows.append({**r, "label": label, "uniform": True,
                          "name": f"{label} {r.get('format', '')}".strip()})
     return rows
