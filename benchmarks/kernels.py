@@ -36,6 +36,8 @@ from _machine import describe, machine  # noqa: E402
 from ampq import kernels  # noqa: E402
 from ampq.nn import QuantLinear  # noqa: E402
 from ampq.formats import get_format  # noqa: E402
+from ampq.kernels.cpu_slab import slab_linear  # noqa: E402
+from ampq.kernels.cpu_slab import supports as slab_supports  # noqa: E402
 from ampq.report import print_table  # noqa: E402
 
 
@@ -106,9 +108,12 @@ def main() -> None:
                     auto = timed(lambda: layer(x))
                 with kernels.use("reference"):
                     ref = timed(lambda: layer(x))
+                # the slab kernel on the packed formats too: where it overtakes them sets cpu.MAX_ROWS
+                slab = timed(lambda: slab_linear(layer, x)) if slab_supports(layer) else None
                 read = layer.nbytes() + x.numel() * 4
                 rows.append({"k": k, "n": n, "m": m, "format": fmt, "fp32_ms": 1e3 * fp32, "bf16_ms": 1e3 * bf16,
                              "ampq_ms": 1e3 * auto, "reference_ms": 1e3 * ref, "floor_ms": 1e3 * read / bandwidth,
+                             "slab_ms": 1e3 * slab if slab is not None else None,
                              "kernel": _kernel_name(layer, m)})
                 r = rows[-1]
                 print(f"{k}x{n} {fmt} M={m}: ampq {r['ampq_ms']:.3f} ms ({r['kernel']}), fp32 {r['fp32_ms']:.3f}, "
@@ -117,9 +122,10 @@ def main() -> None:
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps({"machine": info, "copy_bandwidth_gb_s": bandwidth / 1e9, "rows": rows}, indent=1))
     os.replace(tmp, out)
-    head = ["K x N", "format", "M", "ampq kernel", "ampq ms", "vs fp32", "vs bf16", "reference ms", "floor ms"]
+    head = ["K x N", "format", "M", "ampq kernel", "ampq ms", "vs fp32", "vs bf16", "slab ms", "reference ms", "floor ms"]
     table = [[f"{r['k']}x{r['n']}", r["format"], r["m"], r["kernel"], r["ampq_ms"], r["fp32_ms"] / r["ampq_ms"],
-              r["bf16_ms"] / r["ampq_ms"], r["reference_ms"], r["floor_ms"]] for r in rows]
+              r["bf16_ms"] / r["ampq_ms"], r["slab_ms"] if r["slab_ms"] is not None else "-", r["reference_ms"],
+              r["floor_ms"]] for r in rows]
     note = (f"{describe(info)}; copy bandwidth {bandwidth / 1e9:.1f} GB/s measured in this run; 'vs' columns are "
             "speed-ups (dense time / ampq time), above 1 is faster")
     print_table("quantized matmul kernels (CPU)", head, table, note)

@@ -21,10 +21,10 @@ from ampq.formats.integer import IntegerFormat
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes the packed int4 kernel takes
 DTYPE = torch.bfloat16
 # Up to how many rows the packed kernels run; above, the slab kernel (cpu_slab.py), which decodes
-# each weight once per call, is faster. Measured on this 2-core CPU (4096x4096 and 576x1536): int4
-# packed 3.7 ms against slab 15.5 ms at 16 rows, even at 128 rows (30 ms each); int8 even at 64.
-# int2/int3 have no slab kernel, and the packed one beats decoding the weight first at every size
-# (232 against 297 ms at 1024 rows).
+# each weight once per call, is as fast or faster. benchmarks/kernels.py's "slab ms" column on this
+# 2-core CPU (Llama-3-8B shapes): int4 packed 3.7 ms against slab 16.4 at 16 rows, even at 128 (29.4
+# against 29.3 at 4096x4096); int8 even at 64 (15.2 against 14.1). int2/int3 have no slab kernel,
+# and the packed one beats decoding the weight first at every size tried (up to 1024 rows).
 MAX_ROWS = {2: 1 << 62, 3: 1 << 62, 4: 128, 8: 64}
 
 
