@@ -13,6 +13,7 @@ import weakref
 
 import torch
 
+from ampq.kernels import cpu, cpu_slab
 from ampq.kernels.reference import reference_linear
 
 # "auto": the fastest kernel for the format, device and number of rows; "reference": always decode
@@ -64,7 +65,7 @@ def linear(layer, x: torch.Tensor) -> torch.Tensor:
     if rows and x.is_cpu and x.numel() <= rows * layer.in_features:
         state = _state
         if state.cache is None and state.mode == "auto":
-            return _packed_linear(layer, x)
+            return cpu.packed_linear(layer, x)
     if layer.compute_dtype is not None:
         from ampq.models import parse_dtype
 
@@ -96,13 +97,9 @@ def _linear(layer, x: torch.Tensor) -> torch.Tensor:
         return lut_linear(layer, _permuted(layer, x))
     if mode == "auto" and x.device.type == "cpu":
         if x.numel() <= _cpu_rows(layer) * x.shape[-1]:
-            from ampq.kernels.cpu import packed_linear
-
-            return packed_linear(layer, _permuted(layer, x))
+            return cpu.packed_linear(layer, _permuted(layer, x))
         if _slab_ok(layer):
-            from ampq.kernels.cpu_slab import slab_linear
-
-            return slab_linear(layer, _permuted(layer, x))
+            return cpu_slab.slab_linear(layer, _permuted(layer, x))
     return reference_linear(layer, x)
 
 
@@ -128,32 +125,21 @@ def _triton_ok(layer) -> bool:
 def _cpu_plain_rows(layer) -> int:
     """Rows up to which ``layer`` goes straight to the packed CPU kernel: one with no compute
     dtype, input scale, activation quantization or input permutation of its own (0: never)."""
-    global _packed_linear
     if layer.compute_dtype is not None or layer.input_scale is not None or layer.activation is not None \
             or getattr(layer, "input_perm", None) is not None:
         return 0
-    from ampq.kernels.cpu import packed_linear
-
-    _packed_linear = packed_linear
     return _cpu_rows(layer)
-
-
-_packed_linear = None
 
 
 def _slab_ok(layer) -> bool:
     ok = layer.__dict__.get("_slab_ok")
     if ok is None:
-        from ampq.kernels.cpu_slab import supports
-
-        ok = layer.__dict__["_slab_ok"] = supports(layer)
+        ok = layer.__dict__["_slab_ok"] = cpu_slab.supports(layer)
     return ok
 
 
 def _cpu_rows(layer) -> int:
     rows = layer.__dict__.get("_cpu_rows")
     if rows is None:
-        from ampq.kernels.cpu import max_rows
-
-        rows = layer.__dict__["_cpu_rows"] = max_rows(layer)
+        rows = layer.__dict__["_cpu_rows"] = cpu.max_rows(layer)
     return rows
