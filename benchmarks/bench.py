@@ -3,9 +3,11 @@ process each, and the table with decode speed-ups over the bf16 model.
 
     python benchmarks/bench.py [--model smollm2-135m] [--formats int4-g64,int8-ch,int4-g64+head]
     python benchmarks/bench.py --llama-cpp int4-g32-sym,int8-g32-sym   # also llama.cpp on the GGUF export
+    python benchmarks/bench.py --checkpoint ampq-4.25=DIR   # also a checkpoint quantized beforehand
     python benchmarks/bench.py --table-only      # rebuild the table from the JSON files
 
-A format with ``+head`` quantizes the output head too (``--lm-head``). ``--llama-cpp FMT`` quantizes
+A format with ``+head`` quantizes the output head too (``--lm-head``); with ``@lean`` the model runs
+with ``AMPQ_KERNELS=lean`` (no repacked weight copies: the memory side of the trade). ``--llama-cpp FMT`` quantizes
 with ampq (round to nearest), exports the checkpoint to GGUF (int4-g32-sym is Q4_0, int8-g32-sym
 Q8_0, exactly) and times llama.cpp on it (llama-cpp-python, extra ``engines``; batch 1, as many
 threads as ampq).
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -29,17 +32,24 @@ def run(model: str, variant: str, args) -> None:
     common = ["--batch", args.batch, "--prompt-tokens", str(args.prompt_tokens), "--new-tokens",
               str(args.new_tokens), "--repeats", str(args.repeats), "--json",
               str(RESULTS / f"bench-{model}-{variant}.json")]
+    if variant in args.checkpoints:  # a checkpoint made elsewhere (an AMPQ plan, say), as it is
+        mode = variant.partition("@")[2]
+        subprocess.run([sys.executable, "-m", "ampq", "bench", args.checkpoints[variant], *common], check=True,
+                       env=dict(os.environ, AMPQ_KERNELS=mode) if mode else None)
+        return
     if variant in ("fp32", "bf16"):
         target = [model] + (["--dtype", "bfloat16"] if variant == "bf16" else [])
         subprocess.run([sys.executable, "-m", "ampq", "bench", *target, *common], check=True)
         return
     engine, _, fmt = variant.rpartition(":")
+    fmt, _, mode = fmt.partition("@")
     fmt, head = fmt.removesuffix("+head"), fmt.endswith("+head")
+    env = dict(os.environ, AMPQ_KERNELS=mode) if mode else None
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, "-m", "ampq", "quantize", model, "-f", fmt, "-o", f"{tmp}/m"]
                        + (["--lm-head"] if head else []), check=True)
         if engine != "llama.cpp":
-            subprocess.run([sys.executable, "-m", "ampq", "bench", f"{tmp}/m", *common], check=True)
+            subprocess.run([sys.executable, "-m", "ampq", "bench", f"{tmp}/m", *common], check=True, env=env)
             return
         subprocess.run([sys.executable, "-m", "ampq", "export", f"{tmp}/m", "--to", "gguf", f"{tmp}/m.gguf"], check=True)
         bits = subprocess.run([sys.executable, "-c", "import sys, ampq; from ampq.report import linear_bits; "
@@ -75,9 +85,13 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--llama-cpp", default="", help="formats to time in llama.cpp too, e.g. int4-g32-sym,int8-g32-sym")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="LABEL=DIR",
+                   help="also time this checkpoint (e.g. an AMPQ plan quantized beforehand), labelled LABEL")
     p.add_argument("--table-only", action="store_true")
     args = p.parse_args()
-    variants = ["fp32", "bf16"] + args.formats.split(",") + [f"llama.cpp:{f}" for f in args.llama_cpp.split(",") if f]
+    args.checkpoints = dict(c.split("=", 1) for c in args.checkpoint)
+    variants = (["fp32", "bf16"] + args.formats.split(",") + list(args.checkpoints)
+                + [f"llama.cpp:{f}" for f in args.llama_cpp.split(",") if f])
     if not args.table_only:
         for v in variants:
             run(args.model, v, args)

@@ -10,9 +10,10 @@ figures were taken (a CUDA graph, median of 100 replays), with weight copies rot
 cache, against fp16 cuBLAS and torch's int4 kernel; FP8 W8A8 against ``torch._scaled_mm`` alone.
 Writes kernels-gpu.json and .md to $OUT (the device tool's folder) or benchmarks/results.
 
-CPU: ampq's dispatch (`auto`: torch's packed int4 kernel for int2-4 and int8 per channel up to 256
-rows; otherwise the slab kernel, which decodes a slab of rows at a time, for every format with a
-lookup form: NF4/FP4, FP8, grouped int8; else the reference), the reference kernel alone, torch's dense fp32 and bf16 matmuls. The floor is the bytes a kernel must
+CPU: ampq's dispatch (`auto`: torch's packed int4 kernel for int2-4 up to 128 rows and int8 per
+channel up to 64; the other formats with a lookup form (NF4/FP4, FP8, grouped int8) as three int4
+planes in that kernel up to 16 rows; beyond, the slab kernel, which decodes a slab of rows at a
+time; else the reference), the reference kernel alone, torch's dense fp32 and bf16 matmuls. The floor is the bytes a kernel must
 read (weights as stored, plus activations) over the copy bandwidth measured on this machine in the
 same run. Times are medians of repeated calls after a warm-up; ratios are to dense fp32 and bf16
 measured in the same run. Writes benchmarks/results/kernels.json and .md.
@@ -71,7 +72,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="4096x4096,4096x14336,14336x4096", help="K x N (inputs x outputs)")
     p.add_argument("--m", default=None, help="rows (default 1,16,128,1024 on the CPU, 1,4,16,64,128,256,1024 with --gpu)")
-    p.add_argument("--formats", default="int4-g128,int8-ch,int3-g128,nf4-b64,fp8-e4m3-ch")
+    p.add_argument("--formats", default="int4-g128,int8-ch,int3-g128,nf4-b64,fp8-e4m3-ch,int6-g128,bf16")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernels.json"))
     p.add_argument("--gpu", action="store_true", help="check and time the GPU kernels on a CUDA device")
@@ -136,10 +137,11 @@ def main() -> None:
 
 
 def _kernel_name(layer, m: int) -> str:
-    from ampq.kernels.cpu import max_rows
-    from ampq.kernels.cpu_slab import supports
+    from ampq.kernels import cpu, cpu_planes, cpu_slab, cpu_kernel
 
-    return "packed" if m <= max_rows(layer) else "slab" if supports(layer) else "reference"
+    names = {cpu.plain_linear: "16-bit", cpu.packed_linear: "packed", cpu_planes.planes_linear: "planes",
+             cpu_slab.slab_linear: "slab"}
+    return names.get(cpu_kernel(layer, m), "reference")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ import pytest
 import torch
 
 from ampq import kernels
+from ampq.kernels import cpu_planes
 from ampq.kernels.cpu import packed_linear, supports
+from ampq.kernels.cpu_planes import planes_linear
+from ampq.kernels.cpu_planes import supports as planes_supports
 from ampq.kernels.cpu_slab import slab_linear
 from ampq.kernels.cpu_slab import supports as slab_supports
 from ampq.kernels.reference import reference_linear
@@ -52,20 +55,31 @@ def test_dispatch_by_rows_mode_and_format():
     with pytest.raises(ValueError, match="unknown kernel mode"):
         with kernels.use("fast"):
             pass
-    # formats without a packed kernel are decoded by slabs; those without a lookup form, or with a
-    # partial last group, fall back to the reference, exactly
+    # formats without a packed kernel run as int4 planes for a few rows and are decoded by slabs
+    # beyond; those without a lookup form, or with a partial last group, fall back to the reference
     for fmt, shape in [("nf4-b64", (64, 256)), ("int8-g64", (64, 256)), ("fp8-e4m3-ch", (64, 96))]:
         other = layer(fmt, *shape)
-        x = torch.randn(1, shape[1])
-        assert not supports(other) and slab_supports(other) and torch.equal(other(x), slab_linear(other, x)), fmt
+        x, more = torch.randn(1, shape[1]), torch.randn(cpu_planes.MAX_ROWS + 1, shape[1])
+        assert not supports(other) and planes_supports(other) and slab_supports(other), fmt
+        assert torch.equal(other(x), planes_linear(other, x)), fmt
+        assert torch.equal(other(more), slab_linear(other, more)), fmt
+    # no lookup form or a partial last group: int4 planes up to where decoding the whole weight
+    # first pays, the reference beyond; where the planes' groups cannot fit either (an odd width),
+    # the reference at every size
     for fmt, shape in [("int4-g64", (64, 96)), ("int5-g64", (64, 256)), ("e3m2-g32", (64, 256))]:
         other = layer(fmt, *shape)
-        x = torch.randn(1, shape[1])
-        assert not slab_supports(other) and torch.equal(other(x), reference_linear(other, x)), fmt
+        most = cpu_planes.MAX_ROWS_WITHOUT_SLAB
+        x, more = torch.randn(most, shape[1]), torch.randn(most + 1, shape[1])
+        assert not slab_supports(other) and planes_supports(other), fmt
+        assert torch.equal(other(x), planes_linear(other, x)), fmt
+        assert torch.equal(other(more), reference_linear(other, more)), fmt
+    odd = layer("int6-g32", 64, 100)
+    x = torch.randn(1, 100)
+    assert not planes_supports(odd) and torch.equal(odd(x), reference_linear(odd, x))
 
 
 @pytest.mark.parametrize("fmt", ["nf4-b64", "nf4-b64-dq", "fp4-b64", "fp8-e4m3-ch", "fp8-e5m2-ch", "fp8-e4m3",
-                                 "e2m1-g32", "int8-g32-sym", "int8-ch", "int4-g128", "int4-g64-zp"])
+                                 "e2m1-g32", "int8-g32-sym", "int8-ch", "int4-g128", "int4-g64-zp", "bf16", "fp16"])
 @pytest.mark.parametrize("shape", [(96, 256), (1536, 512)])
 @pytest.mark.parametrize("rows", [1, 5, 300])
 def test_slab_kernel_matches_the_reference(fmt, shape, rows):
@@ -80,15 +94,74 @@ def test_slab_kernel_matches_the_reference(fmt, shape, rows):
     assert got16.dtype == torch.bfloat16 and rel_err(got16.float(), want) < 6e-3
 
 
-def test_slab_kernel_follows_an_input_permutation():
+def test_slab_and_planes_kernels_follow_an_input_permutation():
     from ampq.nn import QuantLinear
 
     q = layer("nf4-b64", 64, 256)
     perm = torch.randperm(256)
     permuted = QuantLinear(256, 64, "nf4-b64", q.stored(), q.bias, input_perm=perm)
     x = torch.randn(2, 256)
-    assert rel_err(permuted(x), reference_linear(permuted, x)) < 1e-5
+    assert rel_err(permuted(x), reference_linear(permuted, x)) < 4e-3  # planes
+    with kernels.use("lean"):
+        assert rel_err(permuted(x), reference_linear(permuted, x)) < 1e-5  # slab
     assert rel_err(permuted(x), q(x)) > 0.1  # the permutation matters
+
+
+@pytest.mark.parametrize("fmt", ["nf4-b64", "nf4-b64-dq", "fp4-b64", "nf4-b128", "fp8-e4m3-ch", "fp8-e5m2-ch",
+                                 "fp8-e4m3", "e2m1-g32", "int8-g32-sym", "int8-g128", "int5-g128", "int6-g128",
+                                 "e3m2-g32", "e2m3-ch", "int4-ch"])
+@pytest.mark.parametrize("shape", [(96, 256), (1536, 512), (64, 96)])
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_planes_kernel_matches_the_reference(fmt, shape, rows):
+    q = layer(fmt, *shape, bias=rows != 5)
+    assert planes_supports(q)  # lookup forms a chunk at a time; other formats and partial groups whole
+    x = torch.randn(rows, shape[1])
+    want = reference_linear(q, x)
+    got = planes_linear(q, x)
+    assert got.dtype == x.dtype and got.shape == want.shape
+    # three planes leave ~3e-4 of a group's range: what remains is the bf16 activations' 2^-9, as
+    # in the packed kernels (two planes measured 5-6e-3 here)
+    assert rel_err(got, want) < 3.5e-3, rel_err(got, want)
+
+
+def test_planes_are_packed_by_chunks_exactly(monkeypatch):
+    # 2064 rows: a 1024-row chunk, then the 1040 left; the packed layout must concatenate by rows
+    q = layer("nf4-b64", 2064, 128)
+    x = torch.randn(3, 128)
+    chunked = planes_linear(q, x)
+    assert q.__dict__["_cpu_planes"]["packed"].shape[0] == 2064
+    del q.__dict__["_cpu_planes"]
+    monkeypatch.setattr(cpu_planes, "_CHUNK", 1 << 20)
+    assert torch.equal(planes_linear(q, x), chunked)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp16"])
+def test_16_bit_layers_multiply_their_weight_directly_at_a_row_or_two(fmt):
+    from ampq.kernels import cpu
+
+    q = layer(fmt, 96, 256)
+    for rows in (1, 2, 3):
+        x = torch.randn(rows, 256)
+        want = reference_linear(q, x)
+        if rows <= cpu.plain_rows(q):
+            got = cpu.plain_linear(q, x)
+            assert torch.equal(q(x), got) and got.dtype == x.dtype
+            assert rel_err(got, want) < 6e-3 and not torch.equal(got, want)  # 16-bit activations
+        else:
+            assert torch.equal(q(x), slab_linear(q, x))
+    assert cpu.plain_rows(q) == {"bf16": 2, "fp16": 1}[fmt]
+
+
+def test_lean_mode_keeps_no_repacked_copy():
+    x = torch.randn(1, 256)
+    for fmt in ["nf4-b64", "int4-g64", "int8-ch", "int3-g64"]:
+        q = layer(fmt, 64, 256)
+        with kernels.use("lean"):
+            got = q(x)
+        assert not {"_cpu_planes", "_cpu_packed"} & set(q.__dict__), fmt
+        want = slab_linear(q, x) if slab_supports(q) else reference_linear(q, x)  # int3: no slab kernel
+        assert torch.equal(got, want), fmt
+        assert not torch.equal(q(x), got), fmt  # auto: a repacked kernel
 
 
 def test_the_short_cpu_path_keeps_every_layer_option():
@@ -106,16 +179,27 @@ def test_the_short_cpu_path_keeps_every_layer_option():
     assert not torch.equal(scaled(x), packed_linear(scaled, x))
 
 
+# what an AMPQ plan mixes: every CPU kernel at once (packed int3/int4/int8, int4 planes for NF4
+# with double quantization, FP8, int5/int6; 16-bit layers multiplied directly)
+MIXED = {"*.q_proj": "nf4-b64-dq", "*.k_proj": "int6-g128", "*.v_proj": "int5-g128", "*.o_proj": "bf16",
+         "*.gate_proj": "int3-g128", "*.up_proj": "fp8-e4m3-ch", "*.down_proj": "int4-g32"}
+
+
 @pytest.mark.slow
-def test_greedy_decoding_on_the_real_model_agrees(smollm2):
+@pytest.mark.parametrize("fmt", ["int4-g64", "nf4-b64", "mixed"])
+def test_greedy_decoding_on_the_real_model_agrees(smollm2, fmt):
     import copy
 
     import ampq
 
     model, tok = smollm2
-    q = ampq.quantize(copy.deepcopy(model), "int4-g64", progress=False)
+    q = ampq.quantize(copy.deepcopy(model), MIXED if fmt == "mixed" else fmt, progress=False)
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     fast = q.generate(ids, max_new_tokens=12, do_sample=False)
+    # decoding reached no layer through the reference kernel
+    layers = [m for m in q.modules() if getattr(m, "is_quantized_linear", False)]
+    assert len(layers) == 210 and all({"_cpu_packed", "_cpu_planes"} & set(m.__dict__) or m.format_name == "bf16"
+                                      for m in layers)
     with kernels.use("reference"):
         exact = q.generate(ids, max_new_tokens=12, do_sample=False)
     assert fast.shape == exact.shape and (fast == exact).float().mean() > 0.9

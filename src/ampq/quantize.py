@@ -141,7 +141,7 @@ def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", c
             return_freed_memory()
     done = resume.done if resume is not None else 0
     try:
-        for i, (prefix, block) in enumerate(tqdm(blocks, desc=f"quantize ({algorithm})", unit="block",
+        for i, (prefix, block) in enumerate(tqdm(blocks, desc=f"quantize ({'+'.join(sorted(algorithms))})", unit="block",
                                                  disable=not progress)):
             if i < done:  # finished by a run that was killed: as it was, without quantizing again
                 resume.restore(i, block)

@@ -9,16 +9,24 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import warnings
 import weakref
 
 import torch
 
-from ampq.kernels import cpu, cpu_slab
+from ampq.kernels import cpu, cpu_planes, cpu_slab
 from ampq.kernels.reference import reference_linear
 
-# "auto": the fastest kernel for the format, device and number of rows; "reference": always decode
-# then matmul (exact to the format, the ground truth)
+# "auto": the fastest kernel for the format, device and number of rows; "lean": on the CPU, only
+# kernels that keep no repacked copy of a weight beside its stored codes (16-bit weights read as
+# they are, the slab kernel, else the reference); "reference": always decode then matmul (exact to
+# the format, the ground truth)
+MODES = ("auto", "lean", "reference")
 _DEFAULT_MODE = os.environ.get("AMPQ_KERNELS", "auto")
+if _DEFAULT_MODE not in MODES:
+    warnings.warn(f"AMPQ_KERNELS={_DEFAULT_MODE!r} is not a kernel mode, so 'auto' is used; set it to one of "
+                  f"{', '.join(MODES)}", stacklevel=2)
+    _DEFAULT_MODE = "auto"
 
 
 class _State(threading.local):
@@ -35,9 +43,9 @@ _state = _State()
 
 @contextlib.contextmanager
 def use(mode: str):
-    """Run the block with kernel selection ``mode`` ("auto" or "reference"), in this thread."""
-    if mode not in ("auto", "reference"):
-        raise ValueError(f"unknown kernel mode {mode!r}; choose auto or reference")
+    """Run the block with kernel selection ``mode`` ("auto", "lean" or "reference"), in this thread."""
+    if mode not in MODES:
+        raise ValueError(f"unknown kernel mode {mode!r}; choose one of {', '.join(MODES)}")
     outer, _state.mode = _state.mode, mode
     try:
         yield
@@ -59,13 +67,14 @@ def dequantized_weights_cached():
 def linear(layer, x: torch.Tensor) -> torch.Tensor:
     # the common CPU case first, in as few Python steps as possible: decoding a small model calls
     # this some 200 times per token, and each step here costs about a microsecond
-    rows = layer.__dict__.get("_cpu_plain_rows")
-    if rows is None:
-        rows = layer.__dict__["_cpu_plain_rows"] = _cpu_plain_rows(layer)
+    plain = layer.__dict__.get("_cpu_plain")
+    if plain is None:
+        plain = layer.__dict__["_cpu_plain"] = _cpu_plain(layer)
+    rows, kernel = plain
     if rows and x.is_cpu and x.numel() <= rows * layer.in_features:
         state = _state
         if state.cache is None and state.mode == "auto":
-            return cpu.packed_linear(layer, x)
+            return kernel(layer, x)
     if layer.compute_dtype is not None:
         from ampq.models import parse_dtype
 
@@ -95,12 +104,26 @@ def _linear(layer, x: torch.Tensor) -> torch.Tensor:
         from ampq.kernels.triton.lut_gemm import lut_linear
 
         return lut_linear(layer, _permuted(layer, x))
-    if mode == "auto" and x.device.type == "cpu":
-        if x.numel() <= _cpu_rows(layer) * x.shape[-1]:
-            return cpu.packed_linear(layer, _permuted(layer, x))
-        if _slab_ok(layer):
-            return cpu_slab.slab_linear(layer, _permuted(layer, x))
+    if mode != "reference" and x.device.type == "cpu":
+        kernel = cpu_kernel(layer, x.numel() // x.shape[-1], mode)
+        if kernel is not reference_linear:
+            return kernel(layer, _permuted(layer, x))
     return reference_linear(layer, x)
+
+
+def cpu_kernel(layer, rows: int, mode: str = "auto"):
+    """The CPU kernel that runs ``layer`` on ``rows`` rows of inputs in ``mode``."""
+    if mode == "reference":
+        return reference_linear
+    if rows <= _cached(layer, "_plain_rows", cpu.plain_rows):
+        return cpu.plain_linear
+    if mode == "auto" and rows <= _cached(layer, "_cpu_rows", cpu.max_rows):
+        return cpu.packed_linear
+    slab = _cached(layer, "_slab_ok", cpu_slab.supports)
+    if mode == "auto" and rows <= (cpu_planes.MAX_ROWS if slab else cpu_planes.MAX_ROWS_WITHOUT_SLAB) \
+            and _cached(layer, "_planes_ok", cpu_planes.supports):
+        return cpu_planes.planes_linear
+    return cpu_slab.slab_linear if slab else reference_linear
 
 
 def _permuted(layer, x: torch.Tensor) -> torch.Tensor:
@@ -122,24 +145,24 @@ def _triton_ok(layer) -> bool:
     return ok
 
 
-def _cpu_plain_rows(layer) -> int:
-    """Rows up to which ``layer`` goes straight to the packed CPU kernel: one with no compute
-    dtype, input scale, activation quantization or input permutation of its own (0: never)."""
+def _cpu_plain(layer) -> tuple:
+    """(rows, kernel): up to how many rows ``layer`` goes straight to a fast CPU kernel, for a
+    layer with no compute dtype, input scale, activation quantization or input permutation of its
+    own ((0, None): never)."""
     if layer.compute_dtype is not None or layer.input_scale is not None or layer.activation is not None \
             or getattr(layer, "input_perm", None) is not None:
-        return 0
-    return _cpu_rows(layer)
+        return 0, None
+    if cpu.plain_rows(layer):
+        return cpu.plain_rows(layer), cpu.plain_linear
+    if cpu.supports(layer):
+        return cpu.max_rows(layer), cpu.packed_linear
+    if cpu_planes.supports(layer):
+        return cpu_planes.MAX_ROWS, cpu_planes.planes_linear
+    return 0, None
 
 
-def _slab_ok(layer) -> bool:
-    ok = layer.__dict__.get("_slab_ok")
-    if ok is None:
-        ok = layer.__dict__["_slab_ok"] = cpu_slab.supports(layer)
-    return ok
-
-
-def _cpu_rows(layer) -> int:
-    rows = layer.__dict__.get("_cpu_rows")
-    if rows is None:
-        rows = layer.__dict__["_cpu_rows"] = cpu.max_rows(layer)
-    return rows
+def _cached(layer, key: str, check):
+    value = layer.__dict__.get(key)
+    if value is None:
+        value = layer.__dict__[key] = check(layer)
+    return value

@@ -15,8 +15,10 @@ The packed tensors are derived from the stored codes at first use and kept on th
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ampq.formats.integer import IntegerFormat
+from ampq.formats.plain import PlainFloatFormat
 
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes the packed int4 kernel takes
 DTYPE = torch.bfloat16
@@ -26,6 +28,24 @@ DTYPE = torch.bfloat16
 # against 29.3 at 4096x4096); int8 even at 64 (15.2 against 14.1). int2/int3 have no slab kernel,
 # and the packed one beats decoding the weight first at every size tried (up to 1024 rows).
 MAX_ROWS = {2: 1 << 62, 3: 1 << 62, 4: 128, 8: 64}
+
+
+# 16-bit layers (kept by a mixed plan) multiply their stored weight directly up to these rows: at
+# one row 17x faster than widening it to float32 first on this CPU, beyond about two slower than
+# widening it by slabs (cpu_slab.py), as this CPU has no 16-bit arithmetic
+PLAIN_ROWS = {torch.bfloat16: 2, torch.float16: 1}
+
+
+def plain_rows(layer) -> int:
+    return PLAIN_ROWS[layer.format.dtype] if isinstance(layer.format, PlainFloatFormat) else 0
+
+
+def plain_linear(layer, x: torch.Tensor) -> torch.Tensor:
+    w = layer.weight.view(layer.out_features, layer.in_features)
+    y = F.linear(x.to(w.dtype), w)
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y + layer.bias.to(x.dtype) if layer.bias is not None else y
 
 
 def max_rows(layer) -> int:
