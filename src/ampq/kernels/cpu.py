@@ -42,10 +42,7 @@ def plain_rows(layer) -> int:
 
 def plain_linear(layer, x: torch.Tensor) -> torch.Tensor:
     w = layer.weight.view(layer.out_features, layer.in_features)
-    y = F.linear(x.to(w.dtype), w)
-    if y.dtype != x.dtype:
-        y = y.to(x.dtype)
-    return y + layer.bias.to(x.dtype) if layer.bias is not None else y
+    return finish(layer, x, F.linear(x.to(w.dtype), w))
 
 
 def max_rows(layer) -> int:
@@ -80,6 +77,12 @@ def packed_linear(layer, x: torch.Tensor) -> torch.Tensor:
             y = y * kernel["scale"]
         else:  # asymmetric: w = scale * (q - 128) + offset, per output row
             y = torch.addcmul(x2.sum(-1, keepdim=True) * kernel["offset"], y, kernel["scale"])
+    return finish(layer, x, y)
+
+
+def finish(layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A kernel's (rows, out) product ``y`` as the layer's output for ``x``: its dtype, the bias,
+    its leading dimensions."""
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
     if layer.bias is not None:

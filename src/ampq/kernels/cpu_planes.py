@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ampq.formats.plain import PlainFloatFormat
-from ampq.kernels import cpu_slab
+from ampq.kernels import cpu, cpu_slab
 from ampq.kernels.lut import lut_form
 
 PLANES = 3
@@ -61,11 +61,7 @@ def planes_linear(layer, x: torch.Tensor) -> torch.Tensor:
     xb = x2.to(DTYPE)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.cat([xb] * PLANES, dim=1), kernel["packed"],
                                                    kernel["group"], kernel["scales_zeros"])
-    if y.dtype != x.dtype:
-        y = y.to(x.dtype)
-    if layer.bias is not None:
-        y = y + layer.bias.to(x.dtype)
-    return y if x.dim() == 2 else y.view(*x.shape[:-1], layer.out_features)
+    return cpu.finish(layer, x, y)
 
 
 def decoded(form: dict, rows: slice, k: int) -> torch.Tensor:
