@@ -152,6 +152,29 @@ def test_16_bit_layers_multiply_their_weight_directly_at_a_row_or_two(fmt):
     assert cpu.plain_rows(q) == {"bf16": 2, "fp16": 1}[fmt]
 
 
+def test_repacked_copies_are_made_only_while_memory_is_free(monkeypatch):
+    import warnings
+
+    x = torch.randn(1, 256)
+    monkeypatch.setattr(kernels, "_short_of_memory_told", False)
+    monkeypatch.setattr(kernels, "_free_memory", lambda: (3 << 29, 16 << 30))  # 1.5 of 16 GiB: under 10%
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for fmt in ["nf4-b64", "int4-g64", "int8-ch"]:
+            q = layer(fmt, 64, 256)
+            got = q(x)
+            assert not {"_cpu_planes", "_cpu_packed"} & set(q.__dict__), fmt
+            assert torch.equal(got, slab_linear(q, x)), fmt
+            assert torch.equal(q(x), got), fmt  # decided once per layer
+    told = [w for w in caught if "GiB of memory is free" in str(w.message)]
+    assert len(told) == 1, [str(w.message) for w in caught]  # one line, not one per layer
+    monkeypatch.setattr(kernels, "_free_memory", lambda: (4 << 30, 16 << 30))  # 4 GiB free: room
+    q = layer("nf4-b64", 64, 256)
+    assert torch.equal(q(x), planes_linear(q, x)) and "_cpu_planes" in q.__dict__
+    monkeypatch.setattr(kernels, "_free_memory", lambda: (0, 16 << 30))
+    assert torch.equal(q(x), planes_linear(q, x))  # a copy already made is used whatever is free now
+
+
 def test_lean_mode_keeps_no_repacked_copy():
     x = torch.randn(1, 256)
     for fmt in ["nf4-b64", "int4-g64", "int8-ch", "int3-g64"]:

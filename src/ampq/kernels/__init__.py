@@ -66,15 +66,13 @@ def dequantized_weights_cached():
 
 def linear(layer, x: torch.Tensor) -> torch.Tensor:
     # the common CPU case first, in as few Python steps as possible: decoding a small model calls
-    # this some 200 times per token, and each step here costs about a microsecond
-    plain = layer.__dict__.get("_cpu_plain")
-    if plain is None:
-        plain = layer.__dict__["_cpu_plain"] = _cpu_plain(layer)
-    rows, kernel = plain
-    if rows and x.is_cpu and x.numel() <= rows * layer.in_features:
+    # this some 200 times per token, and each step here costs about a microsecond. The short path
+    # is set by the first call that chose a fast kernel for the layer (_linear)
+    fast = layer.__dict__.get("_cpu_fast")
+    if fast is not None and x.is_cpu and x.numel() <= fast[0] * layer.in_features:
         state = _state
         if state.cache is None and state.mode == "auto":
-            return kernel(layer, x)
+            return fast[1](layer, x)
     if layer.compute_dtype is not None:
         from ampq.models import parse_dtype
 
@@ -106,6 +104,8 @@ def _linear(layer, x: torch.Tensor) -> torch.Tensor:
         return lut_linear(layer, _permuted(layer, x))
     if mode != "reference" and x.device.type == "cpu":
         kernel = cpu_kernel(layer, x.numel() // x.shape[-1], mode)
+        if mode == "auto" and "_cpu_fast" not in layer.__dict__:
+            _set_short_path(layer, kernel)
         if kernel is not reference_linear:
             return kernel(layer, _permuted(layer, x))
     return reference_linear(layer, x)
@@ -117,13 +117,52 @@ def cpu_kernel(layer, rows: int, mode: str = "auto"):
         return reference_linear
     if rows <= _cached(layer, "_plain_rows", cpu.plain_rows):
         return cpu.plain_linear
-    if mode == "auto" and rows <= _cached(layer, "_cpu_rows", cpu.max_rows):
+    if mode == "auto" and rows <= _cached(layer, "_cpu_rows", cpu.max_rows) \
+            and _may_copy(layer, "_cpu_packed", cpu.copy_bytes):
         return cpu.packed_linear
     slab = _cached(layer, "_slab_ok", cpu_slab.supports)
-    if mode == "auto" and rows <= (cpu_planes.MAX_ROWS if slab else cpu_planes.MAX_ROWS_WITHOUT_SLAB) \
-            and _cached(layer, "_planes_ok", cpu_planes.supports):
+    if mode == "auto" and rows <= _planes_rows(layer, slab) and _cached(layer, "_planes_ok", cpu_planes.supports) \
+            and _may_copy(layer, "_cpu_planes", cpu_planes.copy_bytes):
         return cpu_planes.planes_linear
     return cpu_slab.slab_linear if slab else reference_linear
+
+
+def _planes_rows(layer, slab: bool) -> int:
+    return cpu_planes.MAX_ROWS if slab else cpu_planes.MAX_ROWS_WITHOUT_SLAB
+
+
+# The CPU kernels' repacked copies are made only while they leave this much memory free (the larger
+# of the two); past it, a layer stays on the kernels that keep none, and one warning says so
+MIN_FREE_BYTES = 1 << 30
+MIN_FREE_FRACTION = 0.10
+_short_of_memory_told = False
+
+
+def _free_memory() -> tuple[int, int]:
+    """(available, total) bytes of this machine's memory."""
+    import psutil  # accelerate's dependency, so always installed with ampq
+
+    mem = psutil.virtual_memory()
+    return mem.available, mem.total
+
+
+def _may_copy(layer, key: str, copy_bytes) -> bool:
+    """Whether ``layer`` holds, or may now make, the repacked copy its kernel keeps under ``key``.
+    Asked right before the kernel's first call, so the copies made before count."""
+    if key in layer.__dict__:
+        return True
+    refused = layer.__dict__.get(key + "_refused")
+    if refused is None:
+        available, total = _free_memory()
+        refused = available - copy_bytes(layer) < max(MIN_FREE_BYTES, MIN_FREE_FRACTION * total)
+        layer.__dict__[key + "_refused"] = refused
+        global _short_of_memory_told
+        if refused and not _short_of_memory_told:
+            _short_of_memory_told = True
+            warnings.warn(f"only {available / 2**30:.1f} GiB of memory is free: layers from here on run without the "
+                          "CPU kernels' repacked weight copies, on slower kernels (AMPQ_KERNELS=lean does this for "
+                          "every layer)", stacklevel=4)
+    return not refused
 
 
 def _permuted(layer, x: torch.Tensor) -> torch.Tensor:
@@ -145,20 +184,19 @@ def _triton_ok(layer) -> bool:
     return ok
 
 
-def _cpu_plain(layer) -> tuple:
-    """(rows, kernel): up to how many rows ``layer`` goes straight to a fast CPU kernel, for a
-    layer with no compute dtype, input scale, activation quantization or input permutation of its
-    own ((0, None): never)."""
+def _set_short_path(layer, kernel) -> None:
+    """Let later calls of ``layer`` reach ``kernel`` straight from :func:`linear`, up to the rows it
+    serves, where ``kernel`` is a fast one and the layer has no compute dtype, input scale,
+    activation quantization or input permutation of its own."""
     if layer.compute_dtype is not None or layer.input_scale is not None or layer.activation is not None \
             or getattr(layer, "input_perm", None) is not None:
-        return 0, None
-    if cpu.plain_rows(layer):
-        return cpu.plain_rows(layer), cpu.plain_linear
-    if cpu.supports(layer):
-        return cpu.max_rows(layer), cpu.packed_linear
-    if cpu_planes.supports(layer):
-        return cpu_planes.MAX_ROWS, cpu_planes.planes_linear
-    return 0, None
+        layer.__dict__["_cpu_fast"] = (0, None)
+    elif kernel is cpu.plain_linear:
+        layer.__dict__["_cpu_fast"] = (cpu.plain_rows(layer), kernel)
+    elif kernel is cpu.packed_linear:
+        layer.__dict__["_cpu_fast"] = (cpu.max_rows(layer), kernel)
+    elif kernel is cpu_planes.planes_linear:
+        layer.__dict__["_cpu_fast"] = (_planes_rows(layer, cpu_slab.supports(layer)), kernel)
 
 
 def _cached(layer, key: str, check):

@@ -45,6 +45,14 @@ def plain_linear(layer, x: torch.Tensor) -> torch.Tensor:
     return finish(layer, x, F.linear(x.to(w.dtype), w))
 
 
+def copy_bytes(layer) -> int:
+    """Bytes of the packed copy this kernel keeps for ``layer``."""
+    n, k = layer.out_features, layer.in_features
+    if layer.format.bits <= 4:
+        return n * k // 2 + 4 * n * (k // layer.format.group_size)  # int4 codes, bf16 scale and zero
+    return n * k + 10 * n  # int8 codes; bf16 ones, float32 scales and offsets
+
+
 def max_rows(layer) -> int:
     """Rows up to which ``layer`` runs the packed kernel (0: never)."""
     return MAX_ROWS[layer.format.bits] if supports(layer) else 0

@@ -53,6 +53,12 @@ def supports(layer) -> bool:
         and layer.out_features % 16 == 0
 
 
+def copy_bytes(layer) -> int:
+    """Bytes of the planes kept for ``layer``: int4 codes, a bf16 scale and offset per group."""
+    n, k = layer.out_features, layer.in_features
+    return PLANES * (n * k // 2 + 4 * n * (k // group(k)))
+
+
 def planes_linear(layer, x: torch.Tensor) -> torch.Tensor:
     kernel = layer.__dict__.get("_cpu_planes")
     if kernel is None:
