@@ -12,6 +12,7 @@ import threading
 import warnings
 import weakref
 
+import psutil
 import torch
 
 from ampq.kernels import cpu, cpu_planes, cpu_slab
@@ -140,8 +141,6 @@ _short_of_memory_told = False
 
 def _free_memory() -> tuple[int, int]:
     """(available, total) bytes of this machine's memory."""
-    import psutil  # accelerate's dependency, so always installed with ampq
-
     mem = psutil.virtual_memory()
     return mem.available, mem.total
 

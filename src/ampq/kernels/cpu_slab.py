@@ -1,7 +1,8 @@
-"""CPU kernel for the formats torch has no packed kernel for: NF4/FP4 (with or without double
-quantization), FP8 and the other minifloats with 4- or 8-bit codes, int8 in groups (llama.cpp's
-Q8_0 layout), 16-bit layers (bf16/fp16 kept by a mixed plan), and int4 and int8 above the rows
-where the packed kernels stop paying (cpu.MAX_ROWS).
+"""CPU kernel for every format with a lookup form (NF4/FP4 with or without double quantization,
+FP8 and the other minifloats with 4- or 8-bit codes, int8 in groups as llama.cpp's Q8_0, int4 and
+int8) and for 16-bit layers (bf16/fp16 kept by a mixed plan), beyond the rows where the kernels that
+keep a repacked copy pay (cpu.MAX_ROWS, cpu_planes.MAX_ROWS), and at every size where no copy may be
+kept (``kernels.use("lean")``, or memory short).
 The weight is decoded a slab of output rows at a time, into a float32 buffer that stays in cache,
 and multiplied at once; the whole decoded weight never exists.
 
