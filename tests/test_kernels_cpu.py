@@ -175,6 +175,33 @@ def test_repacked_copies_are_made_only_while_memory_is_free(monkeypatch):
     assert torch.equal(q(x), planes_linear(q, x))  # a copy already made is used whatever is free now
 
 
+def test_free_memory_is_the_containers_where_its_limit_is_lower(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    gib = 1 << 30
+    monkeypatch.setattr(kernels.psutil, "virtual_memory", lambda: SimpleNamespace(available=16 * gib, total=32 * gib))
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "memory.max").write_text(f"{4 * gib}\n")
+    (v2 / "memory.current").write_text(f"{3 * gib}\n")
+    (v2 / "memory.stat").write_text(f"anon {2 * gib}\ninactive_file {gib // 2}\n")
+    monkeypatch.setattr(kernels, "_CGROUP", v2)
+    assert kernels._free_memory() == (gib + gib // 2, 4 * gib)  # 4 - 3 used + 0.5 reclaimable cache
+    (v2 / "memory.max").write_text("max\n")
+    assert kernels._free_memory() == (16 * gib, 32 * gib)  # no limit: the machine's
+    v1 = tmp_path / "v1" / "memory"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(f"{2 * gib}\n")
+    (v1 / "memory.usage_in_bytes").write_text(f"{gib}\n")
+    (v1 / "memory.stat").write_text("cache 0\ntotal_inactive_file 0\n")
+    monkeypatch.setattr(kernels, "_CGROUP", v1.parent)
+    assert kernels._free_memory() == (gib, 2 * gib)
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "unlimited"
+    assert kernels._free_memory() == (16 * gib, 32 * gib)
+    monkeypatch.setattr(kernels, "_CGROUP", tmp_path / "none")
+    assert kernels._free_memory() == (16 * gib, 32 * gib)
+
+
 def test_lean_mode_keeps_no_repacked_copy():
     x = torch.randn(1, 256)
     for fmt in ["nf4-b64", "int4-g64", "int8-ch", "int3-g64"]:

@@ -11,6 +11,7 @@ import os
 import threading
 import warnings
 import weakref
+from pathlib import Path
 
 import psutil
 import torch
@@ -139,10 +140,37 @@ MIN_FREE_FRACTION = 0.10
 _short_of_memory_told = False
 
 
+_CGROUP = Path("/sys/fs/cgroup")
+
+
 def _free_memory() -> tuple[int, int]:
-    """(available, total) bytes of this machine's memory."""
+    """(available, total) bytes of memory for this process: the machine's, or its container's
+    where a cgroup limit is lower (psutil sees only the machine)."""
     mem = psutil.virtual_memory()
-    return mem.available, mem.total
+    available, total = mem.available, mem.total
+    limited = _cgroup_memory()
+    if limited is not None and limited[1] < total:
+        available, total = min(available, limited[0]), limited[1]
+    return available, total
+
+
+def _cgroup_memory() -> tuple[int, int] | None:
+    """(available, limit) under the cgroup's memory limit (v2, else v1), None without one. The
+    inactive page cache counts as available, as the kernel reclaims it before refusing memory."""
+    for limit_file, usage_file, cache_key in (("memory.max", "memory.current", "inactive_file"),
+                                              ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes",
+                                               "total_inactive_file")):
+        try:
+            limit = (_CGROUP / limit_file).read_text().strip()
+            if not limit.isdigit():
+                return None  # "max": no limit
+            usage = int((_CGROUP / usage_file).read_text())
+            stat = (_CGROUP / limit_file).with_name("memory.stat").read_text().split()
+        except (OSError, ValueError):
+            continue
+        cache = dict(zip(stat[::2], stat[1::2])).get(cache_key, "0")
+        return max(int(limit) - usage + int(cache), 0), int(limit)
+    return None
 
 
 def _may_copy(layer, key: str, copy_bytes) -> bool:
