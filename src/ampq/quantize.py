@@ -141,7 +141,8 @@ def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", c
             return_freed_memory()
     done = resume.done if resume is not None else 0
     try:
-        for i, (prefix, block) in enumerate(tqdm(blocks, desc=f"quantize ({'+'.join(sorted(algorithms))})", unit="block",
+        label = "+".join(sorted(algorithms))
+        for i, (prefix, block) in enumerate(tqdm(blocks, desc=f"quantize ({label})", unit="block",
                                                  disable=not progress)):
             if i < done:  # finished by a run that was killed: as it was, without quantizing again
                 resume.restore(i, block)

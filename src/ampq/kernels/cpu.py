@@ -31,7 +31,7 @@ MAX_ROWS = {2: 1 << 62, 3: 1 << 62, 4: 128, 8: 64}
 
 
 # 16-bit layers (kept by a mixed plan) multiply their stored weight directly up to these rows: at
-# one row 17x faster than widening it to float32 first on this CPU, beyond about two slower than
+# one row 16x faster than widening it to float32 first on this CPU, beyond about two slower than
 # widening it by slabs (cpu_slab.py), as this CPU has no 16-bit arithmetic
 PLAIN_ROWS = {torch.bfloat16: 2, torch.float16: 1}
 

@@ -26,7 +26,6 @@ import torch
 
 from ampq.formats.plain import PlainFloatFormat
 from ampq.kernels import cpu, cpu_slab
-from ampq.kernels.lut import lut_form
 
 PLANES = 3
 DTYPE = torch.bfloat16
@@ -70,28 +69,13 @@ def planes_linear(layer, x: torch.Tensor) -> torch.Tensor:
     return cpu.finish(layer, x, y)
 
 
-def decoded(form: dict, rows: slice, k: int) -> torch.Tensor:
-    """Float32 weight rows of a lookup form, in the stored column order."""
-    codes = form["codes"].view(torch.uint8)
-    per_row = k // 2 if form["bits"] == 4 else k
-    c = codes.reshape(-1, per_row)[rows]
-    if form["bits"] == 4:  # two codes a byte, low nibble first
-        c = torch.stack([c & 15, c >> 4], dim=-1).reshape(c.shape[0], k)
-    lut = form["lut"]
-    w = lut[c.long()] if lut is not None else c.float()
-    w = w.view(c.shape[0], form["groups"], -1) * form["a"][rows, :, None]
-    if form["b"] is not None:
-        w += form["b"][rows, :, None]
-    return w.reshape(c.shape[0], k)
-
-
 @torch.no_grad()
 def _prepare(layer) -> dict:
     n, k = layer.out_features, layer.in_features
-    # formats with a lookup form are decoded a chunk at a time; the others (int5/int6, 6-bit
-    # minifloats, partial last groups) by the format itself, whole, once
-    form = lut_form(layer) if cpu_slab.supports(layer) else None
-    whole = layer.format.dequantize(layer.stored(), layer.shape).float() if form is None else None
+    # formats with a lookup form are decoded a chunk at a time, as the slab kernel decodes them;
+    # the others (int5/int6, 6-bit minifloats, partial last groups) by the format itself, whole, once
+    slab = cpu_slab.prepared(layer) if cpu_slab.supports(layer) else None
+    whole = layer.format.dequantize(layer.stored(), layer.shape).float() if slab is None else None
     g = group(k)
     packed, scales_zeros = [], []
     for start in range(0, n, _CHUNK):
@@ -101,7 +85,11 @@ def _prepare(layer) -> dict:
             rows = slice(start, n)
         else:
             rows = slice(start, start + _CHUNK)
-        residual = (decoded(form, rows, k) if form is not None else whole[rows].clone()).view(-1, k // g, g)
+        if slab is not None:
+            residual = cpu_slab.decode_rows(slab, rows.start, rows.stop - rows.start, k)
+        else:
+            residual = whole[rows].clone()
+        residual = residual.view(-1, k // g, g)
         codes, params = [], []
         for _ in range(PLANES):
             lo, hi = torch.aminmax(residual, dim=-1, keepdim=True)

@@ -14,7 +14,7 @@ about 130 ms; it is still far slower than the packed int4/int8 kernels, which ne
 The decoded values are the reference kernel's (float32, the same table), so results agree with it
 to float32 rounding (the sums run in slabs). 16-bit weights are only widened, a slab at a time:
 widening a whole 4096x4096 bf16 weight into fresh memory, as the reference does, takes 20 ms here,
-a slab at a time 2-4x less.
+a slab at a time 1.7-3.3x less in all (benchmarks/kernels.py, bf16 rows).
 """
 
 from __future__ import annotations
@@ -35,31 +35,17 @@ def supports(layer) -> bool:
 
 
 def slab_linear(layer, x: torch.Tensor) -> torch.Tensor:
-    kernel = layer.__dict__.get("_cpu_slab")
-    if kernel is None:
-        kernel = layer.__dict__["_cpu_slab"] = _prepare(layer)
+    kernel = prepared(layer)
     k, n = layer.in_features, layer.out_features
     x2 = x.reshape(-1, k)
     # the product runs in the activations' dtype, as the reference's does: a bf16 compute dtype
     # (bitsandbytes' compute_dtype) is honoured
     out = torch.empty(x2.shape[0], n, dtype=x.dtype)
-    codes, table, a, b = kernel["codes"], kernel["table"], kernel["a"], kernel["b"]
-    slab, groups = kernel["slab"], kernel["groups"]
-    per_row = groups == 1  # one a (and b) per output row: applied to the product instead, one pass less
-    for r in range(0, n, slab):
-        rows = min(slab, n - r)
-        if kernel["plain"]:  # 16-bit weights: widened only
-            w = codes[r:r + rows].to(torch.float32)
-        elif table is None:  # 8-bit integer codes: their own values, centred
-            w = codes[r:r + rows].to(torch.float32).sub_(kernel["half"])
-        else:
-            index = codes[r:r + rows].reshape(-1).to(torch.int32)
-            w = table.index_select(0, index).view(torch.float32).view(rows, k)
-        if not per_row:
-            w = w.view(rows, groups, -1).mul_(a[r:r + rows, :, None])
-            if b is not None:
-                w.add_(b[r:r + rows, :, None])
-        w = w.view(rows, k).to(x.dtype)
+    a, b = kernel["a"], kernel["b"]
+    per_row = kernel["groups"] == 1  # one a (and b) per output row: applied to the product instead, one pass less
+    for r in range(0, n, kernel["slab"]):
+        rows = min(kernel["slab"], n - r)
+        w = decode_rows(kernel, r, rows, k, per_row_scales=not per_row).to(x.dtype)
         if x2.shape[0] == 1:
             torch.mm(x2, w.t(), out=out[:, r:r + rows])
         else:
@@ -73,6 +59,32 @@ def slab_linear(layer, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], n)
 
 
+def prepared(layer) -> dict:
+    """The slab kernel's tables for ``layer`` (made once, kept on it: a few bytes per group)."""
+    kernel = layer.__dict__.get("_cpu_slab")
+    if kernel is None:
+        kernel = layer.__dict__["_cpu_slab"] = _prepare(layer)
+    return kernel
+
+
+def decode_rows(kernel: dict, r: int, rows: int, k: int, per_row_scales: bool = True) -> torch.Tensor:
+    """Float32 weight rows r .. r + rows, in the stored column order. Without ``per_row_scales`` a
+    format with one scale per row is left unscaled (the slab kernel scales the product instead)."""
+    codes, table, a, b = kernel["codes"], kernel["table"], kernel["a"], kernel["b"]
+    if kernel["plain"]:  # 16-bit weights: widened only
+        return codes[r:r + rows].to(torch.float32)
+    if table is None:  # 8-bit integer codes: their own values, centred
+        w = codes[r:r + rows].to(torch.float32).sub_(kernel["half"])
+    else:
+        index = codes[r:r + rows].reshape(-1).to(torch.int32)
+        w = table.index_select(0, index).view(torch.float32).view(rows, k)
+    if kernel["groups"] > 1 or per_row_scales:
+        w = w.view(rows, kernel["groups"], -1).mul_(a[r:r + rows, :, None])
+        if b is not None:
+            w.add_(b[r:r + rows, :, None])
+    return w.view(rows, k)
+
+
 @torch.no_grad()
 def _prepare(layer) -> dict:
     k = layer.in_features
@@ -80,7 +92,7 @@ def _prepare(layer) -> dict:
         return {"plain": True, "codes": layer.stored()["weight"].reshape(layer.out_features, k), "table": None,
                 "a": None, "b": None, "groups": 1, "slab": max(1, SLAB_BYTES // (4 * k))}
     form = lut_form(layer)
-    bits, k = form["bits"], layer.in_features
+    bits = form["bits"]
     a, b, half = form["a"], form["b"], 0
     if form["lut"] is None:
         # integer codes, centred: w = (q - half) * a + (b + half * a). With one (a, b) per row the
