@@ -1,4 +1,4 @@
-"""``benchmarks/kernels.py --gpu``: check every GPU kernel against the reference, then time it.
+"""``benchmarks/kernel_speed.py --gpu``: check every GPU kernel against the reference, then time it.
 
 1. Checks: each format the Triton kernel covers, fp16 and bf16 activations, M = 1, 9, 16, 100, 300
    (every row bucket), odd N, fresh random inputs each time; the float64 product of the decoded
@@ -12,7 +12,7 @@
    ``torch._scaled_mm`` alone. Each tuned Triton result is checked once more against the reference.
 3. ``ampq bench`` on a random Llama-shaped model on the GPU, fp16 against int4-g128, when time is left.
 
-Everything is written to $OUT (or benchmarks/results/kernels) as kernels-gpu.json as it goes.
+Everything is written to $OUT (or benchmarks/results/kernel_speed) as kernels-gpu.json as it goes.
 """
 
 from __future__ import annotations

@@ -24,9 +24,7 @@ from pathlib import Path
 
 import torch
 
-# the script's folder goes after site-packages: a benchmark module must not shadow an installed package
-_HERE = str(Path(__file__).resolve().parent)
-sys.path[:] = [p for p in sys.path if str(Path(p or ".").resolve()) != _HERE] + [_HERE]
+sys.path.insert(0, str(Path(__file__).parent))
 from _machine import machine  # noqa: E402
 
 import ampq  # noqa: E402

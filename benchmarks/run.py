@@ -2,7 +2,7 @@
 
     python benchmarks/run.py --list               # every benchmark, what it measures, what it needs
     python benchmarks/run.py uniform              # one (arguments after the name go to its script)
-    python benchmarks/run.py kernels --gpu        # e.g. the GPU kernels, on a CUDA machine
+    python benchmarks/run.py kernel_speed --gpu        # e.g. the GPU kernels, on a CUDA machine
     python benchmarks/run.py all                  # every one that needs nothing beyond the test extras
     python -m benchmarks NAME ...                 # the same, from the repository root
 

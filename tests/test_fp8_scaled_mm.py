@@ -1,6 +1,6 @@
 """FP8 W8A8 on fp8 tensor cores (torch._scaled_mm) against the float32 W8A8 reference. torch's CPU
 build has _scaled_mm too, so the same code path runs here; on a GPU it is checked by
-benchmarks/kernels.py --gpu."""
+benchmarks/kernel_speed.py --gpu."""
 
 import pytest
 import torch

@@ -206,7 +206,7 @@ def test_clip_scales_absmax_and_clamps():
 @pytest.mark.parametrize("fmt", ["nf4-b64-dq", "fp4-b64", "fp8-e4m3-ch", "e2m1-g32"])
 def test_decoding_follows_the_codes_device(fmt):
     # the decode tables live on the CPU and are copied once to the codes' device. A CPU table
-    # indexed by CUDA codes failed on a GPU (found by benchmarks/kernels.py --gpu); "meta" tolerates
+    # indexed by CUDA codes failed on a GPU (found by benchmarks/kernel_speed.py --gpu); "meta" tolerates
     # the mismatch, so here the copy-once cache is what is checked, and that decoding stays there
     from ampq.formats.base import constant_on
     from ampq.quantize import quantize_linear

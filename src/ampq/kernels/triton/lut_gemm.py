@@ -18,7 +18,7 @@ divides the group width), a and b are loaded once per tile and row instead of pe
 Tile shapes are tuned per (row bucket, N, K) on the GPU (``triton.autotune``, the first call of a
 shape; a few seconds); in Triton's interpreter (CPU tests) a fixed shape runs. Correctness is
 checked against the reference kernel in the interpreter (tests/_triton_check.py), speed on a GPU
-(benchmarks/kernels.py --gpu). Measured on an H200 (benchmarks/results/kernels-gpu.md): integer
+(benchmarks/kernel_speed.py --gpu). Measured on an H200 (benchmarks/results/kernel_speed/kernels-gpu.md): integer
 formats at 0.9-1.1x fp16 cuBLAS up to 16 rows and 0.2-0.6x beyond (still 3-10x faster there than
 decoding the weight with torch ops, then cuBLAS, so it serves every M); NF4/FP8 weights, whose
 values come from a table lookup per element, at 0.4-0.7x for one row and 0.02-0.13x beyond.
@@ -43,7 +43,7 @@ def _lut_gemm_kernel(x_ptr, codes_ptr, lut_ptr, a_ptr, b_ptr, bias_ptr, y_ptr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr):
     # A version without load masks, with pointer increments, integer-to-float by the 2^23 trick,
     # nibbles kept apart (even and odd inputs) and the scales applied after the dot measured slower
-    # on an H200 at every M (benchmarks/results/kernels-gpu-variant-b.json): this simpler one stays.
+    # on an H200 at every M (benchmarks/results/kernel_speed/kernels-gpu-variant-b.json): this simpler one stays.
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)

@@ -1,14 +1,14 @@
 """Quantized matmul kernels against dense matmul at Llama-3-8B shapes, and the floor that memory
 bandwidth sets.
 
-    python benchmarks/kernels.py [--shapes 4096x4096,4096x14336,14336x4096] [--m 1,16,128,1024]
-    python benchmarks/kernels.py --gpu      # on a CUDA machine: check every kernel, then time it
+    python benchmarks/kernel_speed.py [--shapes 4096x4096,4096x14336,14336x4096] [--m 1,16,128,1024]
+    python benchmarks/kernel_speed.py --gpu      # on a CUDA machine: check every kernel, then time it
 
 GPU (``--gpu``, in ``_kernels_gpu.py``): every GPU kernel checked against the reference on the
 device (failures reported at the end, exit status 1), then kernel time only as ANCHORS.md's
 figures were taken (a CUDA graph, median of 100 replays), with weight copies rotated past the L2
 cache, against fp16 cuBLAS and torch's int4 kernel; FP8 W8A8 against ``torch._scaled_mm`` alone.
-Writes kernels-gpu.json and .md to $OUT (the device tool's folder) or benchmarks/results/kernels.
+Writes kernels-gpu.json and .md to $OUT (the device tool's folder) or benchmarks/results/kernel_speed.
 
 CPU: ampq's dispatch (`auto`: torch's packed int4 kernel for int2-4 up to 128 rows and int8 per
 channel up to 64; the other formats with a lookup form (NF4/FP4, FP8, grouped int8) as three int4
@@ -16,7 +16,7 @@ planes in that kernel up to 16 rows; beyond, the slab kernel, which decodes a sl
 time; else the reference), the reference kernel alone, torch's dense fp32 and bf16 matmuls. The floor is the bytes a kernel must
 read (weights as stored, plus activations) over the copy bandwidth measured on this machine in the
 same run. Times are medians of repeated calls after a warm-up; ratios are to dense fp32 and bf16
-measured in the same run. Writes benchmarks/results/kernels/kernels.json and .md.
+measured in the same run. Writes benchmarks/results/kernel_speed/kernels.json and .md.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def main() -> None:
     p.add_argument("--m", default=None, help="rows (default 1,16,128,1024 on the CPU, 1,4,16,64,128,256,1024 with --gpu)")
     p.add_argument("--formats", default="int4-g128,int8-ch,int3-g128,nf4-b64,fp8-e4m3-ch,int6-g128,bf16")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernels" / "kernels.json"))
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernel_speed" / "kernels.json"))
     p.add_argument("--gpu", action="store_true", help="check and time the GPU kernels on a CUDA device")
     p.add_argument("--e2e-after", type=float, default=420,
                    help="--gpu: run the end-to-end decode bench only if fewer seconds than this have passed")
