@@ -1,0 +1,80 @@
+"""The transform applied before sensitivity: the float model computes what it did, and its weights
+quantize with less output error; calibration mixes share their windows among texts."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ampq.data import MIXES, make_windows
+from ampq.errors import AmpqError
+from ampq.quantize import quantize
+from ampq.transform import apply_transform
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # salient input channels, as trained models have: what AWQ protects
+        for block in model.model.layers:
+            block.input_layernorm.weight[:4] = 8.0
+            block.post_attention_layernorm.weight[:4] = 8.0
+    return model
+
+
+def tokens(n=8, length=32, seed=1):
+    return torch.randint(0, 128, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def test_awq_transform_keeps_the_float_model_and_helps_its_quantization():
+    model = tiny_llama()
+    calib, held_out = tokens(), tokens(4, seed=2)
+    before = model(held_out).logits
+    transformed = copy.deepcopy(model)
+    record = apply_transform(transformed, "awq", calib, search_format="int3-g32", progress=False)
+    assert record["name"] == "awq" and record["alphas"]
+    assert any(alpha > 0 for alpha in record["alphas"].values())
+    after = transformed(held_out).logits
+    assert torch.allclose(before, after, atol=1e-3 * before.abs().max().item())
+
+    def quantized_error(m):
+        m = copy.deepcopy(m)
+        quantize(m, "int3-g32", progress=False)
+        return float((m(held_out).logits - before).pow(2).mean())
+
+    assert quantized_error(transformed) < quantized_error(model)
+
+
+def test_no_transform_changes_nothing_and_unknown_names_fail_in_one_line():
+    model = tiny_llama()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert apply_transform(model, "none", tokens(), progress=False) == {"name": "none"}
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(AmpqError, match="unknown transform 'rotate'"):
+        apply_transform(model, "rotate", tokens(), progress=False)
+
+
+class WordTokenizer:
+    """One token per character: enough to cut windows from real texts."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) % 1000 for c in text]}
+
+
+def test_a_mix_shares_its_windows_among_its_texts_from_their_calibration_halves():
+    tok = WordTokenizer()
+    mixed = make_windows(tok, "mix", "calib", 64, 10)
+    parts = MIXES["mix"].split("+")
+    assert mixed.tokens.shape == (10, 64) and mixed.source == f"{MIXES['mix']}:calib"
+    first = [make_windows(tok, t, "calib", 64, 3 if i < 10 % len(parts) else 2) for i, t in enumerate(parts)]
+    assert torch.equal(mixed.tokens, torch.cat([w.tokens for w in first]))
+    assert torch.equal(make_windows(tok, "wiki+c4", "calib", 64, 4).tokens[2:],
+                       make_windows(tok, "c4", "calib", 64, 2).tokens)
+    with pytest.raises(AmpqError, match="needs at least 4 windows"):
+        make_windows(tok, "mix", "calib", 64, 3)
