@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from ampq.errors import AmpqError
+from ampq.io import atomic
 
 
 def _quiet_libraries() -> None:
@@ -529,9 +530,7 @@ def _print_switch(when: str, switch, model) -> None:
 
 
 def _write_json(path: str, data: dict) -> None:
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(data, indent=2))
 
 
 def _add_budget_args(p: argparse.ArgumentParser) -> None:

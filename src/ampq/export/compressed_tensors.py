@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +44,8 @@ from torch import nn
 
 from ampq.errors import AmpqError
 from ampq.export.common import base_of, change_summary, inexact_by_source, owner_of, source_of
-from ampq.io.checkpoint import _fsync, replace_directory
+from ampq.io.atomic import atomic_folder
+from ampq.io.checkpoint import write_shards
 
 # Layers vLLM fuses into one (qkv_proj, gate_up_proj): they must share one scheme.
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -464,33 +464,6 @@ def _check_targets(config_groups: dict, groups: dict, items: dict[str, _Layer], 
 # ---- writing ----------------------------------------------------------------------------------------
 
 
-def _write_shards(tmp: Path, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
-    from ampq.io.checkpoint import _plan_shards, _prepare_tensors, shard_file_names
-
-    ready = _prepare_tensors(tensors)
-    shards = _plan_shards(ready, MAX_SHARD_BYTES)
-    files = shard_file_names(len(shards))
-    for file, names in zip(files, shards):
-        save_file({k: ready[k] for k in names}, str(tmp / file), metadata={"format": "pt"})
-    if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in ready.values())
-        index = {"metadata": {"total_size": total},
-                 "weight_map": {k: f for f, names in zip(files, shards) for k in names}}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in [*path.iterdir(), path]:
-        _fsync(p)
-
-
-def _install(tmp: Path, out: Path, overwrite: bool) -> None:
-    _check_target(out, overwrite)  # someone may have made it meanwhile
-    replace_directory(tmp, out)
-
-
 # ---- the export -------------------------------------------------------------------------------------
 
 
@@ -594,12 +567,8 @@ def export_compressed_tensors(directory, out, nearest: bool = False, *, overwrit
         warnings.append("the model is float32: vLLM runs it in 16 bits; --dtype float16 keeps ampq's fp16 scales exact")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        _write_shards(tmp, tensors)
+    with atomic_folder(out) as tmp:
+        write_shards(tmp, tensors, MAX_SHARD_BYTES)
         config = json.loads((directory / "config.json").read_text())
         for key in [k for k in config if k.startswith("ampq") or k == "quantization_config"]:
             del config[key]
@@ -613,13 +582,8 @@ def export_compressed_tensors(directory, out, nearest: bool = False, *, overwrit
         for p in sorted(directory.iterdir()):
             if p.is_file() and p.name not in _OWN_FILES and not p.name.endswith(".safetensors"):
                 shutil.copyfile(p, tmp / p.name)
-        _fsync_tree(tmp)
         nbytes = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
-        _install(tmp, out, overwrite)
-        _fsync_tree(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _check_target(out, overwrite)  # someone may have made it meanwhile
 
     summary = {
         "out": str(out), "source": str(directory),

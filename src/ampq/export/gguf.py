@@ -53,7 +53,6 @@ name read off ``tokenizer.json``.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +64,7 @@ from torch import nn
 from ampq.errors import AmpqError
 from ampq.export.common import base_of, change_summary, inexact_by_source, owner_of, source_of
 from ampq.export.gguf_vocab import read_tokenizer, write_tokenizer
-from ampq.io.checkpoint import _fsync
+from ampq.io.atomic import atomic_file
 
 BLOCK = 32  # inputs per block of every GGUF type written here
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -435,9 +434,7 @@ def export_gguf(directory, out, nearest: bool = False, *, overwrite: bool = Fals
                         "its own way")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    writer = None
-    try:
+    with atomic_file(out) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         name = (config.to_dict().get("_model_name_or_path") or "").strip() or directory.name
         writer.add_type("model")
@@ -454,16 +451,7 @@ def export_gguf(directory, out, nearest: bool = False, *, overwrite: bool = Fals
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        writer = None
-        _fsync(tmp)
         _check_target(out, overwrite)  # someone may have made it meanwhile
-        os.replace(tmp, out)
-        _fsync(out.parent)
-    except BaseException:
-        if writer is not None:
-            writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
 
     converted = {n: it.change for n, it in items.items() if it.change}
     nbytes = out.stat().st_size
