@@ -449,11 +449,9 @@ def cmd_schemes(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from ampq.export import export_compressed_tensors
+    from ampq.export import export_compressed_tensors, export_gguf
 
     if args.to == "gguf":
-        from ampq.export.gguf import export_gguf
-
         summary = export_gguf(args.directory, args.out, nearest=args.nearest, overwrite=args.overwrite)
     else:
         summary = export_compressed_tensors(args.directory, args.out, nearest=args.nearest, overwrite=args.overwrite)
