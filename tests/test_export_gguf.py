@@ -129,7 +129,7 @@ def test_block_bytes_follow_ggml_common_h(tmp_path):
     """The bytes of one block, read against llama.cpp's structs (ggml-common.h), not gguf-py:
     block_q4_1 {half d; half m; uint8 qs[16]}: element j in the low nibble of qs[j], j + 16 in the
     high one; block_q5_0 {half d; uint8 qh[4]; uint8 qs[16]}: qh the 5th bits, bit j = element j."""
-    from ampq.export.gguf import _exact_blocks
+    from ampq.export.gguf.blocks import exact_blocks
     from ampq.quantize import quantize_linear
 
     torch.manual_seed(3)
@@ -137,7 +137,7 @@ def test_block_bytes_follow_ggml_common_h(tmp_path):
 
     layer = quantize_linear("x", lin, "int4-g32")
     codes, params = layer.format.unpack(layer.stored(), layer.shape)
-    blocks = _exact_blocks(layer, T.Q4_1, gguf).reshape(2, 2, 20)
+    blocks = exact_blocks(layer, T.Q4_1).reshape(2, 2, 20)
     b = blocks[1, 1]  # row 1, inputs 32..63
     assert b[:2].view("<f2")[0] == params.values["scale"][1, 1].half().item()
     assert b[2:4].view("<f2")[0] == params.values["min"][1, 1].half().item()
@@ -146,7 +146,7 @@ def test_block_bytes_follow_ggml_common_h(tmp_path):
 
     layer = quantize_linear("x", lin, "int5-g32-sym")
     codes, params = layer.format.unpack(layer.stored(), layer.shape)
-    b = _exact_blocks(layer, T.Q5_0, gguf).reshape(2, 2, 22)[0, 1]
+    b = exact_blocks(layer, T.Q5_0).reshape(2, 2, 22)[0, 1]
     c = codes[0, 32:64].numpy()  # ampq's code q is value/scale + 16, Q5_0's too
     assert b[:2].view("<f2")[0] == params.values["scale"][0, 1].half().item()
     qh = int(b[2:6].view("<u4")[0])
@@ -156,7 +156,7 @@ def test_block_bytes_follow_ggml_common_h(tmp_path):
 
     layer = quantize_linear("x", lin, "int8-g32-sym")
     codes, _ = layer.format.unpack(layer.stored(), layer.shape)
-    b = _exact_blocks(layer, T.Q8_0, gguf).reshape(2, 2, 34)[1, 0]
+    b = exact_blocks(layer, T.Q8_0).reshape(2, 2, 34)[1, 0]
     assert list(b[2:].view(np.int8)) == [int(x) - 128 for x in codes[1, :32]]
 
 
@@ -352,7 +352,7 @@ def test_a_tokenizer_that_is_not_byte_level_bpe_is_refused(tmp_path):
 
 
 def test_pre_tokenizer_names():
-    from ampq.export.gguf_vocab import _LLAMA3_SPLIT, _QWEN2_SPLIT, _pre_tokenizer
+    from ampq.export.gguf.vocab import _LLAMA3_SPLIT, _QWEN2_SPLIT, _pre_tokenizer
 
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
     split = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}

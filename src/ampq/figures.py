@@ -7,6 +7,8 @@ import math
 import re
 from pathlib import Path
 
+from ampq.io.atomic import atomic_file
+
 _BLOCK = re.compile(r"^(.*?\.)(\d+)\.(.+)$")
 
 
@@ -40,6 +42,11 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str | Path) -> None:
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+
+
 def allocation_heatmap(layers: dict[str, dict], path: str | Path, title: str = "") -> Path:
     """Blocks x projections, colour = stored bits per weight, each cell labelled with its format.
     ``layers``: manifest or plan entries with ``format`` and ``bits_per_weight`` (or bytes and shape)."""
@@ -70,7 +77,7 @@ def allocation_heatmap(layers: dict[str, dict], path: str | Path, title: str = "
     ax.set_title(title or "allocation: bits per weight")
     fig.colorbar(im, ax=ax, label="bits per weight")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
     return Path(path)
 
@@ -117,7 +124,7 @@ def sensitivity_figure(table, path: str | Path, candidate: str | None = None) ->
     right.set_title("every layer: damage against size")
     right.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
     return Path(path)
 
@@ -149,6 +156,6 @@ def pareto_figure(series: dict[str, list[tuple[float, float, float]]], path: str
     axes[1].legend(fontsize=7, ncol=2)
     fig.suptitle(title or "quality against size")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
     return Path(path)

@@ -7,11 +7,11 @@ carries the plan it was made from.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ampq.errors import AmpqError
+from ampq.io import atomic
 
 PLAN_VERSION = 1
 
@@ -42,11 +42,7 @@ class Plan:
         return {"ampq_plan": PLAN_VERSION, **asdict(self)}
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
-        return path
+        return atomic.write_text(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "plan") -> "Plan":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ampq.errors import AmpqError
-from ampq.io import safetensors_file
+from ampq.io import atomic, safetensors_file
 from ampq.models import replace_module
 
 RUN, STATE, INPUTS = "run.json", "state.json", "inputs.safetensors"
@@ -54,16 +53,8 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, data: dict) -> None:
-    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, sort_keys=True)))
+    atomic.write_text(path, json.dumps(data, sort_keys=True))
 
 
 def _read_json(path: Path) -> dict | None:
@@ -118,11 +109,13 @@ class Resume:
                         state.update({f"{n}.spare.{k}.{t}": v.detach().cpu().contiguous()
                                       for t, v in r.state_dict().items()})
             metadata["nested"] = json.dumps(nested)
-        _write_atomic(self._block_file(i), lambda tmp: save_file(state, str(tmp), metadata=metadata))
+        with atomic.atomic_file(self._block_file(i)) as tmp:
+            save_file(state, str(tmp), metadata=metadata)
         if inputs is not None:
             # streamed one batch at a time: spilled activations go from their file to this one
             tensors = {f"{j:06d}": inputs.stored(j) if hasattr(inputs, "stored") else inputs[j] for j in range(len(inputs))}
-            _write_atomic(self.directory / INPUTS, lambda tmp: safetensors_file.write(tmp, tensors))
+            with atomic.atomic_file(self.directory / INPUTS) as tmp:
+                safetensors_file.write(tmp, tensors)
         _write_json(self.directory / STATE, {"blocks": i + 1})
 
     def restore(self, i: int, block: nn.Module) -> None:
@@ -175,7 +168,8 @@ class Resume:
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         """Keep a stage's own tensors (written before any block is recorded as finished)."""
         data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        _write_atomic(self.directory / f"{name}.safetensors", lambda tmp: save_file(data, str(tmp)))
+        with atomic.atomic_file(self.directory / f"{name}.safetensors") as tmp:
+            save_file(data, str(tmp))
 
     def tensors(self, name: str) -> dict[str, torch.Tensor] | None:
         """What :meth:`save_tensors` kept under ``name``, or None."""

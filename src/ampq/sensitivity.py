@@ -17,7 +17,6 @@ Tables are saved as JSON and reused: a new budget only re-solves the allocation.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from ampq.algorithms import get_algorithm
 from ampq.algorithms.clip import search_clip
 from ampq.errors import AmpqError
 from ampq.formats import get_format
+from ampq.io import atomic
 
 # One per family, each with the algorithm that serves it best (issue #5's default set).
 DEFAULT_CANDIDATES = [
@@ -84,10 +84,7 @@ class SensitivityTable:
     estimates: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # every estimator measured
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
-        os.replace(tmp, path)
+        atomic.write_text(path, json.dumps(asdict(self), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> "SensitivityTable":

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ampq.io.atomic import atomic_file
 from ampq.io.safetensors_file import StoredTensor
 
 
@@ -54,11 +55,10 @@ class ActivationStore:
             self.in_memory += nbytes
             return
         path = self._directory() / f"{i:06d}.bin"
-        tmp = path.with_suffix(".tmp")
         t = t.detach().cpu().contiguous()
-        with open(tmp, "wb") as f:
+        # the old item may still be read from this name until the rename; scratch: no flush to disk
+        with atomic_file(path, durable=False) as tmp, open(tmp, "wb") as f:
             f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-        tmp.replace(path)  # the old item may still be read from this name until now
         self._items[i] = StoredTensor(path, 0, t.dtype, tuple(t.shape))
         self.spilled += 1
 

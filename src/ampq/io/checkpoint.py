@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -19,6 +17,7 @@ from safetensors import safe_open
 
 from ampq.errors import AmpqError
 from ampq.io import safetensors_file
+from ampq.io.atomic import atomic_folder
 
 MANIFEST = "ampq.json"
 INDEX = "model.safetensors.index.json"
@@ -43,20 +42,6 @@ def _tensor_sha256(t: torch.Tensor) -> str:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _fsync(path: Path) -> None:
-    # Directories need fsync too, or a rename may not survive a power cut; some OSes refuse that.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _is_plain_name(name: object) -> bool:
@@ -101,11 +86,27 @@ def _plan_shards(tensors: dict[str, object], max_shard_bytes: int) -> list[list[
     return shards
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+def write_shards(folder: str | Path, tensors: dict[str, object], max_shard_bytes: int) -> dict[str, dict[str, str]]:
+    """Write ``tensors`` (tensors, or stored tensors that stream from another file) into ``folder``
+    as transformers-style safetensors shards of at most ``max_shard_bytes`` each (a lone tensor
+    may be larger), plus the index when there is more than one; return each shard's tensors with
+    their SHA-256. ``folder`` is meant to be an :func:`~ampq.io.atomic.atomic_folder`, which
+    flushes the files."""
+    folder = Path(folder)
+    if not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}")
+    tensors = _prepare_tensors(tensors)
+    plan = _plan_shards(tensors, max_shard_bytes)
+    names = shard_file_names(len(plan))
+    # streamed tensor by tensor: a tensor still on disk elsewhere (a lazily loaded model's
+    # unquantized weights) is copied through without ever being whole in memory
+    hashes = {shard: safetensors_file.write(folder / shard, {k: tensors[k] for k in keys}, {"format": "pt"})
+              for shard, keys in zip(names, plan)}
+    if len(plan) > 1:
+        total = sum(_nbytes(t) for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": {k: s for s, keys in zip(names, plan) for k in keys}}
+        (folder / INDEX).write_text(json.dumps(index, indent=2))
+    return hashes
 
 
 def write_checkpoint(directory: str | Path, tensors: dict[str, object], manifest: dict,
@@ -128,10 +129,8 @@ def write_checkpoint(directory: str | Path, tensors: dict[str, object], manifest
         raise ValueError(f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}")
 
     tensors = _prepare_tensors(tensors)
-    plan = _plan_shards(tensors, max_shard_bytes)
-    n = len(plan)
-    shard_names = shard_file_names(n)
-    ours = set(shard_names) | {MANIFEST, INDEX}
+    n = len(_plan_shards(tensors, max_shard_bytes))
+    ours = set(shard_file_names(n)) | {MANIFEST, INDEX}
     for name, data in extra_files.items():
         if not _is_plain_name(name) or name in ours:
             raise ValueError(f"extra file name {name!r} must be a plain file name not clashing with {sorted(ours)}")
@@ -147,69 +146,24 @@ def write_checkpoint(directory: str | Path, tensors: dict[str, object], manifest
 
     check_target()
     directory.parent.mkdir(parents=True, exist_ok=True)
-    # Hidden sibling on the same filesystem, so the final rename is atomic and a crash leaves
-    # only a dot-directory that nobody will take for the checkpoint.
-    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with atomic_folder(directory) as tmp:
         files: dict[str, dict] = {}
         entries: dict[str, dict] = {}
-        for shard, names in zip(shard_names, plan):
-            path = tmp / shard
-            # streamed tensor by tensor: a tensor still on disk elsewhere (a lazily loaded model's
-            # unquantized weights) is copied through without ever being whole in memory
-            hashes = safetensors_file.write(path, {k: tensors[k] for k in names}, {"format": "pt"})
-            # Hash what is on disk, not what we meant to write.
-            files[shard] = {"bytes": path.stat().st_size, "sha256": _file_sha256(path)}
-            for k in names:
-                t = tensors[k]
-                entries[k] = {"file": shard, "dtype": _dtype_name(t.dtype), "shape": list(t.shape), "sha256": hashes[k]}
-        if n > 1:
-            total = sum(_nbytes(t) for t in tensors.values())
-            index = {"metadata": {"total_size": total}, "weight_map": {k: e["file"] for k, e in entries.items()}}
-            data = json.dumps(index, indent=2).encode()
-            _write_bytes(tmp / INDEX, data)
-            files[INDEX] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        hashes = {k: (shard, sha) for shard, shard_hashes in write_shards(tmp, tensors, max_shard_bytes).items()
+                  for k, sha in shard_hashes.items()}
+        for k, t in tensors.items():  # in the caller's order, which read_checkpoint gives back
+            shard, sha = hashes[k]
+            entries[k] = {"file": shard, "dtype": _dtype_name(t.dtype), "shape": list(t.shape), "sha256": sha}
         for name, data in extra_files.items():
-            data = bytes(data)
-            _write_bytes(tmp / name, data)
-            files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            (tmp / name).write_bytes(bytes(data))
+        # Hash what is on disk, not what we meant to write.
+        for name in [*shard_file_names(n), *([INDEX] if n > 1 else []), *extra_files]:
+            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _file_sha256(tmp / name)}
         # The manifest goes last: a directory without it is never a complete checkpoint.
         full = {**manifest, "files": files, "tensors": entries}
-        _write_bytes(tmp / MANIFEST, json.dumps(full, indent=2, ensure_ascii=False, allow_nan=False).encode())
-        _fsync(tmp)
-
+        (tmp / MANIFEST).write_bytes(json.dumps(full, indent=2, ensure_ascii=False, allow_nan=False).encode())
         check_target()  # someone may have created it while we were writing
-        replace_directory(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
-
-
-def replace_directory(tmp: Path, directory: Path) -> None:
-    """Rename the finished folder ``tmp`` onto ``directory``: an existing non-empty one is moved
-    aside first and deleted only once the rename has succeeded (put back if it fails)."""
-    old = None
-    if directory.is_dir():
-        if any(directory.iterdir()):
-            old = directory.parent / f".{directory.name}.old-{os.getpid()}"
-            if old.exists():
-                shutil.rmtree(old)
-            os.rename(directory, old)
-        else:
-            directory.rmdir()
-    try:
-        os.rename(tmp, directory)
-    except BaseException:
-        if old is not None:
-            os.rename(old, directory)
-        raise
-    _fsync(directory.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _verify(directory: str | Path, keep: bool) -> tuple[dict[str, torch.Tensor], dict]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -129,7 +128,8 @@ def _pieces(t) -> Iterator[torch.Tensor]:
 
 def write(path: str | Path, tensors: Mapping[str, object], metadata: Mapping[str, str] | None = None) -> dict[str, str]:
     """Write ``tensors`` (torch tensors, or anything with ``shape``, ``dtype`` and ``chunks()``
-    yielding its flat elements) as one safetensors file, fsynced; return each tensor's SHA-256."""
+    yielding its flat elements) as one safetensors file; return each tensor's SHA-256. Write it
+    under a temporary name (:mod:`ampq.io.atomic`), which also flushes it to disk."""
     order, head = _layout(tensors, metadata)
     hashes = {}
     with open(path, "wb") as f:
@@ -147,6 +147,4 @@ def write(path: str | Path, tensors: Mapping[str, object], metadata: Mapping[str
                 raise ValueError(f"tensor {name!r} gave {written} bytes, not the {math.prod(t.shape) * t.dtype.itemsize} "
                                  "its shape needs")
             hashes[name] = h.hexdigest()
-        f.flush()
-        os.fsync(f.fileno())
     return hashes

@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gguf
+from transformers import AutoTokenizer
+
 from ampq.errors import AmpqError
 
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -34,7 +37,7 @@ def _pre_tokenizer(spec: dict, vocab: dict) -> str | None:
     return None
 
 
-def read_tokenizer(directory: Path, vocab_size: int, warnings: list[str], gguf) -> dict | None:
+def read_tokenizer(directory: Path, vocab_size: int, warnings: list[str]) -> dict | None:
     """llama.cpp's tokenizer keys for the checkpoint's tokenizer, as its convert_hf_to_gguf.py makes
     them for a BPE vocabulary (``get_vocab_base`` / ``_set_vocab_gpt2``); None without one."""
     spec_file = directory / "tokenizer.json"
@@ -52,8 +55,6 @@ def read_tokenizer(directory: Path, vocab_size: int, warnings: list[str], gguf) 
         raise AmpqError(f"cannot export {directory} to GGUF: its tokenizer is {kind} (tokenizer.json); this "
                         "exporter writes byte-level BPE tokenizers (GPT-2 style: SmolLM, Qwen2, Llama 3). Convert "
                         "the original model with llama.cpp's convert_hf_to_gguf.py instead")
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(directory)
     reverse = {i: t for t, i in tok.get_vocab().items()}
     if reverse and max(reverse) >= vocab_size:

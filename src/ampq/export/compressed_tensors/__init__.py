@@ -1,0 +1,109 @@
+"""An ampq checkpoint as a compressed-tensors checkpoint: what vLLM (and transformers) load as
+``quantization_config.quant_method: "compressed-tensors"``.
+
+The tensors are made by compressed-tensors' own compressors and the config by its
+``QuantizationConfig`` / ``ModelCompressor.update_config``: the output is what the library itself
+writes. Which scheme holds which format is in :mod:`.schemes`, the tensors of a layer in
+:mod:`.tensors`, the files in :mod:`.writer`; the steps every export shares are
+:mod:`ampq.export.driver`'s. Every layer called exact is checked: the library's own decompression
+of what is written must give, bit for bit, the weight ampq decodes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ampq.export.compressed_tensors import writer
+from ampq.export.compressed_tensors.schemes import Scheme, exact_scheme, nearest_scheme
+from ampq.export.compressed_tensors.tensors import layer_tensors
+from ampq.export.driver import Conversion, Decision, Layer, Target, base_of, change_text, run
+from ampq.formats.plain import PlainFloatFormat
+from ampq.nn import quantized_linears
+
+VLLM_GROUPS = (32, 64, 128)  # the group sizes vLLM's Marlin kernels take (besides per channel)
+
+
+class CompressedTensors(Target):
+    name = "compressed-tensors"
+    folder = True
+    nearest_how = "to the nearest expressible scheme"
+
+    def start(self, model: nn.Module) -> None:
+        self.model = model
+        self.dtype = model.get_input_embeddings().weight.dtype
+        quantized = quantized_linears(model)
+        self.linears = [n for n, m in model.named_modules() if n in quantized or isinstance(m, nn.Linear)]
+
+    def decide(self, layer: nn.Module) -> Decision:
+        if isinstance(base_of(layer).format, PlainFloatFormat) and not getattr(layer, "residuals", None):
+            return Decision(None)  # a 16-bit layer: written as it is, listed in ``ignore``
+        scheme, why = exact_scheme(layer)
+        return Decision(scheme, scheme is not None, why)
+
+    def nearest(self, layer: nn.Module) -> Scheme:
+        return nearest_scheme(layer)
+
+    def describe(self, kind: Scheme) -> str:
+        return kind.describe()
+
+    def check(self, layers: dict[str, Layer]) -> None:
+        writer.check_fused(layers, self.linears)
+        self.qconfig, self.groups = writer.quantization_config(layers, self.linears)
+
+    def convert(self, layer: Layer) -> Conversion:
+        tensors, decoded, expected = layer_tensors(layer.module, layer.kind, layer.exact, self.dtype)
+        return Conversion({f"{layer.name}.{k}": v for k, v in tensors.items()}, layer.kind, decoded, expected)
+
+    def write(self, tmp: Path, tensors: dict, layers: dict[str, Layer]) -> None:
+        writer.write(tmp, tensors, self.directory, self.qconfig, self.dtype)
+
+    def summary(self, summary: dict, layers: dict[str, Layer], tensors: dict) -> dict:
+        self.warn(layers)
+        qconfig, groups = self.qconfig, self.groups
+        config_groups = qconfig.config_groups
+        n = len(config_groups)
+        return {
+            "config_groups": {g: {"scheme": s.describe(), "format": s.compression, "layers": len(groups[s]),
+                                  "targets": config_groups[g].targets} for g, s in zip(config_groups, groups)},
+            "format": qconfig.format, "ignore": qconfig.ignore,
+            "line": (f"{summary['out']}: {summary['layers']} quantized layers ({summary['exact']} exact"
+                     f"{change_text(summary)}) in {n} config group{'s' if n != 1 else ''} ({qconfig.format}), "
+                     f"{len(qconfig.ignore)} ignored, {summary['bytes']:,} bytes"),
+        }
+
+    def warn(self, layers: dict[str, Layer]) -> None:
+        """What vLLM may not run as written."""
+        dtype, groups = self.dtype, self.groups
+        odd = sorted({s.group_size for s in groups if s.type == "int" and s.strategy == "group"} - set(VLLM_GROUPS))
+        if odd:
+            self.warnings.append(f"group size {', '.join(map(str, odd))}: vLLM's Marlin kernels take groups of "
+                                 f"{', '.join(map(str, VLLM_GROUPS))} or channels; other kernels may run it")
+        head = next((n for n, m in self.model.named_modules() if m is self.model.get_output_embeddings()), None)
+        if head in layers and layers[head].kind is not None:
+            self.warnings.append(f"the output head ({head}) is quantized: recent vLLM versions run a quantized head "
+                                 "from compressed-tensors, older ones expect it unquantized")
+        scales = [it.tensors.get(f"{n}.weight_scale") for n, it in layers.items()]
+        wide = [s for s in scales if s is not None and s.dtype != dtype]
+        if wide and dtype != torch.float32:
+            self.warnings.append(f"{len(wide)} layers keep scales that {str(dtype).removeprefix('torch.')} cannot "
+                                 "hold exactly (stored as they are); engines that hold scales in the model dtype "
+                                 "round them (vLLM: --dtype float16 keeps fp16 scales exact)")
+        if dtype == torch.float32 and any(s.type == "int" for s in groups):
+            self.warnings.append("the model is float32: vLLM runs it in 16 bits; --dtype float16 keeps ampq's fp16 "
+                                 "scales exact")
+
+
+def export_compressed_tensors(directory, out, nearest: bool = False, *, overwrite: bool = False) -> dict:
+    """Write the ampq checkpoint ``directory`` as a compressed-tensors checkpoint in ``out``.
+
+    Layers whose format has no exact compressed-tensors counterpart are refused, all in one error,
+    unless ``nearest`` (then re-quantized; see :func:`.schemes.nearest_scheme`). q/k/v and gate/up of
+    a block must share one scheme (vLLM fuses them). Layers not quantized go into ``ignore``;
+    embeddings, norms and the head are written as they are, with ``config.json`` (plus its
+    ``quantization_config``), the generation config and the tokenizer files from ``directory``.
+    Atomic: written into a hidden folder next to ``out``, then renamed. Returns a summary.
+    """
+    return run(CompressedTensors, directory, out, nearest, overwrite=overwrite)

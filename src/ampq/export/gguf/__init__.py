@@ -1,0 +1,160 @@
+"""An ampq checkpoint as one GGUF file: what llama.cpp runs (and transformers' GGUF loader reads).
+
+Written with the ``gguf`` package's own ``GGUFWriter``, in llama.cpp's conventions: its tensor
+names (``token_embd``, ``blk.N.attn_q``, ..., ``output_norm``, ``output``, from gguf-py's tensor
+name map), its hyperparameter keys, its tokenizer keys, and, for the llama architecture, the
+row permutation of ``attn_q`` / ``attn_k`` that llama.cpp's ``convert_hf_to_gguf.py`` applies to
+``LlamaForCausalLM`` (Qwen2 is written unpermuted). The permutation reorders output rows; GGUF
+blocks, like ampq's groups, run along the inputs, so quantized rows move whole.
+
+Which type holds which format is in :mod:`.qtypes` (with the table), the blocks in
+:mod:`.blocks`, the file in :mod:`.writer`, the tokenizer in :mod:`.vocab`; the steps every export
+shares are :mod:`ampq.export.driver`'s. Every exact layer is checked: gguf-py's
+``gguf.quants.dequantize`` of the blocks written must equal ampq's decoded weight bit for bit.
+
+Embeddings and an untied output head are written as stored (F32, F16 or BF16); 1-D tensors
+(norms, biases) as F32, as llama.cpp's converter does. The tokenizer (byte-level BPE only:
+``tokenizer.ggml.model`` "gpt2") is written as llama.cpp's converter writes it: tokens, token
+types, merges, special token ids, add-BOS/EOS flags and the chat template, with the pre-tokenizer
+name read off ``tokenizer.json``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+from torch import nn
+from transformers import AutoConfig
+
+from ampq.errors import AmpqError
+from ampq.export.driver import Conversion, Decision, Layer, Target, base_of, change_text, decoded_weight, run
+from ampq.export.gguf import writer
+from ampq.export.gguf.blocks import exact_blocks, permute, plain_array, requantize
+from ampq.export.gguf.qtypes import BLOCK, exact_type, nearest_types
+from ampq.export.gguf.vocab import read_tokenizer
+from ampq.models import tied_embeddings
+
+
+class Gguf(Target):
+    name = "GGUF"
+    folder = False
+    holds = (f"GGUF holds int4/int5 (asymmetric or -sym) and int8-sym with groups of a multiple of {BLOCK} "
+             "exactly (Q4_1/Q4_0, Q5_1/Q5_0, Q8_0). ")
+    nearest_how = "with gguf-py to the types it writes, per layer whichever moves the weights least"
+
+    def check_source(self) -> None:
+        self.arch = writer.check_architecture(self.directory, AutoConfig.from_pretrained(self.directory))
+
+    def start(self, model: nn.Module) -> None:
+        self.model = model
+        config = self.config = model.config
+        self.vocab_size = int(getattr(config, "vocab_size", 0) or model.get_input_embeddings().weight.shape[0])
+        # refused here, before the work of converting, when it cannot be written
+        self.tokenizer = read_tokenizer(self.directory, self.vocab_size, self.warnings)
+        arch = gguf.MODEL_ARCH.LLAMA if self.arch == "llama" else gguf.MODEL_ARCH.QWEN2
+        self.name_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+
+    def decide(self, layer: nn.Module) -> Decision:
+        qtype, widened, why = exact_type(layer)
+        return Decision(qtype, qtype is not None, why, widened)
+
+    def nearest(self, layer: nn.Module) -> tuple[T, ...]:
+        return nearest_types(layer)  # the conversion keeps the one that moves the weights least
+
+    def describe(self, kind) -> str:
+        return " or ".join(t.name for t in kind) if isinstance(kind, tuple) else kind.name
+
+    def _heads_to_permute(self, module_name: str) -> int | None:
+        """The head count llama.cpp permutes the rows of ``module_name`` by, or None."""
+        if self.arch != "llama":
+            return None
+        leaf = module_name.rpartition(".")[2]
+        return self.heads if leaf == "q_proj" else self.kv_heads if leaf == "k_proj" else None
+
+    def _name(self, key: str) -> str:
+        mapped = self.name_map.get_type_and_name(key, try_suffixes=(".weight", ".bias"))
+        if mapped is None:
+            raise AmpqError(f"cannot export {self.directory} to GGUF: tensor {key} has no llama.cpp name in the "
+                            f"{self.arch} architecture; the checkpoint holds something this exporter does not write")
+        return mapped[1]
+
+    def convert(self, layer: Layer) -> Conversion:
+        base, qtype = base_of(layer.module), layer.kind
+        n_head = self._heads_to_permute(layer.name)
+        weight = decoded_weight(layer.module)
+        if n_head is not None:
+            weight = permute(weight, n_head)
+        expected = weight.numpy()
+        if not layer.exact:  # re-quantized from the weight already in llama.cpp's row order
+            data, decoded, qtype = requantize(np.ascontiguousarray(expected), qtype)
+        else:
+            if qtype in (T.F16, T.BF16):
+                data, _ = plain_array(base.stored()["weight"].reshape(base.shape))
+            else:
+                data = exact_blocks(base, qtype)
+            decoded = gguf.quants.dequantize(data, qtype).reshape(base.shape)
+            if n_head is not None:
+                data, decoded = permute(data, n_head), permute(decoded, n_head)
+        tensors = {self._name(f"{layer.name}.weight"): (np.ascontiguousarray(data), qtype)}
+        if layer.module.bias is not None:
+            bias = layer.module.bias.detach().float().numpy()
+            tensors[self._name(f"{layer.name}.bias")] = (permute(bias, n_head) if n_head else bias, T.F32)
+        return Conversion(tensors, qtype, decoded, expected)
+
+    def plain(self, key: str, value: torch.Tensor) -> dict:
+        data, qtype = plain_array(value)
+        if value.dim() == 1:  # norms and biases: F32, as llama.cpp's converter writes them
+            data, qtype = value.detach().float().numpy(), T.F32
+        n_head = self._heads_to_permute(key.rpartition(".")[0])
+        if n_head is not None:
+            data = permute(data, n_head)
+        return {self._name(key): (np.ascontiguousarray(data), qtype)}
+
+    def write(self, tmp: Path, tensors: dict, layers: dict[str, Layer]) -> None:
+        self.file_type = writer.file_type([it.kind for it in layers.values()])
+        name = (self.config.to_dict().get("_model_name_or_path") or "").strip() or self.directory.name
+        self.tokenizer_summary = writer.write(tmp, self.arch, self.config, self.vocab_size, name, self.file_type,
+                                              self.tokenizer, tensors)
+
+    def summary(self, summary: dict, layers: dict[str, Layer], tensors: dict) -> dict:
+        items = layers.values()
+        widened = sorted({it.source for it in items if it.widened})
+        if widened:
+            self.warnings.append(f"{', '.join(widened)} held exactly in wider GGUF blocks "
+                                 f"({', '.join(sorted({it.kind.name for it in items if it.widened}))}): the file "
+                                 "is larger than the checkpoint")
+        lost = sorted({base_of(it.module).activation for it in items if base_of(it.module).activation})
+        if lost:
+            self.warnings.append(f"activation schemes ({', '.join(lost)}) are not carried: llama.cpp handles "
+                                 "activations its own way")
+        counts = Counter(it.kind for it in items)
+        types = {t.name: n for t, n in counts.most_common()}
+        return {
+            "architecture": self.arch, "widened": sum(1 for it in items if it.widened), "types": types,
+            "formats": {src: sorted({it.kind.name for it in items if it.source == src})
+                        for src in dict.fromkeys(it.source for it in items)},
+            "file_type": self.file_type, "tensors": len(tensors), "tied_embeddings": tied_embeddings(self.model),
+            "tokenizer": self.tokenizer_summary,
+            "line": (f"{summary['out']}: GGUF ({self.arch}), {summary['layers']} quantized layers ({summary['exact']} "
+                     f"exact{change_text(summary)}; {', '.join(f'{n} {t}' for t, n in types.items())}), "
+                     f"{len(tensors)} tensors, {summary['bytes']:,} bytes"),
+        }
+
+
+def export_gguf(directory, out, nearest: bool = False, *, overwrite: bool = False) -> dict:
+    """Write the ampq checkpoint ``directory`` as the GGUF file ``out`` (llama and qwen2 models).
+
+    Quantized layers whose format has an exact GGUF counterpart are repacked block by block and
+    checked bit for bit against ampq's decoding (see :mod:`.qtypes` for the table); the others are
+    refused, all in one error, unless ``nearest`` (then re-quantized by gguf-py to the nearest type
+    it can write, the change reported). Atomic: written next to ``out``, then renamed over it; an
+    existing ``out`` is refused unless ``overwrite``. Returns a summary.
+    """
+    return run(Gguf, directory, out, nearest, overwrite=overwrite)

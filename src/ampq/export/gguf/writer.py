@@ -1,0 +1,97 @@
+"""A GGUF file as llama.cpp reads it: the architecture (llama or qwen2, plain rotary embeddings),
+its hyperparameter keys, the file type, the tokenizer and the tensors, written with gguf-py's
+``GGUFWriter``."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from ampq import __version__
+from ampq.errors import AmpqError
+from ampq.export.gguf.vocab import write_tokenizer
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+FILE_TYPES = {T.F32: "ALL_F32", T.F16: "MOSTLY_F16", T.BF16: "MOSTLY_BF16", T.Q4_0: "MOSTLY_Q4_0",
+              T.Q4_1: "MOSTLY_Q4_1", T.Q5_0: "MOSTLY_Q5_0", T.Q5_1: "MOSTLY_Q5_1", T.Q8_0: "MOSTLY_Q8_0"}
+
+
+def _rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    theta = params.get("rope_theta") if isinstance(params, dict) else None
+    return float(theta if theta is not None else getattr(config, "rope_theta", 10000.0))
+
+
+def check_architecture(directory: Path, config) -> str:
+    """The GGUF architecture of the checkpoint ``directory`` (its transformers ``config``), or an
+    error saying why this exporter does not write it."""
+    model_type = getattr(config, "model_type", None)
+    archs = getattr(config, "architectures", None) or []
+    if model_type not in ARCHITECTURES or (archs and archs[0] != ARCHITECTURES[model_type]):
+        raise AmpqError(f"cannot export {directory} to GGUF: it is {archs[0] if archs else model_type} "
+                        f"(model_type {model_type!r}); this exporter writes llama ({ARCHITECTURES['llama']}: Llama, "
+                        f"SmolLM) and qwen2 ({ARCHITECTURES['qwen2']}: Qwen2, Qwen2.5) models. Use --to "
+                        "compressed-tensors, or llama.cpp's convert_hf_to_gguf.py on the unquantized model")
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default"
+    if rope_type not in (None, "default"):
+        raise AmpqError(f"cannot export {directory} to GGUF: its rope scaling ({rope_type}) is not written by this "
+                        "exporter; only models with plain rotary embeddings are supported")
+    if model_type == "qwen2" and getattr(config, "use_sliding_window", False):
+        raise AmpqError(f"cannot export {directory} to GGUF: it uses sliding-window attention, which llama.cpp's "
+                        "qwen2 architecture does not run")
+    return model_type
+
+
+def _hyperparameters(writer, config, vocab_size: int) -> None:
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_embedding_length(int(config.hidden_size))
+    writer.add_block_count(int(config.num_hidden_layers))
+    writer.add_feed_forward_length(int(config.intermediate_size))
+    writer.add_head_count(int(heads))
+    writer.add_head_count_kv(int(kv_heads))
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_rope_dimension_count(int(head_dim))
+    if head_dim != config.hidden_size // heads:
+        writer.add_key_length(int(head_dim))
+        writer.add_value_length(int(head_dim))
+    writer.add_vocab_size(int(vocab_size))
+
+
+def file_type(qtypes: list[T]) -> str:
+    """llama.cpp's ``general.file_type`` for a file whose quantized layers are of ``qtypes``: the
+    most common quantized type (16-bit layers count only when nothing is quantized)."""
+    counts = Counter(qtypes)
+    quantized = Counter({t: n for t, n in counts.items() if t not in (T.F16, T.BF16, T.F32)})
+    return FILE_TYPES[(quantized or counts).most_common(1)[0][0] if counts else T.F32]
+
+
+def write(path: Path, arch: str, config, vocab_size: int, name: str, kind: str, tokenizer: dict | None,
+          tensors: dict[str, tuple[np.ndarray, T]]) -> dict:
+    """The GGUF file ``path``: metadata (``kind``: the file type), the tokenizer, then ``tensors``
+    (name -> (data, type); uint8 data is raw blocks of its type). Returns the tokenizer's summary."""
+    writer = gguf.GGUFWriter(path, arch)
+    try:
+        writer.add_type("model")
+        writer.add_name(name)
+        writer.add_quantized_by(f"ampq {__version__}")
+        _hyperparameters(writer, config, vocab_size)
+        writer.add_file_type(int(getattr(gguf.LlamaFileType, kind)))
+        summary = write_tokenizer(writer, tokenizer)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for tname, (data, qtype) in tensors.items():
+            writer.add_tensor(tname, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    return summary
