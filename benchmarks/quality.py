@@ -68,6 +68,7 @@ UNIFORM = {
     "gptq int3-g128": ("int3-g128", "gptq", {}),
     "gptq int5-g128": ("int5-g128", "gptq", {}),
     "int8-ch-sym": ("int8-ch-sym", "rtn", {}),
+    "int8-ch": ("int8-ch", "rtn", {}),
 }
 
 
@@ -149,7 +150,11 @@ def main() -> None:
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
-    variants = list(VARIANTS) if args.variants == "all" else [v for v in args.variants.split(",") if v]
+    variants = list(VARIANTS) if args.variants == "all" else [v for v in args.variants.split(",") if v and v != "none"]
+    unknown = [v for v in variants if v not in VARIANTS] + [u for u in (args.uniform.split(",")) if u not in UNIFORM
+                                                            and u not in ("all", "none", "")]
+    if unknown:
+        p.error(f"unknown variant or scheme: {', '.join(unknown)}")
     uniform = list(UNIFORM) if args.uniform == "all" else [u for u in args.uniform.split(",") if u and u != "none"]
     out = Path(args.out)
     command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
