@@ -7,6 +7,8 @@ import math
 import re
 from pathlib import Path
 
+from ampq.errors import AmpqError
+
 _BLOCK = re.compile(r"^(.*?\.)(\d+)\.(.+)$")
 
 
@@ -30,8 +32,6 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        from ampq.errors import AmpqError
-
         raise AmpqError("figures need matplotlib: pip install 'ampq[plot]'") from None
 
     matplotlib.use("Agg")

@@ -11,7 +11,9 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ampq.algorithms import get_algorithm
 from ampq.errors import AmpqError
+from ampq.formats import get_format
 
 PLAN_VERSION = 1
 
@@ -50,9 +52,6 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "plan") -> "Plan":
-        from ampq.algorithms import get_algorithm
-        from ampq.formats import get_format
-
         if not isinstance(data, dict) or data.get("ampq_plan") != PLAN_VERSION:
             raise AmpqError(f"{where} is not an ampq plan (version {PLAN_VERSION}): it needs \"ampq_plan\": {PLAN_VERSION}")
         layers = {}

@@ -35,7 +35,7 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _tensor_sha256(t: torch.Tensor) -> str:
+def tensor_sha256(t: torch.Tensor) -> str:
     # Viewing as uint8 inside torch first: numpy has no bfloat16/float8, so .numpy() would fail.
     raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
     return hashlib.sha256(memoryview(raw)).hexdigest()
@@ -286,7 +286,7 @@ def _verify(directory: str | Path, keep: bool) -> tuple[dict[str, torch.Tensor],
                     if _dtype_name(t.dtype) != e["dtype"] or list(t.shape) != e["shape"]:
                         raise damaged(f"tensor {name!r} in {shard} is {_dtype_name(t.dtype)}{list(t.shape)}, "
                                       f"but {MANIFEST} says {e['dtype']}{e['shape']}")
-                    if _tensor_sha256(t) != e["sha256"]:
+                    if tensor_sha256(t) != e["sha256"]:
                         raise damaged(f"tensor {name!r} in {shard} does not match its SHA-256 in {MANIFEST}")
                     if keep:
                         # a private copy: safetensors' tensors are views of the file's memory map, which
