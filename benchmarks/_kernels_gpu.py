@@ -12,7 +12,7 @@
    ``torch._scaled_mm`` alone. Each tuned Triton result is checked once more against the reference.
 3. ``ampq bench`` on a random Llama-shaped model on the GPU, fp16 against int4-g128, when time is left.
 
-Everything is written to $OUT (or benchmarks/results) as kernels-gpu.json as it goes.
+Everything is written to $OUT (or benchmarks/results/kernels) as kernels-gpu.json as it goes.
 """
 
 from __future__ import annotations

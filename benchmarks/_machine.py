@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import sys
 
 
 def machine() -> dict:
@@ -24,7 +25,9 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "memory_gib": round(mem, 1) if mem else None, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "torch": torch.__version__, "python": platform.python_version(),
-            "date": datetime.date.today().isoformat()}
+            "date": datetime.date.today().isoformat(),
+            # how the run was started, so that a result can be remade from its own file
+            "command": " ".join(["python", *sys.argv])}
 
 
 def describe(m: dict) -> str:

@@ -15,7 +15,7 @@ int{b}-g128 otherwise, round to nearest).
 Also the nesting alternative that was not chosen, measured on the whole model: one 8-bit code
 (int8-g128) whose top LOW bits form the low-precision code (bit planes, reconstructed at the
 centre of each coarse step), against the low format quantized directly.
-Writes benchmarks/results/adapt.json and .md.
+Writes benchmarks/results/adapt/adapt.json and .md.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from ampq.nested import release_memory  # noqa: E402
 from ampq.nn import QuantLinear  # noqa: E402
 from ampq.report import linear_bits, model_bytes  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).parent / "results" / "adapt"
 
 
 def direct_format(bits: int) -> str:
@@ -211,6 +211,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if out.exists() else {"rows": []}
     if args.report_only:
         out.with_suffix(".md").write_text(markdown(previous["rows"], previous["machine"]))

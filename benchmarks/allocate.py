@@ -3,7 +3,7 @@ q/k/v and gate/up tied), at budgets across the reachable range.
 
     python benchmarks/allocate.py [--layers 500] [--candidates 12]
 
-Prints a table and writes benchmarks/results/allocate.json.
+Prints a table and writes benchmarks/results/allocate/allocate.json.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=500)
     p.add_argument("--candidates", type=int, default=12)
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "allocate.json"))
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "allocate" / "allocate.json"))
     args = p.parse_args()
     rows = []
     for seed in range(args.seeds):

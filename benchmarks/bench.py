@@ -12,7 +12,7 @@ with ampq (round to nearest), exports the checkpoint to GGUF (int4-g32-sym is Q4
 Q8_0, exactly) and times llama.cpp on it (llama-cpp-python, extra ``engines``; batch 1, as many
 threads as ampq).
 
-Writes benchmarks/results/bench-MODEL-VARIANT.json (one per run) and bench-MODEL.md.
+Writes benchmarks/results/bench/bench-MODEL-VARIANT.json (one per run) and bench-MODEL.md.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).parent / "results" / "bench"
 
 
 def run(model: str, variant: str, args) -> None:
@@ -76,6 +76,17 @@ def table(model: str, variants: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def record_machine(path: Path) -> None:
+    """`ampq bench --json` writes figures only: add the machine and this script's command beside them."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _machine import machine
+
+    data = json.loads(path.read_text())
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"machine": machine(), **data}, indent=2))
+    os.replace(tmp, path)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -89,12 +100,14 @@ def main() -> None:
                    help="also time this checkpoint (e.g. an AMPQ plan quantized beforehand), labelled LABEL")
     p.add_argument("--table-only", action="store_true")
     args = p.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
     args.checkpoints = dict(c.split("=", 1) for c in args.checkpoint)
     variants = (["fp32", "bf16"] + args.formats.split(",") + list(args.checkpoints)
                 + [f"llama.cpp:{f}" for f in args.llama_cpp.split(",") if f])
     if not args.table_only:
         for v in variants:
             run(args.model, v, args)
+            record_machine(RESULTS / f"bench-{args.model}-{v}.json")
     md = table(args.model, variants)
     (RESULTS / f"bench-{args.model}.md").write_text(md)
     print(md)

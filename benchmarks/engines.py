@@ -13,7 +13,7 @@ which decompresses it with the compressed-tensors library, and by ampq's importe
 
 llama.cpp's CPU matmuls quantize activations to 8 bits (Q8_0/Q8_1 blocks) for its quantized
 weight types; ampq's reference kernel does not: that, not the weights, is the gap measured.
-Writes benchmarks/results/engines.json and .md. Needs llama-cpp-python (a benchmark extra; it
+Writes benchmarks/results/engines/engines.json and .md. Needs llama-cpp-python (a benchmark extra; it
 compiles llama.cpp, about 15 minutes on 2 cores).
 """
 
@@ -37,7 +37,7 @@ import ampq  # noqa: E402
 from ampq.data import make_windows  # noqa: E402
 from ampq.evaluate import evaluate  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).parent / "results" / "engines"
 # name -> `ampq quantize` arguments. Symmetric int4 and int8 plans are exact in both engines;
 # int4-g32 (asymmetric, min + scale * q) is GGUF's Q4_1 and needs --nearest for compressed-tensors;
 # int4-g64-zp (integer zero points) is compressed-tensors' and GPTQ's, and --nearest for GGUF.
@@ -153,7 +153,7 @@ def main() -> None:
     result = {"machine": machine(), "windows": args.windows, "window": 512, "corpus": "wiki (held-out half)",
               "llama_cpp_python": _version("llama_cpp_python"), "compressed_tensors": _version("compressed-tensors"),
               "transformers": _version("transformers"), "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "engines.json").write_text(json.dumps(result, indent=1))
     lines = [f"Machine: {describe(result['machine'])}. wiki held-out half, {args.windows} windows of 512 tokens.", "",
              "| model | plan | bits/weight | ampq ppl | GGUF export | llama.cpp ppl (ratio) | compressed-tensors export "

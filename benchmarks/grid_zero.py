@@ -4,7 +4,7 @@ layout), on the same calibration Hessian of chosen linears; error = tr(dW H dW^T
 
     python benchmarks/grid_zero.py [--model qwen2.5-coder-0.5b] [--layers model.layers.16.self_attn.v_proj,...]
 
-Writes benchmarks/results/grid_zero.json.
+Writes benchmarks/results/grid_zero/grid_zero.json.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def main() -> None:
     p.add_argument("--model", default="qwen2.5-coder-0.5b")
     p.add_argument("--layers", default=",".join(f"model.layers.{i}.self_attn.v_proj" for i in (4, 16, 17, 21)))
     p.add_argument("--calib-windows", type=int, default=32)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "grid_zero.json"))
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "grid_zero" / "grid_zero.json"))
     args = p.parse_args()
     model, tok = ampq.load_model(args.model)
     names = args.layers.split(",")
@@ -64,6 +64,7 @@ def main() -> None:
     info = machine()
     print_table(f"{args.model}: tr(dW H dW^T) on the same Hessian", head, [[r[k] for k in head] for r in rows], describe(info))
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps({"machine": info, "model": args.model, "calib_windows": args.calib_windows, "rows": rows}, indent=1))
     tmp.replace(out)

@@ -8,7 +8,7 @@ GPU (``--gpu``, in ``_kernels_gpu.py``): every GPU kernel checked against the re
 device (failures reported at the end, exit status 1), then kernel time only as ANCHORS.md's
 figures were taken (a CUDA graph, median of 100 replays), with weight copies rotated past the L2
 cache, against fp16 cuBLAS and torch's int4 kernel; FP8 W8A8 against ``torch._scaled_mm`` alone.
-Writes kernels-gpu.json and .md to $OUT (the device tool's folder) or benchmarks/results.
+Writes kernels-gpu.json and .md to $OUT (the device tool's folder) or benchmarks/results/kernels.
 
 CPU: ampq's dispatch (`auto`: torch's packed int4 kernel for int2-4 up to 128 rows and int8 per
 channel up to 64; the other formats with a lookup form (NF4/FP4, FP8, grouped int8) as three int4
@@ -16,7 +16,7 @@ planes in that kernel up to 16 rows; beyond, the slab kernel, which decodes a sl
 time; else the reference), the reference kernel alone, torch's dense fp32 and bf16 matmuls. The floor is the bytes a kernel must
 read (weights as stored, plus activations) over the copy bandwidth measured on this machine in the
 same run. Times are medians of repeated calls after a warm-up; ratios are to dense fp32 and bf16
-measured in the same run. Writes benchmarks/results/kernels.json and .md.
+measured in the same run. Writes benchmarks/results/kernels/kernels.json and .md.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def main() -> None:
     p.add_argument("--m", default=None, help="rows (default 1,16,128,1024 on the CPU, 1,4,16,64,128,256,1024 with --gpu)")
     p.add_argument("--formats", default="int4-g128,int8-ch,int3-g128,nf4-b64,fp8-e4m3-ch,int6-g128,bf16")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernels.json"))
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernels" / "kernels.json"))
     p.add_argument("--gpu", action="store_true", help="check and time the GPU kernels on a CUDA device")
     p.add_argument("--e2e-after", type=float, default=420,
                    help="--gpu: run the end-to-end decode bench only if fewer seconds than this have passed")
@@ -120,6 +120,7 @@ def main() -> None:
                 print(f"{k}x{n} {fmt} M={m}: ampq {r['ampq_ms']:.3f} ms ({r['kernel']}), fp32 {r['fp32_ms']:.3f}, "
                       f"bf16 {r['bf16_ms']:.3f}, floor {r['floor_ms']:.3f}", file=sys.stderr, flush=True)
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps({"machine": info, "copy_bandwidth_gb_s": bandwidth / 1e9, "rows": rows}, indent=1))
     os.replace(tmp, out)

@@ -7,7 +7,7 @@ one after the other.
 
 Runs: no cap; the cap; the cap with --spill-windows calibration windows (more activations than fit
 beside the work, so part of them go to disk). Checks that the capped outputs are byte for byte the
-uncapped one's where the arguments agree. Prints a table and writes benchmarks/results/memory_cap.json
+uncapped one's where the arguments agree. Prints a table and writes benchmarks/results/memory_cap/memory_cap.json
 (runs left out with --runs keep their earlier results there).
 """
 
@@ -64,7 +64,7 @@ def main() -> None:
                "capped": (f"--max-memory {a.cap}", ["--calib-windows", str(a.windows), "--max-memory", a.cap]),
                "spill": (f"--max-memory {a.spill_cap or a.cap}, {a.spill_windows} windows",
                          ["--calib-windows", str(a.spill_windows), "--max-memory", a.spill_cap or a.cap])}
-    path = Path("benchmarks/results/memory_cap.json")
+    path = Path(__file__).parent / "results" / "memory_cap" / "memory_cap.json"
     saved = json.loads(path.read_text()) if path.exists() else {}
     results = {r["name"]: r for r in saved.get("runs", []) if "name" in r}
     work = Path(tempfile.mkdtemp(prefix="ampq-memcap-", dir=Path.cwd()))

@@ -6,8 +6,8 @@ Per model: one sensitivity table (measured once, then reused from the cache, as 
 --budget` does), then for each budget the plan, quantization following it (each layer with its
 candidate's algorithm) and evaluation on the held-out halves of wiki and c4: perplexity, KL, bytes,
 time, and the KL the allocator predicted (the sum of the plan's Fisher estimates, in nats per token)
-next to the KL measured. The uniform schemes come from benchmarks/results/schemes.json and
-uniform.json rows measured on the same evaluation windows. Writes benchmarks/results/pareto.json,
+next to the KL measured. The uniform schemes come from benchmarks/results/schemes/schemes.json and
+uniform/uniform.json rows measured on the same evaluation windows. Writes benchmarks/results/pareto/pareto.json,
 .md and pareto-MODEL.png.
 """
 
@@ -74,7 +74,7 @@ def uniform_rows(model_name: str, windows: int) -> list[dict]:
     """Rows of the uniform benchmarks measured on the same evaluation windows."""
     rows = []
     for file in ("schemes.json", "uniform.json"):
-        path = RESULTS / file
+        path = RESULTS / file.removesuffix(".json") / file
         if not path.exists():
             continue
         data = json.loads(path.read_text())
@@ -104,7 +104,7 @@ def main() -> None:
     p.add_argument("--corpora", default="wiki,c4")
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=str(RESULTS / "pareto.json"))
+    p.add_argument("--out", default=str(RESULTS / "pareto" / "pareto.json"))
     p.add_argument("--report-only", action="store_true", help="redraw the table and figure from --out")
     args = p.parse_args()
     args.budgets = [float(b) for b in args.budgets.split(",")]
@@ -112,6 +112,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     models = args.models.split(",")
     previous = json.loads(out.read_text())["rows"] if out.exists() else []
     rows = [r for r in previous if r["model"] not in models or r.get("label") != f"AMPQ ({args.estimator})"

@@ -7,7 +7,7 @@ Each (model, scheme) runs in its own process so that its peak memory is its own.
 held-out halves of wiki and c4, KL and top-1 agreement against the unquantized model, bits per
 weight of the quantized linears, model bytes, quantization time (calibration included) and peak
 resident memory. Rows of peer libraries (benchmarks/peers/) are merged into the table with --peers.
-Writes benchmarks/results/schemes.json and .md.
+Writes benchmarks/results/schemes/schemes.json and .md.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def main() -> None:
     p.add_argument("--one-pass", action="store_true", help="statistics of all linears of a block from one pass of "
                    "the float block (llm-compressor's way) instead of group after group")
     p.add_argument("--peers", nargs="*", default=[], help="JSON rows written by benchmarks/peers/run_peer.py")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "schemes.json"))
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "schemes" / "schemes.json"))
     p.add_argument("--merge", nargs="*", default=[], help="fold the rows of other results files of this script in")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)

@@ -7,7 +7,7 @@ ampq.sensitivity.measure on calibration text) and the ground truth, the KL to th
 end to end on held-out windows with only that layer quantized. Reports Spearman rank correlations
 of each estimator with the ground truth, across layers for each candidate (what the allocator needs
 to trade layers against each other) and pooled over every pair; plus the ratio estimate / measured
-for the Fisher estimate, which claims the KL's unit. Writes benchmarks/results/sensitivity.json, .md
+for the Fisher estimate, which claims the KL's unit. Writes benchmarks/results/sensitivity/sensitivity.json, .md
 and a scatter plot sensitivity.png.
 """
 
@@ -119,13 +119,14 @@ def main() -> None:
     p.add_argument("--eval-windows", type=int, default=2)
     p.add_argument("--eval-window", type=int, default=512)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "sensitivity.json"))
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "sensitivity" / "sensitivity.json"))
     p.add_argument("--merge", nargs="*", default=[], help="fold in the results of other runs of this script, then report")
     args = p.parse_args()
     args.candidates = [c for c in args.candidates.split(",") if c]
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text())["results"] if out.exists() else []
     results = [r for r in previous if r["model"] not in args.models.split(",")]
     info = machine()

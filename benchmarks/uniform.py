@@ -2,7 +2,7 @@
 
     python benchmarks/uniform.py [--models smollm2-135m,qwen2.5-coder-0.5b] [--windows 16]
 
-Prints a table per model and writes benchmarks/results/uniform.json. Perplexity on the held-out
+Prints a table per model and writes benchmarks/results/uniform/uniform.json. Perplexity on the held-out
 halves of wiki and c4 (windows of 512 tokens, no overlap), KL(original || quantized) and top-1
 agreement against the unquantized (dequantized-GGUF, float32) model, bits per weight of the
 quantized linears, bytes of the whole model, and quantization time.
@@ -94,7 +94,7 @@ def main() -> None:
     p.add_argument("--corpora", default="wiki,c4")
     p.add_argument("--windows", type=int, default=16, help="windows of --window tokens per text")
     p.add_argument("--window", type=int, default=512)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "uniform.json"))
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "uniform" / "uniform.json"))
     p.add_argument("--merge", nargs="+", metavar="JSON", help="only combine earlier results into --out (and its .md)")
     args = p.parse_args()
     out = Path(args.out)

