@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ampq.figures import pyplot
 from ampq.memory import resident, return_freed_memory
 from ampq.nn import QuantLinear
 from ampq.report import model_bytes
@@ -151,9 +152,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 def plot(results: dict[str, list[dict]], path) -> None:
     """Decode tokens/s and latency against batch size, one line per model."""
-    from ampq.figures import _pyplot
-
-    plt = _pyplot()
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for label, rows in results.items():
         xs = [r["batch"] for r in rows]

@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import math
 import resource
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,8 +193,6 @@ sys.exit(os.waitstatus_to_exitcode(status))
 def run_measured(cmd: list[str], log: Path, env: dict | None = None) -> tuple[int, int]:
     """Run ``cmd`` with its output in ``log``; (exit status, the peak resident bytes the kernel
     counted for it)."""
-    import subprocess
-
     report = log.with_name(log.name + ".peak")
     with open(log, "w") as f:
         code = subprocess.run([sys.executable, "-c", _LAUNCHER, str(report), *cmd], stdout=f,
