@@ -138,11 +138,11 @@ def check_all(dev, formats=CHECK_FORMATS) -> list[dict]:
             err = rel_err(got.cpu(), want)
             ok = err <= 1e-2
             results.append({"format": f"{fmt} W8A8 {act}", "dtype": "torch.bfloat16", "m": m, "error": err, "ok": ok,
-                            "scaled_mm": "_scaled_mm_weight" in layer.__dict__})
+                            "scaled_mm": layer.kernel_cache.scaled_mm_weight is not None})
             if not ok:
                 log(f"MISMATCH W8A8 {fmt} M={m}: {err:.2e}")
         log(f"checked W8A8 {fmt}: worst {max(r['error'] for r in results if r['format'].startswith(fmt + ' W8A8')):.2e}"
-            f", tensor cores used: {'_scaled_mm_weight' in layer.__dict__}")
+            f", tensor cores used: {layer.kernel_cache.scaled_mm_weight is not None}")
     return results
 
 
@@ -232,12 +232,12 @@ def time_kernels(dev, shapes, ms, formats, save) -> list[dict]:
                 measure("torch_int4_ms",
                         [lambda p=p, sz=sz: torch.ops.aten._weight_int4pack_mm(xb, p, 128, sz) for p, sz in tiny])
             measure("fp8_w8a8_ms", [lambda layer=layer: activation_linear(layer, xb) for layer in fp8])
-            row["fp8_w8a8_tensor_cores"] = "_scaled_mm_weight" in fp8[0].__dict__
+            row["fp8_w8a8_tensor_cores"] = fp8[0].kernel_cache.scaled_mm_weight is not None
             if row["fp8_w8a8_tensor_cores"]:
                 x8, sa = x.to(torch.float8_e4m3fn), torch.ones(m, 1, device=dev)
-                ws = fp8[0].__dict__["_scaled_mm_weight"][1]
+                ws = fp8[0].kernel_cache.scaled_mm_weight[1]
                 measure("scaled_mm_only_ms",
-                        [lambda layer=layer: torch._scaled_mm(x8, layer.__dict__["_scaled_mm_weight"][0].t(), scale_a=sa,
+                        [lambda layer=layer: torch._scaled_mm(x8, layer.kernel_cache.scaled_mm_weight[0].t(), scale_a=sa,
                                                               scale_b=ws, out_dtype=torch.bfloat16) for layer in fp8])
             rows.append(row)
             log({key: (round(v, 4) if isinstance(v, float) else v) for key, v in row.items()})

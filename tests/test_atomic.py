@@ -1,11 +1,11 @@
-"""ampq.io.atomic: a file or folder is replaced whole or not at all, and no temporary stays behind."""
+"""ampq.atomic: a file or folder is replaced whole or not at all, and no temporary stays behind."""
 
 import os
 
 import pytest
 
-from ampq.io import atomic
-from ampq.io.atomic import atomic_file, atomic_folder
+from ampq import atomic
+from ampq.atomic import atomic_file, atomic_folder
 
 
 def test_write_bytes_and_text_replace_the_file(tmp_path):

@@ -18,7 +18,7 @@ from ampq.errors import AmpqError
 from ampq.io import safetensors_file
 from ampq.io.lazy import weights_of
 from ampq.memory import MemoryCap, run_measured
-from ampq.models import load_model
+from ampq.loading import load_model
 from ampq.spill import ActivationStore
 from test_resume import model_dir  # noqa: F401 - the 12-block random Llama, as a fixture
 

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 import ampq.io.checkpoint as ckpt
-from ampq.io import atomic
+from ampq import atomic
 from ampq.errors import AmpqError
 from ampq.io.checkpoint import read_checkpoint, verify_checkpoint, write_checkpoint
 

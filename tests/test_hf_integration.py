@@ -139,10 +139,10 @@ def test_unquantized_model_gets_no_quantization_config(tmp_path):
 
 
 def test_old_checkpoint_without_quantization_config_still_loads(tmp_path, monkeypatch):
-    import ampq.hf
+    import ampq.layer_table
 
     model = ampq.quantize(tiny_llama(), "int4-g32", progress=False)
-    monkeypatch.setattr(ampq.hf, "config_json", lambda m: m.config.to_json_string())  # as ampq wrote before
+    monkeypatch.setattr(ampq.layer_table, "config_json", lambda m: m.config.to_json_string())  # as ampq wrote before
     ampq.save(model, tmp_path / "old")
     assert "quantization_config" not in json.loads((tmp_path / "old" / "config.json").read_text())
     assert torch.equal(logits(ampq.load(tmp_path / "old")), logits(model))

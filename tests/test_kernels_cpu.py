@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ampq import kernels
+from ampq import kernels, memory
 from ampq.kernels import cpu_planes
 from ampq.kernels.cpu import packed_linear, supports
 from ampq.kernels.cpu_planes import planes_linear
@@ -129,8 +129,8 @@ def test_planes_are_packed_by_chunks_exactly(monkeypatch):
     q = layer("nf4-b64", 2064, 128)
     x = torch.randn(3, 128)
     chunked = planes_linear(q, x)
-    assert q.__dict__["_cpu_planes"]["packed"].shape[0] == 2064
-    del q.__dict__["_cpu_planes"]
+    assert q.kernel_cache.planes["packed"].shape[0] == 2064
+    q.kernel_cache.planes = None
     monkeypatch.setattr(cpu_planes, "_CHUNK", 1 << 20)
     assert torch.equal(planes_linear(q, x), chunked)
 
@@ -157,21 +157,21 @@ def test_repacked_copies_are_made_only_while_memory_is_free(monkeypatch):
 
     x = torch.randn(1, 256)
     monkeypatch.setattr(kernels, "_short_of_memory_told", False)
-    monkeypatch.setattr(kernels, "_free_memory", lambda: (3 << 29, 16 << 30))  # 1.5 of 16 GiB: under 10%
+    monkeypatch.setattr(memory, "available_memory", lambda: (3 << 29, 16 << 30))  # 1.5 of 16 GiB: under 10%
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for fmt in ["nf4-b64", "int4-g64", "int8-ch"]:
             q = layer(fmt, 64, 256)
             got = q(x)
-            assert not {"_cpu_planes", "_cpu_packed"} & set(q.__dict__), fmt
+            assert q.kernel_cache.planes is None and q.kernel_cache.packed is None, fmt
             assert torch.equal(got, slab_linear(q, x)), fmt
             assert torch.equal(q(x), got), fmt  # decided once per layer
     told = [w for w in caught if "GiB of memory is free" in str(w.message)]
     assert len(told) == 1, [str(w.message) for w in caught]  # one line, not one per layer
-    monkeypatch.setattr(kernels, "_free_memory", lambda: (4 << 30, 16 << 30))  # 4 GiB free: room
+    monkeypatch.setattr(memory, "available_memory", lambda: (4 << 30, 16 << 30))  # 4 GiB free: room
     q = layer("nf4-b64", 64, 256)
-    assert torch.equal(q(x), planes_linear(q, x)) and "_cpu_planes" in q.__dict__
-    monkeypatch.setattr(kernels, "_free_memory", lambda: (0, 16 << 30))
+    assert torch.equal(q(x), planes_linear(q, x)) and q.kernel_cache.planes is not None
+    monkeypatch.setattr(memory, "available_memory", lambda: (0, 16 << 30))
     assert torch.equal(q(x), planes_linear(q, x))  # a copy already made is used whatever is free now
 
 
@@ -179,27 +179,56 @@ def test_free_memory_is_the_containers_where_its_limit_is_lower(tmp_path, monkey
     from types import SimpleNamespace
 
     gib = 1 << 30
-    monkeypatch.setattr(kernels.psutil, "virtual_memory", lambda: SimpleNamespace(available=16 * gib, total=32 * gib))
+    monkeypatch.setattr(memory.psutil, "virtual_memory", lambda: SimpleNamespace(available=16 * gib, total=32 * gib))
     v2 = tmp_path / "v2"
     v2.mkdir()
     (v2 / "memory.max").write_text(f"{4 * gib}\n")
     (v2 / "memory.current").write_text(f"{3 * gib}\n")
     (v2 / "memory.stat").write_text(f"anon {2 * gib}\ninactive_file {gib // 2}\n")
-    monkeypatch.setattr(kernels, "_CGROUP", v2)
-    assert kernels._free_memory() == (gib + gib // 2, 4 * gib)  # 4 - 3 used + 0.5 reclaimable cache
+    monkeypatch.setattr(memory, "_CGROUP", v2)
+    assert memory.available_memory() == (gib + gib // 2, 4 * gib)  # 4 - 3 used + 0.5 reclaimable cache
     (v2 / "memory.max").write_text("max\n")
-    assert kernels._free_memory() == (16 * gib, 32 * gib)  # no limit: the machine's
+    assert memory.available_memory() == (16 * gib, 32 * gib)  # no limit: the machine's
     v1 = tmp_path / "v1" / "memory"
     v1.mkdir(parents=True)
     (v1 / "memory.limit_in_bytes").write_text(f"{2 * gib}\n")
     (v1 / "memory.usage_in_bytes").write_text(f"{gib}\n")
     (v1 / "memory.stat").write_text("cache 0\ntotal_inactive_file 0\n")
-    monkeypatch.setattr(kernels, "_CGROUP", v1.parent)
-    assert kernels._free_memory() == (gib, 2 * gib)
+    monkeypatch.setattr(memory, "_CGROUP", v1.parent)
+    assert memory.available_memory() == (gib, 2 * gib)
     (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "unlimited"
-    assert kernels._free_memory() == (16 * gib, 32 * gib)
-    monkeypatch.setattr(kernels, "_CGROUP", tmp_path / "none")
-    assert kernels._free_memory() == (16 * gib, 32 * gib)
+    assert memory.available_memory() == (16 * gib, 32 * gib)
+    monkeypatch.setattr(memory, "_CGROUP", tmp_path / "none")
+    assert memory.available_memory() == (16 * gib, 32 * gib)
+
+
+@pytest.mark.parametrize("fmt", ["int4-g64", "nf4-b64", "int8-ch"])
+def test_moving_a_layer_drops_its_kernel_cache(fmt):
+    q = layer(fmt, 64, 256)
+    x = torch.randn(1, 256)
+    first = q(x)
+    cache = q.kernel_cache
+    assert cache.short_path is not None and (cache.packed is not None or cache.planes is not None)
+    q.to("cpu")  # any move or cast, even to where it is, goes through nn.Module._apply
+    assert q.kernel_cache is not cache and q.kernel_cache.packed is None and q.kernel_cache.planes is None
+    assert torch.equal(q(x), first)
+    # what a move does to the stored tensors, the next call sees: here every float (scale, min) zeroed
+    q._apply(lambda t: torch.zeros_like(t) if t.is_floating_point() else t)
+    assert torch.equal(q(x), torch.zeros_like(first))
+
+
+def test_moving_an_adaptive_layer_drops_its_levels_caches():
+    from ampq.nested import NestedLinear, nest
+
+    w = torch.randn(64, 256)
+    base = layer("int4-g64", 64, 256)
+    nested = NestedLinear(base, ["int4-g64-sym"], nest(base, w, ["int4-g64-sym"]))
+    x = torch.randn(1, 256)
+    first = nested(x)
+    assert nested.residuals[0].kernel_cache.short_path is not None
+    nested.to("cpu")
+    assert base.kernel_cache.short_path is None and nested.residuals[0].kernel_cache.short_path is None
+    assert torch.equal(nested(x), first)
 
 
 def test_lean_mode_keeps_no_repacked_copy():
@@ -208,7 +237,7 @@ def test_lean_mode_keeps_no_repacked_copy():
         q = layer(fmt, 64, 256)
         with kernels.use("lean"):
             got = q(x)
-        assert not {"_cpu_planes", "_cpu_packed"} & set(q.__dict__), fmt
+        assert q.kernel_cache.planes is None and q.kernel_cache.packed is None, fmt
         want = slab_linear(q, x) if slab_supports(q) else reference_linear(q, x)  # int3: no slab kernel
         assert torch.equal(got, want), fmt
         assert not torch.equal(q(x), got), fmt  # auto: a repacked kernel
@@ -248,7 +277,7 @@ def test_greedy_decoding_on_the_real_model_agrees(smollm2, fmt):
     fast = q.generate(ids, max_new_tokens=12, do_sample=False)
     # decoding reached no layer through the reference kernel
     layers = [m for m in q.modules() if getattr(m, "is_quantized_linear", False)]
-    assert len(layers) == 210 and all({"_cpu_packed", "_cpu_planes"} & set(m.__dict__) or m.format_name == "bf16"
+    assert len(layers) == 210 and all(m.kernel_cache.packed is not None or m.kernel_cache.planes is not None or m.format_name == "bf16"
                                       for m in layers)
     with kernels.use("reference"):
         exact = q.generate(ids, max_new_tokens=12, do_sample=False)

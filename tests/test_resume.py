@@ -132,3 +132,35 @@ def test_sensitivity_resumes_after_the_last_measured_block(tmp_path):
     assert again.done == 1 and again.tensors("fisher") is not None
     resumed = measure(tiny_llama(), calib, candidates, gradient_windows=2, progress=False, resume=again)
     assert resumed.estimates == whole.estimates and resumed.nbytes == whole.nbytes  # exactly, float for float
+
+
+def test_an_adaptive_block_is_restored_with_the_levels_it_holds_aside(tmp_path):
+    from ampq.models import decoder_blocks, replace_module
+    from ampq.nested import NestedLinear, nest
+    from ampq.quantize import quantize_linear
+
+    def adaptive_block():
+        torch.manual_seed(0)
+        block = decoder_blocks(tiny_llama())[0][1]
+        linear = block.mlp.up_proj
+        base = quantize_linear("up", linear, "int4-g32")
+        formats = ["int4-g32-sym", "int2-g32-sym"]
+        layer = NestedLinear(base, formats, nest(base, linear.weight, formats), damage=[3.0, 2.0, 1.0])
+        replace_module(block, "mlp.up_proj", layer)
+        return block
+
+    block = adaptive_block()
+    x = torch.randn(2, block.mlp.up_proj.in_features)
+    full = block.mlp.up_proj(x)
+    block.mlp.up_proj.set_level(1)  # the second residual goes aside: no checkpoint holds it
+    low = block.mlp.up_proj(x)
+    resume = Resume(tmp_path / "p", {"k": 1})
+    resume.save(0, block, None)
+    fresh = decoder_blocks(tiny_llama())[0][1]
+    Resume(tmp_path / "p", {"k": 1}).restore(0, fresh)
+    restored = fresh.mlp.up_proj
+    assert isinstance(restored, NestedLinear) and restored.level == 1 and set(restored.spare) == {2}
+    assert restored.residual_formats == ["int4-g32-sym", "int2-g32-sym"] and restored.damage == [3.0, 2.0, 1.0]
+    assert torch.equal(restored(x), low)
+    restored.set_level(2)
+    assert torch.equal(restored(x), full)

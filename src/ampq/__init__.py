@@ -10,16 +10,15 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from ampq.adapt import adapt
 from ampq.errors import AmpqError
 from ampq.formats import get_format
-from ampq.io.model import load, save
-from ampq.models import load_model
+from ampq.io.model import save
+from ampq.loading import load, load_model
 from ampq.nn import QuantLinear
 from ampq.plan import Plan
 from ampq.quantize import quantize
+from ampq.version import __version__
 
 try:  # registers quant_method "ampq" so transformers' from_pretrained loads ampq checkpoints
     from ampq import hf as _hf  # noqa: F401

@@ -15,7 +15,6 @@ allocator and library overhead), or torch.cuda.max_memory_allocated (GPU).
 from __future__ import annotations
 
 import inspect
-import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -23,9 +22,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ampq.io.atomic import atomic_file
-from ampq.memory import return_freed_memory
+from ampq.figures import pyplot
+from ampq.atomic import atomic_file
+from ampq.memory import resident, return_freed_memory
 from ampq.nn import QuantLinear
+from ampq.report import model_bytes
 
 
 @dataclass
@@ -68,8 +69,6 @@ def kv_cache_bytes(model: nn.Module, batch: int, tokens: int) -> int:
 
 
 def predicted_bytes(model: nn.Module, batch: int, tokens: int) -> int:
-    from ampq.report import model_bytes
-
     return model_bytes(model) + kv_cache_bytes(model, batch, tokens)
 
 
@@ -78,11 +77,7 @@ def resident_bytes() -> int:
     Freed memory that the allocator still holds is handed back first: it would count as resident
     here, and a new allocation would reuse it without growing the figure."""
     return_freed_memory()
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
-    except (OSError, ValueError, IndexError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return resident()
 
 
 def _sync(device) -> None:
@@ -158,9 +153,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 def plot(results: dict[str, list[dict]], path) -> None:
     """Decode tokens/s and latency against batch size, one line per model."""
-    from ampq.figures import _pyplot
-
-    plt = _pyplot()
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for label, rows in results.items():
         xs = [r["batch"] for r in rows]

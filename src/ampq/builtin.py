@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ampq.errors import AmpqError
-from ampq.io import atomic
+from ampq import atomic
 
 
 @dataclass(frozen=True)

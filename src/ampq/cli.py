@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from ampq.errors import AmpqError
-from ampq.io import atomic
+from ampq import atomic
 
 
 def _quiet_libraries() -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ampq import builtin
 from ampq.errors import AmpqError
 
 HUB_DATASETS = {"wikitext2": ("wikitext", "wikitext-2-raw-v1", "text")}
@@ -21,8 +22,6 @@ _DOC_TAG = re.compile(r"^</?doc[^>]*>\s*$", re.MULTILINE)
 def read_text(spec: str) -> str:
     """Whole text of a built-in corpus (wiki, c4, tiny, code, technical, multilingual), a hub
     dataset (wikitext2, needs the `datasets` package and a hub) or a UTF-8 file."""
-    from ampq import builtin
-
     path = Path(spec).expanduser()
     if spec in builtin.CORPORA and not path.exists():
         path = builtin.fetch_corpus(spec)

@@ -7,7 +7,10 @@ import math
 import re
 from pathlib import Path
 
-from ampq.io.atomic import atomic_file
+import numpy as np
+
+from ampq.errors import AmpqError
+from ampq.atomic import atomic_file
 
 _BLOCK = re.compile(r"^(.*?\.)(\d+)\.(.+)$")
 
@@ -28,12 +31,10 @@ def _grid(names: list[str]) -> tuple[list[int], list[str], dict[str, tuple[int, 
     return blocks, projections, where
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
     except ImportError:
-        from ampq.errors import AmpqError
-
         raise AmpqError("figures need matplotlib: pip install 'ampq[plot]'") from None
 
     matplotlib.use("Agg")
@@ -50,9 +51,8 @@ def _save(fig, path: str | Path) -> None:
 def allocation_heatmap(layers: dict[str, dict], path: str | Path, title: str = "") -> Path:
     """Blocks x projections, colour = stored bits per weight, each cell labelled with its format.
     ``layers``: manifest or plan entries with ``format`` and ``bits_per_weight`` (or bytes and shape)."""
-    import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     blocks, projections, where = _grid(list(layers))
     bits = np.full((len(blocks), len(projections)), np.nan)
     labels = [[""] * len(projections) for _ in blocks]
@@ -85,9 +85,8 @@ def allocation_heatmap(layers: dict[str, dict], path: str | Path, title: str = "
 def sensitivity_figure(table, path: str | Path, candidate: str | None = None) -> Path:
     """Left: estimated damage of each layer at one candidate (log scale, blocks x projections).
     Right: damage against bits per weight for every layer, one line each, coloured by projection."""
-    import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     names = list(table.damage)
     blocks, projections, where = _grid(names)
     weights = {n: table.shapes[n][0] * table.shapes[n][1] for n in names}
@@ -134,7 +133,7 @@ def pareto_figure(series: dict[str, list[tuple[float, float, float]]], path: str
     """Perplexity (left, up to 3x the original's) and KL to the original (right, log) against bits
     per weight. ``series``: label -> [(bits, perplexity, kl)]; a label starting with ``AMPQ`` is
     drawn as a curve, the others as points."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, col, name in ((axes[0], 1, "perplexity"), (axes[1], 2, "KL to the original (nats/token)")):
         for label, pts in series.items():

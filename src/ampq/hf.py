@@ -31,74 +31,15 @@ import importlib.abc
 import importlib.util
 import json
 import sys
-from collections import Counter
-from typing import TYPE_CHECKING
+import warnings
 
 import torch
 from torch import nn
 
+from ampq.io.safetensors_file import read_header
+from ampq.layer_table import CONFIG_VERSION, QUANT_METHOD, build_layer, check_entry, quantization_config
 from ampq.models import replace_module
-
-if TYPE_CHECKING:
-    from ampq.nn import QuantLinear
-
-QUANT_METHOD = "ampq"
-CONFIG_VERSION = 1
-# what a layer entry of ampq.json carries that the loader needs (bytes and bits_per_weight are reports)
-_ENTRY_KEYS = ("format", "algorithm", "shape", "tensors", "bias", "activation", "input_scale", "compute_dtype",
-               "input_perm")
-
-
-
-# ---- the quantization_config that ampq.save writes ----------------------------------------------------
-def _config_layers(entries: dict[str, dict]) -> dict[str, dict]:
-    layers = {}
-    for name, entry in entries.items():
-        out = {k: entry[k] for k in _ENTRY_KEYS if k in entry}
-        nested = entry.get("nested")
-        if nested is not None:
-            out["nested"] = {"residuals": [{"format": r["format"], "tensors": list(r["tensors"])}
-                                           for r in nested["residuals"]],
-                             "damage": nested.get("damage")}
-        layers[name] = out
-    return layers
-
-
-def _unquantized_dtype(model: nn.Module, layer_names) -> str | None:
-    """The dtype of the tensors outside the quantized layers (embeddings, norms): what
-    :func:`ampq.load` builds the model in, and what ``from_pretrained(dtype="auto")`` should."""
-    inside = tuple(f"{name}." for name in layer_names)
-    floats = [t.dtype for n, t in model.state_dict().items()
-              if t.is_floating_point() and t.dtype.itemsize >= 2 and not n.startswith(inside)]
-    if not floats:
-        return None
-    return str(Counter(floats).most_common(1)[0][0]).removeprefix("torch.")
-
-
-def quantization_config_dict(model: nn.Module) -> dict | None:
-    """config.json's ``quantization_config`` for ``model``: quant_method "ampq" and the layer table;
-    None for a model without quantized linears."""
-    from ampq.io.model import _layer_entries
-
-    entries = _layer_entries(model)
-    if not entries:
-        return None
-    return {"quant_method": QUANT_METHOD, "version": CONFIG_VERSION, "dtype": _unquantized_dtype(model, entries),
-            "layers": _config_layers(entries)}
-
-
-def config_json(model: nn.Module) -> str:
-    """``model.config.to_json_string()`` with ``quantization_config`` set from the model: the ampq
-    layer table where it has quantized linears; otherwise an ampq one left over is dropped (another
-    tool's is kept as it is)."""
-    config = json.loads(model.config.to_json_string())
-    qc = quantization_config_dict(model)
-    if qc is not None:
-        config["quantization_config"] = qc
-    elif isinstance(config.get("quantization_config"), dict) and \
-            config["quantization_config"].get("quant_method") == QUANT_METHOD:
-        del config["quantization_config"]
-    return json.dumps(config, indent=2, sort_keys=True) + "\n"
+from ampq.nn import quantized_linears
 
 
 def _check_config(version, layers, dtype) -> None:
@@ -107,22 +48,12 @@ def _check_config(version, layers, dtype) -> None:
                          f"{CONFIG_VERSION}: upgrade ampq")
     if not isinstance(layers, dict):
         raise ValueError("ampq quantization_config: 'layers' is not a table; re-save the checkpoint with ampq.save")
-
-    def names(tensors):
-        return isinstance(tensors, list) and all(isinstance(t, str) for t in tensors)
-
     for name, entry in layers.items():
-        if not (isinstance(entry, dict) and isinstance(entry.get("format"), str)
-                and isinstance(entry.get("shape"), list) and len(entry["shape"]) == 2
-                and all(type(v) is int and v > 0 for v in entry["shape"]) and names(entry.get("tensors"))):
-            raise ValueError(f"ampq quantization_config: malformed entry for layer {name!r}; re-save the "
-                             "checkpoint with ampq.save")
-        nested = entry.get("nested")
-        if nested is not None and not (
-                isinstance(nested, dict) and isinstance(nested.get("residuals"), list)
-                and all(isinstance(r, dict) and isinstance(r.get("format"), str) and names(r.get("tensors"))
-                        for r in nested["residuals"])):
-            raise ValueError(f"ampq quantization_config: malformed nested entry for layer {name!r}")
+        try:
+            check_entry(entry)
+        except ValueError as e:
+            raise ValueError(f"ampq quantization_config: {e} for layer {name!r}; re-save the checkpoint with "
+                             "ampq.save") from None
     if dtype is not None and not isinstance(getattr(torch, str(dtype), None), torch.dtype):
         raise ValueError(f"ampq quantization_config: unknown dtype {dtype!r}")
 
@@ -173,8 +104,6 @@ def _config_class() -> type:
 # ---- building the quantized modules before the weights load ------------------------------------------------
 def _header_specs(checkpoint_files) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """Every stored tensor's (dtype, shape), read from the safetensors headers alone."""
-    from ampq.io.safetensors_file import read_header
-
     specs = {}
     for path in checkpoint_files or ():
         if str(path).endswith(".safetensors"):
@@ -182,35 +111,9 @@ def _header_specs(checkpoint_files) -> dict[str, tuple[torch.dtype, tuple[int, .
     return specs
 
 
-def _placeholder(prefix: str, entry: dict, linear: nn.Linear, specs) -> "QuantLinear":
-    """A QuantLinear on the meta device whose buffers have the stored shapes and dtypes."""
-    from ampq.formats import get_format
-    from ampq.nn import QuantLinear
-
-    def meta(key):
-        if key not in specs:
-            raise ValueError(f"the checkpoint holds no tensor {key}")
-        dtype, shape = specs[key]
-        return torch.empty(shape, dtype=dtype, device="meta")
-
-    shape = tuple(entry["shape"])
-    stored = {t: meta(f"{prefix}.{t}") for t in entry["tensors"]}
-    held = sum(t.numel() * t.element_size() for t in stored.values())
-    expected = get_format(entry["format"]).nbytes(shape)
-    if held != expected:
-        raise ValueError(f"{entry['format']} needs {expected} bytes, the checkpoint holds {held} for {prefix}")
-    # the bias is unquantized: it loads in the model's dtype like the other unquantized tensors
-    bias = torch.empty(shape[0], dtype=linear.weight.dtype, device="meta") if entry.get("bias") else None
-    input_scale = meta(f"{prefix}.input_scale") if entry.get("input_scale") else None
-    input_perm = meta(f"{prefix}.input_perm") if entry.get("input_perm") else None
-    return QuantLinear(shape[1], shape[0], entry["format"], stored, bias, entry.get("algorithm") or "rtn",
-                       entry.get("activation"), input_scale, entry.get("compute_dtype"), input_perm)
-
-
 def replace_linears(model: nn.Module, layers: dict[str, dict], specs) -> None:
-    """Put a placeholder QuantLinear / NestedLinear in place of each listed linear of ``model``."""
-    from ampq.nested import NestedLinear
-
+    """Put a QuantLinear / NestedLinear on the meta device in place of each listed linear of
+    ``model``, its buffers placeholders of the stored shapes and dtypes (``specs``)."""
     for name, entry in layers.items():
         try:
             linear = model.get_submodule(name)
@@ -219,15 +122,16 @@ def replace_linears(model: nn.Module, layers: dict[str, dict], specs) -> None:
         if not isinstance(linear, nn.Linear) or tuple(linear.weight.shape) != tuple(entry["shape"]):
             raise ValueError(f"ampq quantization_config: {name!r} is not a {entry['shape'][0]}x{entry['shape'][1]} "
                              "linear in this model; config.json does not match its quantization_config")
-        nested = entry.get("nested")
-        if nested is None:
-            layer = _placeholder(name, entry, linear, specs)
-        else:
-            base = _placeholder(f"{name}.base", entry, linear, specs)
-            residuals = [_placeholder(f"{name}.residuals.{i}", {**r, "shape": entry["shape"]}, linear, specs)
-                         for i, r in enumerate(nested["residuals"])]
-            layer = NestedLinear(base, [r.format_name for r in residuals], residuals, nested.get("damage"))
-        replace_module(model, name, layer)
+
+        def placeholder(key: str, linear=linear) -> torch.Tensor:
+            if key.endswith(".bias"):  # unquantized: it loads in the model's dtype like the other such tensors
+                return torch.empty(linear.out_features, dtype=linear.weight.dtype, device="meta")
+            if key not in specs:
+                raise ValueError(f"the checkpoint holds no tensor {key}")
+            dtype, shape = specs[key]
+            return torch.empty(shape, dtype=dtype, device="meta")
+
+        replace_module(model, name, build_layer(name, entry, linear, placeholder))
 
 
 def _quantizer_class() -> type:
@@ -267,16 +171,11 @@ def _quantizer_class() -> type:
 
         def get_state_dict_and_metadata(self, model):
             # save_pretrained: record the layers as they are now (an adaptive model may have switched level)
-            from ampq.io.model import _layer_entries
-
-            entries = _layer_entries(model)
-            self.quantization_config.layers = _config_layers(entries)
-            self.quantization_config.dtype = _unquantized_dtype(model, entries)
+            qc = quantization_config(model) or {"layers": {}, "dtype": None}
+            self.quantization_config.layers, self.quantization_config.dtype = qc["layers"], qc["dtype"]
             return None, {}
 
         def _dequantize(self, model, dtype=None):
-            from ampq.nn import quantized_linears
-
             for name, layer in quantized_linears(model).items():
                 weight = layer.dequantize(dtype or torch.float32)
                 linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
@@ -353,8 +252,6 @@ class _RegisteringLoader(importlib.abc.Loader):
         try:
             register()
         except Exception as e:  # noqa: BLE001 - never break transformers' own import
-            import warnings
-
             warnings.warn(f"ampq could not register with transformers' quantizers ({e}); "
                           "from_pretrained will not load ampq checkpoints", stacklevel=2)
 

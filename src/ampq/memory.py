@@ -1,4 +1,6 @@
-"""A cap on the process's resident memory, and what a quantization run may keep within it.
+"""Memory: what the process holds (resident, peak), what the system could still give it
+(:func:`available_memory`, the one free-memory probe), and a cap on resident memory with what a
+quantization run may keep within it.
 
 Resident memory is what the operating system counts (``/proc/self/status``); the cap is checked
 against it, so it covers Python, torch, the tokenizer and the allocator's slack, not only tensors.
@@ -10,13 +12,17 @@ import ctypes
 import ctypes.util
 import math
 import resource
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 from torch import nn
 
 from ampq.errors import AmpqError
+
+_CGROUP = Path("/sys/fs/cgroup")
 
 
 def _status_kib(field: str) -> int | None:
@@ -42,6 +48,36 @@ def peak() -> int:
         return kib * 1024
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
+
+
+def available_memory() -> tuple[int, int]:
+    """(available, total) bytes of memory for this process: the machine's, or its container's
+    where a cgroup limit is lower (psutil sees only the machine)."""
+    mem = psutil.virtual_memory()
+    available, total = mem.available, mem.total
+    limited = _cgroup_memory()
+    if limited is not None and limited[1] < total:
+        available, total = min(available, limited[0]), limited[1]
+    return available, total
+
+
+def _cgroup_memory() -> tuple[int, int] | None:
+    """(available, limit) under the cgroup's memory limit (v2, else v1), None without one. The
+    inactive page cache counts as available, as the kernel reclaims it before refusing memory."""
+    for limit_file, usage_file, cache_key in (("memory.max", "memory.current", "inactive_file"),
+                                              ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes",
+                                               "total_inactive_file")):
+        try:
+            limit = (_CGROUP / limit_file).read_text().strip()
+            if not limit.isdigit():
+                return None  # "max": no limit
+            usage = int((_CGROUP / usage_file).read_text())
+            stat = (_CGROUP / limit_file).with_name("memory.stat").read_text().split()
+        except (OSError, ValueError):
+            continue
+        cache = dict(zip(stat[::2], stat[1::2])).get(cache_key, "0")
+        return max(int(limit) - usage + int(cache), 0), int(limit)
+    return None
 
 
 _LIBC = None
@@ -157,8 +193,6 @@ sys.exit(os.waitstatus_to_exitcode(status))
 def run_measured(cmd: list[str], log: Path, env: dict | None = None) -> tuple[int, int]:
     """Run ``cmd`` with its output in ``log``; (exit status, the peak resident bytes the kernel
     counted for it)."""
-    import subprocess
-
     report = log.with_name(log.name + ".peak")
     with open(log, "w") as f:
         code = subprocess.run([sys.executable, "-c", _LAUNCHER, str(report), *cmd], stdout=f,

@@ -7,23 +7,30 @@ good as its base plus refinements, the base exactly as good as quantizing to it 
 dropping a residual frees its bytes (benchmarks/adapt.py measured the alternative, bit planes of one
 high-precision code, and why it lost: see the README's runtime adaptation section).
 
-Residuals that are not in memory come back from the checkpoint the layer was loaded from (one tensor
-read through safetensors' memory map, its SHA-256 checked against the manifest) or, for a model
-adapted in the process that quantized it, from host memory.
+Residuals that are not in memory come back from the checkpoint the layer was loaded from (its
+:class:`ResidualSource`, :class:`ampq.io.residuals.CheckpointResiduals`) or, for a model adapted in
+the process that quantized it, from host memory.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ctypes.util
+from typing import Protocol
 
 import torch
 from torch import nn
 
+from ampq.algorithms import get_algorithm
 from ampq.errors import AmpqError
 from ampq.formats import get_format
 from ampq.nn import QuantLinear
+
+
+class ResidualSource(Protocol):
+    """Where a layer loaded from a checkpoint reads a residual level back from."""
+
+    def read(self, k: int, nbytes: int) -> dict[str, torch.Tensor]:
+        """The stored tensors of residual ``k`` (1: the first), by role; an AmpqError where they
+        are missing, damaged or do not hold ``nbytes`` bytes."""
 
 
 def residual_formats(levels: list[int], base_format: str) -> list[str]:
@@ -60,7 +67,7 @@ class NestedLinear(nn.Module):
     is_quantized_linear = True
 
     def __init__(self, base: QuantLinear, formats: list[str], residuals: list[QuantLinear],
-                 damage: list[float] | None = None):
+                 damage: list[float] | None = None, source: ResidualSource | None = None):
         super().__init__()
         if base.input_scale is not None or base.activation is not None or base.input_perm is not None:
             raise AmpqError("adaptive layers need a plain weight-only base (gptq or rtn), not AWQ's input scales "
@@ -70,8 +77,10 @@ class NestedLinear(nn.Module):
         self.residuals = nn.ModuleList(residuals)
         # estimated damage of each level (KL nats per token with the Fisher estimator), for adapt()
         self.damage = list(damage) if damage is not None else None
-        self.__dict__["_spare"] = {}  # level -> QuantLinear dropped in this process, when no checkpoint has it
-        self.__dict__["_source"] = None  # (directory, manifest tensor entries) of the checkpoint loaded from
+        # level -> QuantLinear dropped in this process, when no checkpoint has it (a plain dict, not
+        # submodules: what is held aside is not part of the model's state or its device moves)
+        self.__dict__["spare"] = {}
+        self.__dict__["_source"] = source
 
     # ---- the QuantLinear surface that reports and savers read -------------------------------------
     @property
@@ -139,10 +148,10 @@ class NestedLinear(nn.Module):
             dropped = self.residuals[-1]
             del self.residuals[-1]
             if self._source is None:
-                self._spare[k] = dropped  # nothing to re-read it from: keep it off the model, in host memory
+                self.spare[k] = dropped  # nothing to re-read it from: keep it off the model, in host memory
         while self.level < level:
             k = self.level + 1
-            layer = self._spare.pop(k, None)
+            layer = self.spare.pop(k, None)
             if layer is None:
                 layer = self._read_residual(k)
             self.residuals.append(layer.to(self.base.codes.device))
@@ -151,59 +160,9 @@ class NestedLinear(nn.Module):
         if self._source is None:
             raise AmpqError(f"residual {k} of this layer is neither loaded nor in a checkpoint; load the model "
                             "from its adaptive checkpoint to switch up")
-        from ampq.io.checkpoint import _tensor_sha256
-
-        directory, prefix, entries = self._source
         fmt = self.residual_formats[k - 1]
-        head = f"{prefix}.residuals.{k - 1}."
-        names = [n for n in entries if n.startswith(head)]
-        if not names:
-            raise AmpqError(f"{directory} does not store residual {k} of {prefix}; it holds fewer levels than "
-                            "this layer expects")
-        stored = {}
-        for name in names:
-            entry = entries[name]
-            try:
-                t = _get_tensor(directory / entry["file"], name)
-            except Exception as e:  # noqa: BLE001 - a missing or rewritten file, whatever safetensors raises
-                raise AmpqError(f"cannot read residual {k} of {prefix} back from {directory} "
-                                f"({' '.join(str(e).split())[:160]}); the checkpoint was moved or damaged") from None
-            if _tensor_sha256(t) != entry["sha256"]:
-                raise AmpqError(f"checkpoint {directory} is damaged: tensor {name!r} no longer matches its SHA-256; "
-                                "re-create or re-download it")
-            stored[name.rpartition(".")[2]] = t
-        if sum(t.numel() * t.element_size() for t in stored.values()) != get_format(fmt).nbytes(self.shape):
-            raise AmpqError(f"checkpoint {directory}: residual {k} of {prefix} does not hold the bytes {fmt} needs")
+        stored = self._source.read(k, get_format(fmt).nbytes(self.shape))
         return QuantLinear(self.in_features, self.out_features, fmt, stored, None, "rtn")
-
-
-_open_files: dict | None = None
-
-
-@contextlib.contextmanager
-def reading():
-    """Within this block, each checkpoint file is opened (and its header parsed) once, not once
-    per tensor: a whole-model switch reads hundreds of residual tensors."""
-    global _open_files
-    outer, _open_files = _open_files, {}
-    try:
-        yield
-    finally:
-        for handle in _open_files.values():
-            handle.__exit__(None, None, None)
-        _open_files = outer
-
-
-def _get_tensor(path, name: str) -> torch.Tensor:
-    from safetensors import safe_open
-
-    if _open_files is None:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return f.get_tensor(name).clone()
-    handle = _open_files.get(path)
-    if handle is None:
-        handle = _open_files[path] = safe_open(str(path), framework="pt", device="cpu").__enter__()
-    return handle.get_tensor(name).clone()  # a copy, not a view that keeps the whole file mapped
 
 
 @torch.no_grad()
@@ -214,8 +173,6 @@ def nest(base: QuantLinear, weight: torch.Tensor, formats: list[str], stats=None
     base's error is shaped so that it mostly cancels in the output, and rounding the residual to
     nearest breaks that shape (on one SmolLM2 layer the estimated damage tripled instead of
     falling); GPTQ on the residual keeps every level's output error below the one beneath it."""
-    from ampq.algorithms import get_algorithm
-
     weight = weight.detach().float()
     approx = base.dequantize(torch.float32)
     out = []
@@ -230,13 +187,3 @@ def nest(base: QuantLinear, weight: torch.Tensor, formats: list[str], stats=None
         approx = approx + fmt.dequantize_codes(codes, params.values)
         out.append(layer)
     return out
-
-
-def release_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps them otherwise, and resident memory would
-    not show what a downgrade freed)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

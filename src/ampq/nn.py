@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ampq.formats import Format, get_format
-from ampq.kernels import linear
+from ampq.kernels import KernelCache, linear
 
 
 class QuantLinear(nn.Module):
@@ -21,6 +21,7 @@ class QuantLinear(nn.Module):
                  input_scale: torch.Tensor | None = None, compute_dtype: str | None = None,
                  input_perm: torch.Tensor | None = None):
         super().__init__()
+        self.kernel_cache = KernelCache()
         self.in_features, self.out_features = in_features, out_features
         self.format_name, self.algorithm = format_name, algorithm
         # how inputs are treated before the matmul (None: as they come; see ampq.kernels.activation)
@@ -84,6 +85,12 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(self, x)
+
+    def _apply(self, fn, recurse=True):
+        # every .to(), .cuda(), .half() ...: what the kernels derived from the stored tensors was
+        # made where and as they were, and would be stale or on the wrong device
+        self.kernel_cache = KernelCache()
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         act = f", activation={self.activation}" if self.activation else ""

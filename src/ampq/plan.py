@@ -10,8 +10,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ampq.algorithms import get_algorithm
 from ampq.errors import AmpqError
-from ampq.io import atomic
+from ampq.formats import get_format
+from ampq import atomic
 
 PLAN_VERSION = 1
 
@@ -46,9 +48,6 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "plan") -> "Plan":
-        from ampq.algorithms import get_algorithm
-        from ampq.formats import get_format
-
         if not isinstance(data, dict) or data.get("ampq_plan") != PLAN_VERSION:
             raise AmpqError(f"{where} is not an ampq plan (version {PLAN_VERSION}): it needs \"ampq_plan\": {PLAN_VERSION}")
         layers = {}

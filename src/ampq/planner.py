@@ -17,8 +17,12 @@ import torch
 from torch import nn
 
 from ampq.allocate import allocate, reachable
+from ampq.builtin import cache_dir
+from ampq.data import make_windows
 from ampq.errors import AmpqError
 from ampq.plan import LayerPlan, Plan
+from ampq.report import model_bytes
+from ampq.resume import Resume, fingerprint
 from ampq.sensitivity import DEFAULT_CANDIDATES, Candidate, SensitivityTable, measure
 
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*(b|kb|mb|gb|kib|mib|gib)?\s*$", re.IGNORECASE)
@@ -56,9 +60,6 @@ def sensitivity(model: nn.Module, tokenizer, candidates: list[str] | None = None
     """The sensitivity table of ``model``: read from ``table_path`` or the cache when it was measured
     before with the same candidates and calibration, measured (and saved) otherwise (unless not
     ``may_measure``: a lazily loaded model cannot run whole)."""
-    from ampq.builtin import cache_dir
-    from ampq.data import make_windows
-
     candidates = [Candidate.parse(c).name for c in (candidates or DEFAULT_CANDIDATES)]
     source = getattr(model.config, "ampq_source", None)
     spec = {"text": calib, "windows": windows, "window": window, "estimator": estimator}
@@ -74,7 +75,6 @@ def sensitivity(model: nn.Module, tokenizer, candidates: list[str] | None = None
         raise AmpqError("--max-memory cannot measure sensitivity (it runs the whole model); measure it once without "
                         "the cap (`ampq plan MODEL --budget ...` caches the table), then quantize with --max-memory, "
                         "or pass --plan")
-    from ampq.resume import Resume, fingerprint
 
     tokens = make_windows(tokenizer, calib, "calib", window, windows)
     table_path = Path(table_path)
@@ -95,8 +95,6 @@ def sensitivity(model: nn.Module, tokenizer, candidates: list[str] | None = None
 
 def fixed_bytes(model: nn.Module, layers: list[str]) -> int:
     """Bytes of everything the allocation does not choose (all but the listed linears' weights)."""
-    from ampq.report import model_bytes
-
     chosen = sum(model.get_submodule(n).weight.numel() * model.get_submodule(n).weight.element_size() for n in layers)
     return model_bytes(model) - chosen
 

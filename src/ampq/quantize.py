@@ -11,16 +11,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ampq.algorithms import NEEDS_CALIBRATION, get_algorithm
+from ampq.algorithms.awq import awq_block
 from ampq.algorithms.bias_correction import corrected_bias
 from ampq.algorithms.clip import search_clip
+from ampq.calibrate import Calibration
+from ampq.dtypes import parse_dtype
 from ampq.errors import AmpqError
 from ampq.formats import get_format
 from ampq.io.lazy import weights_of
 from ampq.memory import MemoryCap, return_freed_memory, working_set
 from ampq.models import decoder_blocks, lm_head_name, replace_module, tied_embeddings
-from ampq.nn import QuantLinear
-from ampq.spill import ActivationStore
+from ampq.nn import QuantLinear, quantized_linears
 from ampq.plan import Plan
+from ampq.spill import ActivationStore
 
 FormatSpec = str | Mapping[str, str | None] | Plan
 
@@ -107,8 +110,6 @@ def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", c
     for a in algorithms | {algorithm}:
         get_algorithm(a)
     if compute_dtype is not None:
-        from ampq.models import parse_dtype
-
         parse_dtype(compute_dtype)
     layer_kwargs = {"activation": activation, "compute_dtype": compute_dtype}
     needs_stats = bool(algorithms & NEEDS_CALIBRATION) or clip or bias_correction or awq or (
@@ -130,8 +131,6 @@ def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", c
         if calibration is None:
             raise AmpqError(f"{algorithm}{' with clip/bias correction/awq' if algorithm == 'rtn' else ''} needs "
                             "calibration text: pass calibration windows (CLI: --calib wiki)")
-        from ampq.calibrate import Calibration
-
         tokens = getattr(calibration, "tokens", calibration)
         if weights is not None:
             weights.materialize(model, before_blocks)
@@ -224,8 +223,6 @@ def _quantize_block(prefix, block, formats, algorithm, clip, bias_correction, aw
             replace_module(block, sub, on_layer(name, linear, layer, None) if on_layer else layer)
         return
     if awq:
-        from ampq.algorithms.awq import awq_block
-
         awq_block(block, cal, targets)
     groups = cal.groups(block)
     # sequential: each group measured after the groups before it were quantized (one partial
@@ -248,6 +245,4 @@ def _quantize_block(prefix, block, formats, algorithm, clip, bias_correction, aw
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
-    from ampq.nn import quantized_linears
-
     return quantized_linears(model)

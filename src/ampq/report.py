@@ -6,6 +6,7 @@ import sys
 
 from torch import nn
 
+from ampq.models import decoder_blocks
 from ampq.nn import quantized_linears
 
 
@@ -45,8 +46,6 @@ def linear_bits(model: nn.Module, names: list[str] | None = None) -> float:
 
 
 def block_linear_names(model: nn.Module) -> list[str]:
-    from ampq.models import decoder_blocks
-
     names = []
     for prefix, block in decoder_blocks(model):
         quantized = quantized_linears(block)

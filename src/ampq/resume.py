@@ -17,11 +17,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ampq.errors import AmpqError
-from ampq.io import atomic, safetensors_file
+from ampq import atomic
+from ampq.io import safetensors_file
+from ampq.io.lazy import sample as stored_sample
+from ampq.io.lazy import weights_of
+from ampq.layer_table import build_layer, layer_entries
 from ampq.models import replace_module
 
 RUN, STATE, INPUTS = "run.json", "state.json", "inputs.safetensors"
@@ -36,9 +41,6 @@ def progress_dir(output: Path) -> Path:
 def fingerprint(model: nn.Module) -> str:
     """A cheap identity of a model's weights: names, shapes, dtypes and 4096 evenly spaced values of
     every tensor, hashed (hashing all of a multi-GB model would cost seconds on every run)."""
-    from ampq.io.lazy import sample as stored_sample
-    from ampq.io.lazy import weights_of
-
     weights = weights_of(model)
     empty = weights.empty_tensors(model) if weights is not None else {}
     h = hashlib.sha256()
@@ -89,26 +91,16 @@ class Resume:
     def save(self, i: int, block: nn.Module | None, inputs: list[torch.Tensor] | None, record: dict | None = None) -> None:
         """Record block ``i`` as finished: what the block became (or, for a stage that measures
         instead of changing it, a JSON ``record`` of what it found), and the next block's inputs."""
-        from ampq.io.model import _layer_entry
-        from ampq.nested import NestedLinear
-        from ampq.nn import QuantLinear
-
         state, metadata = {}, {"record": json.dumps(record)}
         if block is not None:
-            modules = dict(block.named_modules())
-            metadata["layers"] = json.dumps({n: _layer_entry(m) for n, m in modules.items() if isinstance(m, QuantLinear)})
+            # adaptive layers with every level they know and the residuals they hold off the model
+            layers = layer_entries(block, keep_spare=True)
+            metadata["layers"] = json.dumps(layers)
             state = {k: v.detach().cpu().clone().contiguous() for k, v in block.state_dict().items()}
-            # an adaptive layer: its levels and damage, and the residuals it holds off the model (_spare)
-            nested = {}
-            for n, m in modules.items():
-                if isinstance(m, NestedLinear):
-                    nested[n] = {"formats": m.residual_formats, "damage": m.damage, "base": _layer_entry(m.base),
-                                 "on_model": [_layer_entry(r) for r in m.residuals],
-                                 "spare": {str(k): _layer_entry(r) for k, r in m._spare.items()}}
-                    for k, r in m._spare.items():
-                        state.update({f"{n}.spare.{k}.{t}": v.detach().cpu().contiguous()
-                                      for t, v in r.state_dict().items()})
-            metadata["nested"] = json.dumps(nested)
+            for name in layers:
+                for k, r in getattr(block.get_submodule(name), "spare", {}).items():
+                    state.update({f"{name}.spare.{k}.{t}": v.detach().cpu().contiguous()
+                                  for t, v in r.state_dict().items()})
         with atomic.atomic_file(self._block_file(i)) as tmp:
             save_file(state, str(tmp), metadata=metadata)
         if inputs is not None:
@@ -120,44 +112,25 @@ class Resume:
 
     def restore(self, i: int, block: nn.Module) -> None:
         """Make block ``i`` what it was when it was recorded."""
-        from safetensors import SafetensorError, safe_open
-
-        from ampq.io.model import _quant_linear
-
         path = self._block_file(i)
         try:
             with safe_open(str(path), framework="pt") as f:
                 layers = json.loads((f.metadata() or {})["layers"])
-                nested = json.loads((f.metadata() or {}).get("nested") or "{}")
             state = load_file(str(path))
-            for name, info in nested.items():
-                layers = {n: e for n, e in layers.items() if not n.startswith(f"{name}.")}
-                replace_module(block, name, self._nested(name, info, block.get_submodule(name), state))
+
+            def take(key: str) -> torch.Tensor:  # the residuals held aside are no part of the block's state
+                return state.pop(key) if ".spare." in key else state[key]
+
             for name, entry in layers.items():
-                replace_module(block, name, _quant_linear(name, entry, block.get_submodule(name), dict(state)))
+                replace_module(block, name, build_layer(name, entry, block.get_submodule(name), take))
             # assign: a lazily loaded model's block is still empty (meta) and takes the tensors as they are
             block.load_state_dict(state, strict=True, assign=True)
         except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as e:
             raise AmpqError(f"the saved progress in {self.directory} is damaged ({' '.join(str(e).split())[:160]}); "
                             f"delete that folder and run again") from None
 
-    @staticmethod
-    def _nested(name: str, info: dict, linear: nn.Module, state: dict) -> nn.Module:
-        """An adaptive layer as recorded: its base, the residuals on the model, those held aside."""
-        from ampq.io.model import _quant_linear
-        from ampq.nested import NestedLinear
-
-        base = _quant_linear(f"{name}.base", info["base"], linear, dict(state))
-        residuals = [_quant_linear(f"{name}.residuals.{j}", e, linear, dict(state)) for j, e in enumerate(info["on_model"])]
-        layer = NestedLinear(base, info["formats"], residuals, info["damage"])
-        for k, e in info["spare"].items():
-            layer._spare[int(k)] = _quant_linear(f"{name}.spare.{k}", e, linear, state)  # taken out of state
-        return layer
-
     def record(self, i: int) -> dict | None:
         """The JSON record saved with block ``i``."""
-        from safetensors import SafetensorError, safe_open
-
         try:
             with safe_open(str(self._block_file(i)), framework="pt") as f:
                 return json.loads((f.metadata() or {})["record"])
@@ -176,8 +149,6 @@ class Resume:
         path = self.directory / f"{name}.safetensors"
         if not path.exists():
             return None
-        from safetensors import SafetensorError
-
         try:
             return load_file(str(path))
         except (OSError, SafetensorError):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 
+from ampq.algorithms import NEEDS_CALIBRATION
 from ampq.errors import AmpqError
 
 
@@ -24,8 +25,6 @@ class Scheme:
 
     @property
     def needs_calibration(self) -> bool:
-        from ampq.algorithms import NEEDS_CALIBRATION
-
         return self.algorithm in NEEDS_CALIBRATION or self.clip or self.bias_correction or self.awq
 
     def quantize_kwargs(self) -> dict:

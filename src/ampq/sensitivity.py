@@ -26,9 +26,12 @@ from tqdm.auto import tqdm
 
 from ampq.algorithms import get_algorithm
 from ampq.algorithms.clip import search_clip
+from ampq.calibrate import Calibration
 from ampq.errors import AmpqError
+from ampq.fisher import fisher_damage, output_fisher
 from ampq.formats import get_format
-from ampq.io import atomic
+from ampq import atomic
+from ampq.report import block_linear_names
 
 # One per family, each with the algorithm that serves it best (issue #5's default set).
 DEFAULT_CANDIDATES = [
@@ -42,7 +45,6 @@ DEFAULT_CANDIDATES = [
 class Candidate:
     """A format with the algorithm that produces it, written ``int4-g128:gptq`` (``+clip`` adds clip
     search); ``bf16`` keeps the layer in 16 bits, the ceiling of any allocation."""
-
     format: str
     algorithm: str = "rtn"
     clip: bool = False
@@ -120,10 +122,6 @@ def measure(model: nn.Module, calibration, candidates: list[str] | None = None, 
     the rest of the model is still unquantized (benchmarks use it to measure the true damage).
     ``resume`` (an :class:`ampq.resume.Resume`) keeps the Fisher weights and each block's estimates,
     so a killed measurement continues after the last finished block."""
-    from ampq.calibrate import Calibration
-    from ampq.fisher import fisher_damage, output_fisher
-    from ampq.report import block_linear_names
-
     if estimator not in ESTIMATORS:
         raise AmpqError(f"unknown sensitivity estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     cands = [Candidate.parse(c) for c in (candidates or DEFAULT_CANDIDATES)]

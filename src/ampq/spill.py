@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ampq.io.atomic import atomic_file
+from ampq.atomic import atomic_file
 from ampq.io.safetensors_file import StoredTensor
 
 

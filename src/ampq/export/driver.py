@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ampq.errors import AmpqError
-from ampq.io.atomic import atomic_file, atomic_folder
+from ampq.atomic import atomic_file, atomic_folder
 from ampq.io.model import load
 from ampq.models import tied_embeddings
 from ampq.nn import quantized_linears

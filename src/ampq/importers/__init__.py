@@ -12,12 +12,14 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from ampq.errors import AmpqError
-from ampq.models import replace_module
+from ampq.errors import AmpqError, first_line
 from ampq.importers import awq, bnb, compressed_tensors, gptq
 from ampq.importers.common import Notes
+from ampq.io.config import empty_model, model_config
+from ampq.models import replace_module
 
 LAYOUTS = {m.QUANT_METHOD: m for m in (gptq, awq, compressed_tensors, bnb)}
 MAX_CONFIG_BYTES = 16 << 20
@@ -36,8 +38,6 @@ def quant_method(directory: str | Path) -> str | None:
 
 
 def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError, safe_open
-
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -68,8 +68,6 @@ def load_foreign(directory: str | Path, dtype: torch.dtype | None = None) -> tup
     """(model, notes) for a folder quantized by another tool. Unquantized tensors load in ``dtype``
     (default: the dtype they are stored in); notes list every conversion that was not exact (empty:
     bit for bit)."""
-    from ampq.io.model import _first_line, empty_model, model_config
-
     directory = Path(directory)
     method = quant_method(directory)
     layout = LAYOUTS.get(method or "")
@@ -96,7 +94,7 @@ def load_foreign(directory: str | Path, dtype: torch.dtype | None = None) -> tup
         try:
             layer = layout.convert(name, take, qconfig, module, notes)
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise AmpqError(f"{directory}: layer {name!r} cannot be read as {method} ({_first_line(e)})") from None
+            raise AmpqError(f"{directory}: layer {name!r} cannot be read as {method} ({first_line(e)})") from None
         if layer is None:
             continue
         if layer.bias is not None:
@@ -114,7 +112,7 @@ def load_foreign(directory: str | Path, dtype: torch.dtype | None = None) -> tup
     try:
         result = model.load_state_dict(rest, strict=False, assign=True)
     except RuntimeError as e:
-        raise AmpqError(f"{directory}: the tensors do not match config.json ({_first_line(e)})") from None
+        raise AmpqError(f"{directory}: the tensors do not match config.json ({first_line(e)})") from None
     if getattr(config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None \
             and isinstance(model.get_output_embeddings(), nn.Linear):
         model.get_output_embeddings().weight = model.get_input_embeddings().weight

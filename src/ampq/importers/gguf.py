@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ampq.importers.common import quant_linear
+from ampq.models import decoder_blocks, replace_module
 
 BLOCK = 32
 # type name -> (ampq format, bytes of fp16 parameters, has minimum, bits)
@@ -69,9 +70,7 @@ def _row_order(rows: int, n_head: int) -> torch.Tensor:
 def keep_quantized(model: nn.Module, path: str | Path) -> list[str]:
     """Replace ``model``'s decoder linears (loaded from the GGUF file ``path`` by transformers) with
     QuantLinears holding the file's blocks where a format holds them exactly; returns notes."""
-    import gguf
-
-    from ampq.models import decoder_blocks, replace_module
+    import gguf  # here: gguf-py (and what it imports) stays out of ``import ampq``
 
     reader = gguf.GGUFReader(str(path))
     field = reader.fields["general.architecture"]

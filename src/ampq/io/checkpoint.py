@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from ampq.errors import AmpqError
 from ampq.io import safetensors_file
-from ampq.io.atomic import atomic_folder
+from ampq.atomic import atomic_folder
 
 MANIFEST = "ampq.json"
 INDEX = "model.safetensors.index.json"
@@ -34,7 +34,7 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _tensor_sha256(t: torch.Tensor) -> str:
+def tensor_sha256(t: torch.Tensor) -> str:
     # Viewing as uint8 inside torch first: numpy has no bfloat16/float8, so .numpy() would fail.
     raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
     return hashlib.sha256(memoryview(raw)).hexdigest()
@@ -90,7 +90,7 @@ def write_shards(folder: str | Path, tensors: dict[str, object], max_shard_bytes
     """Write ``tensors`` (tensors, or stored tensors that stream from another file) into ``folder``
     as transformers-style safetensors shards of at most ``max_shard_bytes`` each (a lone tensor
     may be larger), plus the index when there is more than one; return each shard's tensors with
-    their SHA-256. ``folder`` is meant to be an :func:`~ampq.io.atomic.atomic_folder`, which
+    their SHA-256. ``folder`` is meant to be an :func:`~ampq.atomic.atomic_folder`, which
     flushes the files."""
     folder = Path(folder)
     if not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
@@ -240,7 +240,7 @@ def _verify(directory: str | Path, keep: bool) -> tuple[dict[str, torch.Tensor],
                     if _dtype_name(t.dtype) != e["dtype"] or list(t.shape) != e["shape"]:
                         raise damaged(f"tensor {name!r} in {shard} is {_dtype_name(t.dtype)}{list(t.shape)}, "
                                       f"but {MANIFEST} says {e['dtype']}{e['shape']}")
-                    if _tensor_sha256(t) != e["sha256"]:
+                    if tensor_sha256(t) != e["sha256"]:
                         raise damaged(f"tensor {name!r} in {shard} does not match its SHA-256 in {MANIFEST}")
                     if keep:
                         # a private copy: safetensors' tensors are views of the file's memory map, which

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ampq.errors import AmpqError
+from ampq.io.config import empty_model, model_config
 from ampq.io.safetensors_file import SafetensorsError, StoredTensor, read_header
 from ampq.nn import QuantLinear
 
@@ -155,15 +156,13 @@ def weights_of(model: nn.Module) -> LazyWeights | None:
 
 def lazy_model(path: Path, dtype: torch.dtype) -> nn.Module:
     """The model in folder ``path``, built on the meta device, with its weights left on disk."""
-    from ampq.io.model import empty_model, model_config
-
     config = model_config(path)
     model = empty_model(path, config, dtype)
     model.tie_weights()  # from_pretrained ties after loading; the head must share the embedding's slot here
     weights = LazyWeights(path, getattr(model, "base_model_prefix", ""))
     weights.check(model)
     if (path / "generation_config.json").exists():
-        from transformers import GenerationConfig
+        from transformers import GenerationConfig  # here: ``import ampq`` does not import transformers
 
         try:
             model.generation_config = GenerationConfig.from_pretrained(path)

@@ -129,7 +129,7 @@ def _pieces(t) -> Iterator[torch.Tensor]:
 def write(path: str | Path, tensors: Mapping[str, object], metadata: Mapping[str, str] | None = None) -> dict[str, str]:
     """Write ``tensors`` (torch tensors, or anything with ``shape``, ``dtype`` and ``chunks()``
     yielding its flat elements) as one safetensors file; return each tensor's SHA-256. Write it
-    under a temporary name (:mod:`ampq.io.atomic`), which also flushes it to disk."""
+    under a temporary name (:mod:`ampq.atomic`), which also flushes it to disk."""
     order, head = _layout(tensors, metadata)
     hashes = {}
     with open(path, "wb") as f:

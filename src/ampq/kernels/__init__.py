@@ -11,13 +11,19 @@ import os
 import threading
 import warnings
 import weakref
-from pathlib import Path
 
-import psutil
 import torch
 
+from ampq import memory
+from ampq.dtypes import parse_dtype
 from ampq.kernels import cpu, cpu_planes, cpu_slab
+from ampq.kernels import triton as triton_kernels
+from ampq.kernels.activation import activation_linear
+from ampq.kernels.cache import KernelCache
+from ampq.kernels.lut import has_lut_form
 from ampq.kernels.reference import reference_linear
+
+__all__ = ["MODES", "KernelCache", "cpu_kernel", "dequantized_weights_cached", "linear", "use"]
 
 # "auto": the fastest kernel for the format, device and number of rows; "lean": on the CPU, only
 # kernels that keep no repacked copy of a weight beside its stored codes (16-bit weights read as
@@ -70,14 +76,12 @@ def linear(layer, x: torch.Tensor) -> torch.Tensor:
     # the common CPU case first, in as few Python steps as possible: decoding a small model calls
     # this some 200 times per token, and each step here costs about a microsecond. The short path
     # is set by the first call that chose a fast kernel for the layer (_linear)
-    fast = layer.__dict__.get("_cpu_fast")
+    fast = layer.kernel_cache.short_path
     if fast is not None and x.is_cpu and x.numel() <= fast[0] * layer.in_features:
         state = _state
         if state.cache is None and state.mode == "auto":
             return fast[1](layer, x)
     if layer.compute_dtype is not None:
-        from ampq.models import parse_dtype
-
         dtype = parse_dtype(layer.compute_dtype)
         if x.dtype != dtype:
             return _linear(layer, x.to(dtype)).to(x.dtype)
@@ -88,8 +92,6 @@ def _linear(layer, x: torch.Tensor) -> torch.Tensor:
     if layer.input_scale is not None:
         x = x / layer.input_scale.to(x.dtype)
     if layer.activation is not None:
-        from ampq.kernels.activation import activation_linear
-
         return activation_linear(layer, x)
     cache, mode = _state.cache, _state.mode
     if cache is not None:
@@ -101,12 +103,12 @@ def _linear(layer, x: torch.Tensor) -> torch.Tensor:
     # the fast kernels read the stored codes, whose columns follow input_perm where there is one;
     # the reference kernel decodes the weight in the inputs' own order
     if mode == "auto" and x.is_cuda and _triton_ok(layer):
-        from ampq.kernels.triton.lut_gemm import lut_linear
+        from ampq.kernels.triton.lut_gemm import lut_linear  # here: triton is an optional dependency
 
         return lut_linear(layer, _permuted(layer, x))
     if mode != "reference" and x.device.type == "cpu":
         kernel = cpu_kernel(layer, x.numel() // x.shape[-1], mode)
-        if mode == "auto" and "_cpu_fast" not in layer.__dict__:
+        if mode == "auto" and layer.kernel_cache.short_path is None:
             _set_short_path(layer, kernel)
         if kernel is not reference_linear:
             return kernel(layer, _permuted(layer, x))
@@ -117,14 +119,17 @@ def cpu_kernel(layer, rows: int, mode: str = "auto"):
     """The CPU kernel that runs ``layer`` on ``rows`` rows of inputs in ``mode``."""
     if mode == "reference":
         return reference_linear
-    if rows <= _cached(layer, "_plain_rows", cpu.plain_rows):
+    cache = layer.kernel_cache
+    if cache.plain_rows is None:
+        cache.plain_rows, cache.packed_rows = cpu.plain_rows(layer), cpu.max_rows(layer)
+        cache.slab_ok, cache.planes_ok = cpu_slab.supports(layer), cpu_planes.supports(layer)
+    if rows <= cache.plain_rows:
         return cpu.plain_linear
-    if mode == "auto" and rows <= _cached(layer, "_cpu_rows", cpu.max_rows) \
-            and _may_copy(layer, "_cpu_packed", cpu.copy_bytes):
+    if mode == "auto" and rows <= cache.packed_rows and _may_copy(layer, "packed", cpu.copy_bytes):
         return cpu.packed_linear
-    slab = _cached(layer, "_slab_ok", cpu_slab.supports)
-    if mode == "auto" and rows <= _planes_rows(layer, slab) and _cached(layer, "_planes_ok", cpu_planes.supports) \
-            and _may_copy(layer, "_cpu_planes", cpu_planes.copy_bytes):
+    slab = cache.slab_ok
+    if mode == "auto" and rows <= _planes_rows(layer, slab) and cache.planes_ok \
+            and _may_copy(layer, "planes", cpu_planes.copy_bytes):
         return cpu_planes.planes_linear
     return cpu_slab.slab_linear if slab else reference_linear
 
@@ -140,49 +145,18 @@ MIN_FREE_FRACTION = 0.10
 _short_of_memory_told = False
 
 
-_CGROUP = Path("/sys/fs/cgroup")
-
-
-def _free_memory() -> tuple[int, int]:
-    """(available, total) bytes of memory for this process: the machine's, or its container's
-    where a cgroup limit is lower (psutil sees only the machine)."""
-    mem = psutil.virtual_memory()
-    available, total = mem.available, mem.total
-    limited = _cgroup_memory()
-    if limited is not None and limited[1] < total:
-        available, total = min(available, limited[0]), limited[1]
-    return available, total
-
-
-def _cgroup_memory() -> tuple[int, int] | None:
-    """(available, limit) under the cgroup's memory limit (v2, else v1), None without one. The
-    inactive page cache counts as available, as the kernel reclaims it before refusing memory."""
-    for limit_file, usage_file, cache_key in (("memory.max", "memory.current", "inactive_file"),
-                                              ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes",
-                                               "total_inactive_file")):
-        try:
-            limit = (_CGROUP / limit_file).read_text().strip()
-            if not limit.isdigit():
-                return None  # "max": no limit
-            usage = int((_CGROUP / usage_file).read_text())
-            stat = (_CGROUP / limit_file).with_name("memory.stat").read_text().split()
-        except (OSError, ValueError):
-            continue
-        cache = dict(zip(stat[::2], stat[1::2])).get(cache_key, "0")
-        return max(int(limit) - usage + int(cache), 0), int(limit)
-    return None
-
-
-def _may_copy(layer, key: str, copy_bytes) -> bool:
-    """Whether ``layer`` holds, or may now make, the repacked copy its kernel keeps under ``key``.
-    Asked right before the kernel's first call, so the copies made before count."""
-    if key in layer.__dict__:
+def _may_copy(layer, copy: str, copy_bytes) -> bool:
+    """Whether ``layer`` holds, or may now make, the repacked copy its kernel keeps in the cache
+    field ``copy`` ("packed" or "planes"). Asked right before the kernel's first call, so the
+    copies made before count."""
+    cache = layer.kernel_cache
+    if getattr(cache, copy) is not None:
         return True
-    refused = layer.__dict__.get(key + "_refused")
+    refused = getattr(cache, f"{copy}_refused")
     if refused is None:
-        available, total = _free_memory()
+        available, total = memory.available_memory()
         refused = available - copy_bytes(layer) < max(MIN_FREE_BYTES, MIN_FREE_FRACTION * total)
-        layer.__dict__[key + "_refused"] = refused
+        setattr(cache, f"{copy}_refused", refused)
         global _short_of_memory_told
         if refused and not _short_of_memory_told:
             _short_of_memory_told = True
@@ -198,36 +172,23 @@ def _permuted(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def _triton_ok(layer) -> bool:
-    ok = layer.__dict__.get("_triton_ok")
-    if ok is None:
-        from ampq.kernels import triton as triton_kernels
-
-        ok = False
-        if triton_kernels.available():
-            from ampq.kernels.lut import has_lut_form
-
-            ok = has_lut_form(layer)
-        layer.__dict__["_triton_ok"] = ok
-    return ok
+    cache = layer.kernel_cache
+    if cache.triton_ok is None:
+        cache.triton_ok = triton_kernels.available() and has_lut_form(layer)
+    return cache.triton_ok
 
 
 def _set_short_path(layer, kernel) -> None:
     """Let later calls of ``layer`` reach ``kernel`` straight from :func:`linear`, up to the rows it
     serves, where ``kernel`` is a fast one and the layer has no compute dtype, input scale,
     activation quantization or input permutation of its own."""
+    cache = layer.kernel_cache
     if layer.compute_dtype is not None or layer.input_scale is not None or layer.activation is not None \
             or getattr(layer, "input_perm", None) is not None:
-        layer.__dict__["_cpu_fast"] = (0, None)
+        cache.short_path = (0, None)
     elif kernel is cpu.plain_linear:
-        layer.__dict__["_cpu_fast"] = (cpu.plain_rows(layer), kernel)
+        cache.short_path = (cpu.plain_rows(layer), kernel)
     elif kernel is cpu.packed_linear:
-        layer.__dict__["_cpu_fast"] = (cpu.max_rows(layer), kernel)
+        cache.short_path = (cpu.max_rows(layer), kernel)
     elif kernel is cpu_planes.planes_linear:
-        layer.__dict__["_cpu_fast"] = (_planes_rows(layer, cpu_slab.supports(layer)), kernel)
-
-
-def _cached(layer, key: str, check):
-    value = layer.__dict__.get(key)
-    if value is None:
-        value = layer.__dict__[key] = check(layer)
-    return value
+        cache.short_path = (_planes_rows(layer, cpu_slab.supports(layer)), kernel)

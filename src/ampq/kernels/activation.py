@@ -60,6 +60,7 @@ from ampq.errors import AmpqError
 from ampq.formats import get_format
 from ampq.formats.integer import IntegerFormat
 from ampq.formats.minifloat import MinifloatFormat, MinifloatSpec
+from ampq.kernels.fp8_scaled_mm import scaled_mm_linear
 
 DEFAULT_THRESHOLD = 6.0
 # Written the way a user types them; int8-outlier takes a threshold after a colon.
@@ -143,8 +144,6 @@ def activation_linear(layer, x: torch.Tensor) -> torch.Tensor:
     else:
         y = None
         if x2.is_cuda:
-            from ampq.kernels.fp8_scaled_mm import scaled_mm_linear
-
             y = scaled_mm_linear(layer, x2, mode.spec)
         if y is None:
             y = _fp8_token_matmul(x2, layer.dequantize(torch.float32), mode.spec)

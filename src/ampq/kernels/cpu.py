@@ -68,9 +68,10 @@ def supports(layer) -> bool:
 
 
 def packed_linear(layer, x: torch.Tensor) -> torch.Tensor:
-    kernel = layer.__dict__.get("_cpu_packed")
+    cache = layer.kernel_cache
+    kernel = cache.packed
     if kernel is None:
-        kernel = layer.__dict__["_cpu_packed"] = _prepare(layer)
+        kernel = cache.packed = _prepare(layer)
     # each op below costs 1-3 us, as much as the matmul of a small layer at one row: none is spent
     # on a reshape or cast that changes nothing
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])

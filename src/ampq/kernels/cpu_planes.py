@@ -59,9 +59,10 @@ def copy_bytes(layer) -> int:
 
 
 def planes_linear(layer, x: torch.Tensor) -> torch.Tensor:
-    kernel = layer.__dict__.get("_cpu_planes")
+    cache = layer.kernel_cache
+    kernel = cache.planes
     if kernel is None:
-        kernel = layer.__dict__["_cpu_planes"] = _prepare(layer)
+        kernel = cache.planes = _prepare(layer)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     xb = x2.to(DTYPE)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.cat([xb] * PLANES, dim=1), kernel["packed"],

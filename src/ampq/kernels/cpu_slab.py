@@ -61,9 +61,10 @@ def slab_linear(layer, x: torch.Tensor) -> torch.Tensor:
 
 def prepared(layer) -> dict:
     """The slab kernel's tables for ``layer`` (made once, kept on it: a few bytes per group)."""
-    kernel = layer.__dict__.get("_cpu_slab")
+    cache = layer.kernel_cache
+    kernel = cache.slab
     if kernel is None:
-        kernel = layer.__dict__["_cpu_slab"] = _prepare(layer)
+        kernel = cache.slab = _prepare(layer)
     return kernel
 
 

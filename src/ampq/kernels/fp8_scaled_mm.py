@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ampq.formats.minifloat import MinifloatSpec
+from ampq.kernels import triton as triton_kernels
 
 _TORCH_FP8 = {(4, 3, "fn"): torch.float8_e4m3fn, (5, 2, "ieee"): torch.float8_e5m2}
 _refused: set = set()  # (device, activation dtype, weight dtype, output dtype) that _scaled_mm refused
@@ -25,7 +26,7 @@ def _fp8_dtype(spec: MinifloatSpec):
 
 def _weight(layer, device) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The layer's fp8 codes as a torch fp8 tensor (out, in) and float32 scales (1, out), cached."""
-    cached = layer.__dict__.get("_scaled_mm_weight")
+    cached = layer.kernel_cache.scaled_mm_weight
     if cached is not None and cached[0].device == device:
         return cached
     dtype = _fp8_dtype(layer.format.spec)
@@ -34,15 +35,13 @@ def _weight(layer, device) -> tuple[torch.Tensor, torch.Tensor] | None:
     codes = layer.stored()["codes"].reshape(layer.out_features, layer.in_features)
     scale = layer.format.unpack(layer.stored(), layer.shape)[1].values["scale"].float().reshape(1, -1)
     cached = (codes.to(device).view(dtype), scale.expand(1, layer.out_features).contiguous().to(device))
-    layer.__dict__["_scaled_mm_weight"] = cached
+    layer.kernel_cache.scaled_mm_weight = cached
     return cached
 
 
 def _quantize_rows(x: torch.Tensor, dtype, spec: MinifloatSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    from ampq.kernels import triton as triton_kernels
-
     if x.is_cuda and triton_kernels.available():  # one kernel instead of six
-        from ampq.kernels.triton.fp8_rows import fp8_rows
+        from ampq.kernels.triton.fp8_rows import fp8_rows  # here: triton is an optional dependency
 
         return fp8_rows(x.contiguous(), dtype, spec)
     xf = x.float()

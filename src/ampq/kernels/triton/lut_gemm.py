@@ -174,16 +174,17 @@ def _tune() -> bool:
 def lut_linear(layer, x: torch.Tensor, form: dict | None = None, config: tuple | None = None) -> torch.Tensor:
     """``x @ W^T + bias`` for a QuantLinear whose format :func:`lut_form` covers. ``config`` forces
     one (BM, BN, BK, SPLIT_K, warps, stages) instead of the tuned or fixed one (tests)."""
-    form = form or layer.__dict__.get("_triton_form")
+    cache = layer.kernel_cache
+    form = form or cache.triton_form
     if form is None or form["codes"].device != x.device:
-        form = layer.__dict__["_triton_form"] = {k: (v.to(x.device) if isinstance(v, torch.Tensor) else v)
+        form = cache.triton_form = {k: (v.to(x.device) if isinstance(v, torch.Tensor) else v)
                                                  for k, v in lut_form(layer).items()}
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
     m, k, n = x2.shape[0], shape[-1], layer.out_features
-    bias = layer.__dict__.get("_triton_bias")
+    bias = cache.triton_bias
     if layer.bias is not None and (bias is None or bias.device != x.device):
-        bias = layer.__dict__["_triton_bias"] = layer.bias.detach().float().to(x.device)
+        bias = cache.triton_bias = layer.bias.detach().float().to(x.device)
     name = bucket(m)
     fp32 = x.dtype == torch.float32
     width = form["width"]
