@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ampq.errors import AmpqError
 from ampq.atomic import atomic_file, atomic_folder
+from ampq.errors import AmpqError
 from ampq.io.model import load
-from ampq.models import tied_embeddings
+from ampq.models import lm_head_name, tied_embeddings
 from ampq.nn import quantized_linears
 
 
@@ -252,7 +252,7 @@ def _in_model_order(model: nn.Module, layers: dict[str, Layer], target: Target) 
     first tensor was; a tied head is left out (written once, as the embeddings)."""
     state = model.state_dict()
     if tied_embeddings(model):
-        head = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
+        head = lm_head_name(model)
         state.pop(f"{head}.weight", None)
     tensors: dict = {}
     done: set[str] = set()

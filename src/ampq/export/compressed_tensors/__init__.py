@@ -21,6 +21,7 @@ from ampq.export.compressed_tensors.schemes import Scheme, exact_scheme, nearest
 from ampq.export.compressed_tensors.tensors import layer_tensors
 from ampq.export.driver import Conversion, Decision, Layer, Target, base_of, change_text, run
 from ampq.formats.plain import PlainFloatFormat
+from ampq.models import lm_head_name
 from ampq.nn import quantized_linears
 
 VLLM_GROUPS = (32, 64, 128)  # the group sizes vLLM's Marlin kernels take (besides per channel)
@@ -81,7 +82,7 @@ class CompressedTensors(Target):
         if odd:
             self.warnings.append(f"group size {', '.join(map(str, odd))}: vLLM's Marlin kernels take groups of "
                                  f"{', '.join(map(str, VLLM_GROUPS))} or channels; other kernels may run it")
-        head = next((n for n, m in self.model.named_modules() if m is self.model.get_output_embeddings()), None)
+        head = lm_head_name(self.model, required=False)
         if head in layers and layers[head].kind is not None:
             self.warnings.append(f"the output head ({head}) is quantized: recent vLLM versions run a quantized head "
                                  "from compressed-tensors, older ones expect it unquantized")
