@@ -1,4 +1,9 @@
-"""Quality of a model against its unquantized original: perplexity, KL divergence, top-1 agreement."""
+"""Quality of a model against its unquantized original: perplexity, KL divergence, top-1 agreement.
+
+The evaluation streams: the model and the original run on one batch of windows at a time and only
+running sums are kept, so memory holds the two models, the quantized weights decoded once
+(:mod:`ampq.decode_once`) and one batch, whatever the number of windows.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,18 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from ampq.data import Windows
+from ampq.decode_once import decoded_once
+from ampq.errors import AmpqError
+
+# bytes of logits one forward pass may return (at least one window runs whatever this says)
+BATCH_LOGITS_BYTES = 1 << 28
+# bytes of log-probabilities scored at once: the positions of a window are scored in slices
+SLICE_BYTES = 1 << 26
 
 
 @dataclass
@@ -27,71 +40,87 @@ class Quality:
 
 
 class Reference:
-    """The original model's log-probabilities on a set of windows, computed once per batch and
-    kept while they fit in ``cache_bytes`` (recomputed after that), so many quantized variants can
-    be compared with one original."""
+    """The original model to compare with on ``windows``: it runs beside the evaluated model, batch
+    by batch, and keeps nothing between evaluations but ``quality``, its own figures on the windows
+    (set by the first evaluation against it)."""
 
-    def __init__(self, model: nn.Module, windows: Windows, cache_bytes: int = 4 << 30):
-        self.model, self.windows, self.cache_bytes = model, windows, cache_bytes
-        self._cache: dict[int, torch.Tensor] = {}
-        self._cached_bytes = 0
+    def __init__(self, model: nn.Module, windows: Windows):
+        self.model, self.windows = model, windows
         self.quality: Quality | None = None
 
-    def logprobs(self, start: int, stop: int) -> torch.Tensor:
-        if start in self._cache:
-            return self._cache[start]
-        lp = _logprobs(self.model, self.windows.tokens[start:stop])
-        if self._cached_bytes + lp.numel() * 4 <= self.cache_bytes:
-            self._cache[start] = lp
-            self._cached_bytes += lp.numel() * 4
-        return lp
+
+class _Sums:
+    """The running sums over scored tokens, in float64 (each slice's sum is a float32 one)."""
+
+    def __init__(self):
+        self.nll = self.ref_nll = self.kl = 0.0
+        self.agree = self.count = 0
+
+    def add(self, logits: torch.Tensor, targets: torch.Tensor, ref_logits: torch.Tensor | None) -> None:
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        self.nll -= lp.gather(-1, targets[:, None]).sum().item()
+        self.count += targets.numel()
+        if ref_logits is not None:
+            ref = torch.log_softmax(ref_logits.float(), dim=-1)
+            self.ref_nll -= ref.gather(-1, targets[:, None]).sum().item()
+            # sum of exp(ref) * (ref - lp): KL(original || model) over the slice
+            self.kl += F.kl_div(lp, ref, reduction="sum", log_target=True).item()
+            self.agree += (ref.argmax(-1) == lp.argmax(-1)).sum().item()
 
 
-@torch.inference_mode()
-def _logprobs(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    from ampq import kernels
+def _same(a: Windows, b: Windows) -> bool:
+    return a.first_scored == b.first_scored and torch.equal(a.tokens, b.tokens)
 
+
+def _logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     device = next(model.parameters()).device
-    with kernels.use("reference"):  # quality of the format itself, whatever kernel would run it
-        logits = model(tokens.to(device), use_cache=False).logits
-    return torch.log_softmax(logits.float(), dim=-1).cpu()
+    return model(tokens.to(device), use_cache=False).logits
 
 
-def _batch_size(windows: Windows, vocab: int, budget: int = 1 << 29) -> int:
-    return max(1, min(len(windows.tokens), budget // (windows.window * vocab * 4)))
+def _vocab(model: nn.Module) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head.weight.shape[0] if head is not None and hasattr(head, "weight") else 32000
+
+
+def _batch_size(windows: Windows, vocab: int) -> int:
+    return max(1, min(len(windows.tokens), BATCH_LOGITS_BYTES // (windows.window * vocab * 4)))
 
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, windows: Windows, reference: Reference | None = None,
-             progress: bool = True) -> Quality:
-    """Perplexity of ``model`` on ``windows``; with a reference, also KL and top-1 agreement."""
-    vocab = model.get_output_embeddings().weight.shape[0] if hasattr(model, "get_output_embeddings") else 32000
-    bs = _batch_size(windows, vocab)
-    nll = kl = agree = 0.0
-    ref_nll = 0.0
-    count = 0
+             progress: bool = True, *, decode_once: bool = True) -> Quality:
+    """Perplexity of ``model`` on ``windows``; with a reference, also KL and top-1 agreement (and
+    ``reference.quality``, the original's own perplexity, when not known yet). Quantized linears
+    compute what the reference kernel computes, whatever kernel would run them elsewhere: the
+    figures are the format's own. ``decode_once=False`` decodes their weights on every call, as
+    evaluations did before (same figures, slower; for comparisons)."""
+    if reference is not None and reference.windows is not windows and not _same(reference.windows, windows):
+        raise AmpqError("the reference was made for other windows than the ones evaluated; make the Reference "
+                        "with the same Windows")
+    vocab = _vocab(model)
+    batch = _batch_size(windows, vocab)
+    slice_rows = max(1, SLICE_BYTES // (vocab * 4))
+    sums = _Sums()
     n = len(windows.tokens)
-    for start in tqdm(range(0, n, bs), desc="evaluate", unit="batch", disable=not progress, leave=False):
-        stop = min(n, start + bs)
-        tokens = windows.tokens[start:stop]
-        lp = _logprobs(model, tokens)
-        ref = reference.logprobs(start, stop) if reference is not None else None
-        for i, first in enumerate(windows.first_scored[start:stop]):
-            lo = max(first, 1)  # position t is predicted from the logits at t - 1
-            target = tokens[i, lo:]
-            pred = lp[i, lo - 1:-1]
-            nll -= pred.gather(-1, target[:, None]).sum().item()
-            count += target.numel()
-            if ref is not None:
-                r = ref[i, lo - 1:-1]
-                ref_nll -= r.gather(-1, target[:, None]).sum().item()
-                kl += (r.exp() * (r - pred)).sum().item()
-                agree += (r.argmax(-1) == pred.argmax(-1)).sum().item()
+    models = [model] + ([reference.model] if reference is not None else [])
+    with decoded_once(models, once=decode_once):
+        for start in tqdm(range(0, n, batch), desc="evaluate", unit="batch", disable=not progress, leave=False):
+            tokens = windows.tokens[start:start + batch]
+            logits = _logits(model, tokens)
+            ref_logits = _logits(reference.model, tokens).to(logits.device) if reference is not None else None
+            targets = tokens.to(logits.device)
+            for i, first in enumerate(windows.first_scored[start:start + batch]):
+                # position t is predicted from the logits at t - 1; the first token is never scored
+                for lo in range(max(first, 1), windows.window, slice_rows):
+                    hi = min(windows.window, lo + slice_rows)
+                    sums.add(logits[i, lo - 1:hi - 1], targets[i, lo:hi],
+                             ref_logits[i, lo - 1:hi - 1] if ref_logits is not None else None)
+            del logits, ref_logits
     if reference is not None and reference.quality is None:
-        reference.quality = Quality(math.exp(ref_nll / count), 0.0, 1.0, count, windows.window,
+        reference.quality = Quality(math.exp(sums.ref_nll / sums.count), 0.0, 1.0, sums.count, windows.window,
                                     windows.stride, windows.source)
     return Quality(
-        perplexity=math.exp(nll / count),
-        kl=kl / count if reference is not None else None,
-        top1=agree / count if reference is not None else None,
-        tokens=count, window=windows.window, stride=windows.stride, source=windows.source)
+        perplexity=math.exp(sums.nll / sums.count),
+        kl=sums.kl / sums.count if reference is not None else None,
+        top1=sums.agree / sums.count if reference is not None else None,
+        tokens=sums.count, window=windows.window, stride=windows.stride, source=windows.source)
