@@ -18,13 +18,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ampq.allocate import allocate, reachable
 from ampq.errors import AmpqError
+from ampq.fisher import fisher_damage, output_fisher
 from ampq.nested import NestedLinear, nest, reading, release_memory, residual_formats
+from ampq.nn import quantized_linears
+from ampq.pipeline.blockwise import quantize_blocks
+from ampq.pipeline.budget import parse_size
+from ampq.pipeline.planner import tie_groups
+from ampq.report import block_linear_names, model_bytes
+from ampq.sensitivity import row_errors
 
 
 def nested_layers(model: nn.Module) -> dict[str, NestedLinear]:
-    from ampq.nn import quantized_linears
-
     return {n: m for n, m in quantized_linears(model).items() if isinstance(m, NestedLinear)}
 
 
@@ -34,11 +40,6 @@ def quantize_adaptive(model: nn.Module, levels: list[int], calibration, *, base_
     ``levels[0]``-bit base (``base_format``, default int{levels[0]}-g128, by ``algorithm``) plus one
     residual per further level, and each level's estimated damage (Fisher-weighted output error,
     as :mod:`ampq.sensitivity` measures it) for :func:`adapt`."""
-    from ampq.fisher import fisher_damage, output_fisher
-    from ampq.quantize import quantize
-    from ampq.report import block_linear_names
-    from ampq.sensitivity import row_errors
-
     base_format = base_format or f"int{levels[0]}-g128"
     formats = residual_formats(levels, base_format)
     tokens = getattr(calibration, "tokens", calibration)
@@ -67,7 +68,7 @@ def quantize_adaptive(model: nn.Module, levels: list[int], calibration, *, base_
         layer.set_level(0)
         return layer
 
-    quantize(model, base_format, algorithm=algorithm, calibration=calibration, on_layer=on_layer,
+    quantize_blocks(model, base_format, algorithm=algorithm, calibration=calibration, on_layer=on_layer,
              progress=progress, **kwargs)
     for layer in nested_layers(model).values():
         layer.set_level(layer.levels - 1)
@@ -79,7 +80,7 @@ def level_table(model: nn.Module) -> tuple[dict[str, dict[str, float]], dict[str
     layers = nested_layers(model)
     if not layers:
         raise AmpqError("this model has no adaptive layers; quantize it with --adaptive LOW:HIGH (or "
-                        "ampq.adapt.quantize_adaptive) to switch precisions at run time")
+                        "ampq.pipeline.adaptive.quantize_adaptive) to switch precisions at run time")
     damage, nbytes = {}, {}
     for name, m in layers.items():
         if m.damage is None:
@@ -91,9 +92,6 @@ def level_table(model: nn.Module) -> tuple[dict[str, dict[str, float]], dict[str
 
 def stored_range(model: nn.Module) -> tuple[float, float]:
     """Bits per weight of the lowest and the highest plan this model can switch to."""
-    from ampq.allocate import reachable
-    from ampq.planner import tie_groups
-
     _, nbytes = level_table(model)
     lo, hi = reachable(nbytes, tie_groups(list(nbytes)))
     weights = sum(m.shape[0] * m.shape[1] for m in nested_layers(model).values())
@@ -115,10 +113,6 @@ def plan_levels(model: nn.Module, *, budget: float | None = None, max_size: int 
     """The levels of least estimated damage that fit ``budget`` (bits per weight over the adaptive
     linears), ``max_size`` (bytes of the whole model) or ``linear_bytes`` (bytes of the adaptive
     linears), and their damage."""
-    from ampq.allocate import allocate, reachable
-    from ampq.planner import parse_size, tie_groups
-    from ampq.report import model_bytes
-
     if sum(b is not None for b in (budget, max_size, linear_bytes)) != 1:
         raise AmpqError("give exactly one budget to adapt to: bits per weight (budget=4.5) or a size (max_size='120MB')")
     damage, nbytes = level_table(model)
@@ -193,8 +187,6 @@ class MemoryTarget:
 
     def __init__(self, max_bytes: int | str | None = None, reserve: int | str = "256MB",
                  hysteresis: int | str = "8MB", free_memory=None):
-        from ampq.planner import parse_size
-
         self.max_bytes = parse_size(max_bytes) if max_bytes is not None else None
         self.reserve, self.hysteresis = parse_size(reserve), parse_size(hysteresis)
         self.free_memory = free_memory
@@ -208,8 +200,6 @@ class MemoryTarget:
         return available_memory()
 
     def target(self, model: nn.Module) -> int:
-        from ampq.report import model_bytes
-
         now = model_bytes(model)
         limits = [self.max_bytes] if self.max_bytes is not None else []
         free = self._free(model)
@@ -221,8 +211,6 @@ class MemoryTarget:
 
     def __call__(self, model: nn.Module) -> Switch | None:
         """Switch when the model is over its target, or when a better plan fits with room to spare."""
-        from ampq.report import model_bytes
-
         now, goal = model_bytes(model), self.target(model)
         if now <= goal < now + self.hysteresis:
             return None
@@ -244,9 +232,6 @@ class QualityTarget:
 
     def levels(self, model: nn.Module) -> dict[str, int]:
         _, nbytes = level_table(model)
-        from ampq.allocate import reachable
-        from ampq.planner import tie_groups
-
         lo, hi = reachable(nbytes, tie_groups(list(nbytes)))
         best, damage = plan_levels(model, linear_bytes=lo)
         if damage <= self.max_damage:
