@@ -113,6 +113,7 @@ def test_the_cpu_is_a_device():
     (lambda: ampq.quantize(tiny_llama(), "int4-g32", device="tpu", progress=False), "unknown device 'tpu'"),
     (lambda: ampq.quantize(ampq.quantize(tiny_llama(), "int8-ch", progress=False), "int4-g32"), "already quantized"),
     (lambda: ampq.quantize(tiny_llama(), "int4-g32", calibration=3.5, algorithm="gptq"), "not float"),
+    (lambda: dataclasses.replace(ampq.get_scheme("gptq"), format="int4-g12x"), "unknown format 'int4-g12x'"),
     (lambda: Budget(), "exactly one budget"),
     (lambda: Budget(bits=4, bytes=10), "exactly one budget"),
     (lambda: Budget(bits=-1), "not between 0 and 32"),

@@ -81,6 +81,8 @@ def cmd_quantize(args) -> int:
     from ampq.data import Text
     from ampq.pipeline.run import check_output, summary
 
+    if args.compare is not None and not args.eval:
+        raise AmpqError("--compare scores other schemes beside the quantized model, which --eval does; add --eval")
     spec, label = _spec(args)
     output = check_output(args.output or f"{Path(args.model).name.removesuffix('.gguf')}-{label.replace(' ', '-')}",
                           args.overwrite)
