@@ -252,7 +252,7 @@ def decode_bench(dev) -> list[dict]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ampq.bench import bench
-    from ampq.quantize import quantize
+    from ampq import quantize
 
     cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=8, num_attention_heads=16,
                       num_key_value_heads=8, vocab_size=32000)

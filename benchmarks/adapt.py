@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _machine import describe, machine  # noqa: E402
 
 import ampq  # noqa: E402
-from ampq.adapt import adapt, nested_layers, stored_range  # noqa: E402
+from ampq.pipeline.adaptive import adapt, nested_layers, stored_range  # noqa: E402
 from ampq.bench import resident_bytes  # noqa: E402
 from ampq.data import make_windows  # noqa: E402
 from ampq.evaluate import Reference, evaluate  # noqa: E402
@@ -89,7 +89,7 @@ def quality(model, evals, refs) -> dict:
 
 
 def run_model(name: str, args, info) -> list[dict]:
-    from ampq.adapt import quantize_adaptive
+    from ampq.pipeline.adaptive import quantize_adaptive
 
     original, tok = ampq.load_model(name)
     levels = [int(b) for b in args.levels.split(":")]

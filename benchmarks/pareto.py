@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _machine import describe, machine  # noqa: E402
 
 import ampq  # noqa: E402
-from ampq import planner  # noqa: E402
+from ampq.pipeline import planner  # noqa: E402
 from ampq.data import make_windows  # noqa: E402
 from ampq.evaluate import Reference, evaluate  # noqa: E402
 from ampq.report import block_linear_names, linear_bits, model_bytes, print_table  # noqa: E402

@@ -28,12 +28,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _machine import machine  # noqa: E402
 
 import ampq  # noqa: E402
-from ampq import planner  # noqa: E402
+from ampq.pipeline import planner  # noqa: E402
 from ampq.data import make_windows  # noqa: E402
 from ampq.evaluate import Reference, evaluate  # noqa: E402
 from ampq.report import block_linear_names, linear_bits, model_bytes  # noqa: E402
 from ampq.sensitivity import measure  # noqa: E402
-from ampq.transform import apply_transform  # noqa: E402
+from ampq.pipeline.transform import apply_transform  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "quality" / "quality.json"
 

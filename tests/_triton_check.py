@@ -7,7 +7,7 @@ import torch
 
 from ampq.kernels.reference import reference_linear
 from ampq.kernels.triton.lut_gemm import CONFIGS, lut_form, lut_linear
-from ampq.quantize import quantize_linear
+from ampq.pipeline.blockwise import quantize_linear
 
 FORMATS = ["int4-g32", "int4-g64-sym", "int4-g128", "int4-ch", "int8-ch", "int8-ch-sym", "int8-g64", "nf4-b64",
            "nf4-b64-dq", "fp4-b64-dq", "fp8-e4m3-ch", "fp8-e5m2", "e2m1-g32"]

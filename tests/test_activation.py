@@ -11,7 +11,7 @@ from ampq.kernels.activation import (ActivationError, activation_linear, fp8_qua
                                      int8_matmul_exact, int8_quantize_rows, int8_weight,
                                      parse_activation)
 from ampq.formats.minifloat import MinifloatSpec
-from ampq.quantize import quantize_linear
+from ampq.pipeline.blockwise import quantize_linear
 
 # bnb logs a warning each time it casts float32 inputs to fp16 for quantization
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

@@ -8,7 +8,7 @@ import torch
 
 import ampq
 from ampq import AmpqError
-from ampq.adapt import (MemoryTarget, QualityTarget, adapt, nested_layers, plan_levels, quantize_adaptive,
+from ampq.pipeline.adaptive import (MemoryTarget, QualityTarget, adapt, nested_layers, plan_levels, quantize_adaptive,
                         stored_range)
 from ampq.nested import parse_levels, residual_formats
 from ampq.report import linear_bits, model_bytes

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import ampq
-from ampq import AmpqError, planner
-from ampq.plan import Plan
+from ampq import AmpqError
+from ampq.pipeline import planner
+from ampq.pipeline.plans import Plan
 from ampq.report import block_linear_names
 from ampq.sensitivity import SensitivityTable, measure
 from test_model_io import logits, tiny_llama

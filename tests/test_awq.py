@@ -10,7 +10,7 @@ from ampq.calibrate import Calibration
 from ampq.data import make_windows
 from ampq.nn import QuantLinear
 from ampq.models import replace_module as _replace
-from ampq.quantize import quantize_linear
+from ampq.pipeline.blockwise import quantize_linear
 
 
 def linears(block):

@@ -130,7 +130,7 @@ def test_block_bytes_follow_ggml_common_h(tmp_path):
     block_q4_1 {half d; half m; uint8 qs[16]}: element j in the low nibble of qs[j], j + 16 in the
     high one; block_q5_0 {half d; uint8 qh[4]; uint8 qs[16]}: qh the 5th bits, bit j = element j."""
     from ampq.export.gguf.blocks import exact_blocks
-    from ampq.quantize import quantize_linear
+    from ampq.pipeline.blockwise import quantize_linear
 
     torch.manual_seed(3)
     lin = torch.nn.Linear(64, 2, bias=False)

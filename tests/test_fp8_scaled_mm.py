@@ -8,7 +8,7 @@ import torch
 from ampq.formats.minifloat import MinifloatSpec
 from ampq.kernels.activation import _fp8_token_matmul
 from ampq.kernels.fp8_scaled_mm import _weight, scaled_mm_linear
-from ampq.quantize import quantize_linear
+from ampq.pipeline.blockwise import quantize_linear
 
 
 @pytest.mark.parametrize("fmt", ["fp8-e4m3-ch", "fp8-e4m3", "fp8-e5m2-ch"])

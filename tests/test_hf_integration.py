@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import ampq
 from ampq import AmpqError, QuantLinear, kernels
-from ampq.adapt import adapt, nested_layers, quantize_adaptive
+from ampq.pipeline.adaptive import adapt, nested_layers, quantize_adaptive
 from ampq.nested import NestedLinear
 from test_model_io import IDS, logits, tiny_llama
 

@@ -25,11 +25,11 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("layer table", ["ampq.layer_table"]),
     ("io", ["ampq.io"]),
     # AWQ's scaling runs a block on calibration data: a pipeline step that lives beside the algorithms
-    ("pipeline", ["ampq.calibrate", "ampq.transform", "ampq.spill", "ampq.fisher", "ampq.sensitivity",
-                  "ampq.allocate", "ampq.plan", "ampq.planner", "ampq.schemes", "ampq.quantize", "ampq.adapt",
+    ("pipeline", ["ampq.calibrate", "ampq.spill", "ampq.fisher", "ampq.sensitivity",
+                  "ampq.allocate", "ampq.schemes", "ampq.pipeline", "ampq.decode_once",
                   "ampq.report", "ampq.resume", "ampq.data", "ampq.evaluate", "ampq.bench", "ampq.algorithms.awq"]),
     ("loading", ["ampq.loading", "ampq.importers", "ampq.hf"]),
-    ("public API", ["ampq", "ampq.export"]),
+    ("public API", ["ampq", "ampq.export", "ampq.exporting", "ampq.comparison"]),
     ("command line", ["ampq.cli", "ampq.__main__"]),
 ]
 

@@ -11,7 +11,7 @@ from ampq.kernels.cpu_planes import supports as planes_supports
 from ampq.kernels.cpu_slab import slab_linear
 from ampq.kernels.cpu_slab import supports as slab_supports
 from ampq.kernels.reference import reference_linear
-from ampq.quantize import quantize_linear
+from ampq.pipeline.blockwise import quantize_linear
 
 
 def layer(fmt, out_features, in_features, bias=True, seed=0):

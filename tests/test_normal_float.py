@@ -209,7 +209,7 @@ def test_decoding_follows_the_codes_device(fmt):
     # indexed by CUDA codes failed on a GPU (found by benchmarks/kernel_speed.py --gpu); "meta" tolerates
     # the mismatch, so here the copy-once cache is what is checked, and that decoding stays there
     from ampq.formats.base import constant_on
-    from ampq.quantize import quantize_linear
+    from ampq.pipeline.blockwise import quantize_linear
 
     q = quantize_linear("l", torch.nn.Linear(128, 32), fmt).to("meta")
     w = q.dequantize(torch.float32)

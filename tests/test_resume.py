@@ -137,7 +137,7 @@ def test_sensitivity_resumes_after_the_last_measured_block(tmp_path):
 def test_an_adaptive_block_is_restored_with_the_levels_it_holds_aside(tmp_path):
     from ampq.models import decoder_blocks, replace_module
     from ampq.nested import NestedLinear, nest
-    from ampq.quantize import quantize_linear
+    from ampq.pipeline.blockwise import quantize_linear
 
     def adaptive_block():
         torch.manual_seed(0)

@@ -11,8 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ampq.data import MIXES, make_windows
 from ampq.errors import AmpqError
-from ampq.quantize import quantize
-from ampq.transform import apply_transform
+from ampq.pipeline.blockwise import quantize_blocks as quantize
+from ampq.pipeline.transform import apply_transform
 
 
 def tiny_llama(seed=0):

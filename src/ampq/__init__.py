@@ -2,22 +2,34 @@
 
     import ampq
     model, tok = ampq.load_model("smollm2-135m")
-    ampq.quantize(model, "int4-g128")
-    ampq.save(model, "out/smollm2-int4", tok)
-    model = ampq.load("out/smollm2-int4")
-    ampq.adapt(model, budget=5.0)   # adaptive checkpoints (ampq quantize --adaptive 4:8) switch precision
+    ampq.quantize(model, ampq.Budget(bits=4.25), calibration="wiki", tokenizer=tok, output="smol-4.25")
+    model = ampq.load("smol-4.25")
+    ampq.evaluate(model, ampq.load_model("smollm2-135m")[0], text="wiki", tokenizer=tok)
+
+``ampq.quantize`` also takes a format name ("int4-g128"), a per-module map, a scheme
+(``ampq.get_scheme("gptq")``) or a plan (``ampq.plan(model, ampq.Budget(bits=4.25), ...)``);
+``ampq.adapt(model, budget=5.0)`` switches the precision of an adaptive checkpoint
+(``ampq.quantize(..., adaptive="4:8")``); ``ampq.export`` writes a checkpoint for vLLM or llama.cpp.
 """
 
 from __future__ import annotations
 
-from ampq.adapt import adapt
 from ampq.errors import AmpqError
 from ampq.formats import get_format
 from ampq.io.model import save
 from ampq.loading import load, load_model
 from ampq.nn import QuantLinear
-from ampq.plan import Plan
-from ampq.quantize import quantize
+from ampq.data import Text
+from ampq.schemes import Scheme, get_scheme
+from ampq.pipeline.adaptive import adapt
+from ampq.pipeline.budget import Budget
+from ampq.pipeline.planner import plan
+from ampq.pipeline.plans import Plan
+from ampq.pipeline.run import quantize
+# after the modules ampq.evaluate and ampq.export were imported (by these), so that the functions
+# keep the names: importing a submodule later does not rebind its name on the package
+from ampq.comparison import evaluate
+from ampq.exporting import export
 from ampq.version import __version__
 
 try:  # registers quant_method "ampq" so transformers' from_pretrained loads ampq checkpoints
@@ -25,5 +37,5 @@ try:  # registers quant_method "ampq" so transformers' from_pretrained loads amp
 except Exception:  # noqa: BLE001 - a transformers without the quantizer API: ampq works without it
     _hf = None
 
-__all__ = ["AmpqError", "Plan", "QuantLinear", "adapt", "get_format", "load", "load_model", "quantize", "save",
-           "__version__"]
+__all__ = ["AmpqError", "Budget", "Plan", "QuantLinear", "Scheme", "Text", "adapt", "evaluate", "export",
+           "get_format", "get_scheme", "load", "load_model", "plan", "quantize", "save", "__version__"]

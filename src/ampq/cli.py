@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
 import json
 import os
 import sys
@@ -31,230 +29,127 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
 
 
-def _evaluate_pair(model, reference, tokenizer, args) -> list[dict]:
-    from ampq.data import make_windows
-    from ampq.evaluate import Reference, evaluate
+def _texts(args) -> list:
+    from ampq.data import Text
 
-    results = []
-    for corpus in [c.strip() for c in args.corpus.split(",") if c.strip()]:
-        windows = make_windows(tokenizer, corpus, "eval", args.window, args.windows, args.stride)
-        ref = Reference(reference, windows) if reference is not None else None
-        q = evaluate(model, windows, ref)
-        results.append({"corpus": corpus, "model": q.as_dict(),
-                        "reference": ref.quality.as_dict() if ref is not None else None})
-    return results
+    return [Text(c.strip(), args.windows, args.window, args.stride) for c in args.corpus.split(",") if c.strip()]
 
 
-def _quality_table(title: str, rows_meta: list[tuple[str, object, float, int]], results: list[dict]) -> None:
-    from ampq.report import print_table
-
-    corpora = [r["corpus"] for r in results]
-    columns = ["model", "bits/weight (linears)", "model MB"] + [f"ppl {c}" for c in corpora] + ["KL", "top-1"]
-    rows = []
-    for label, key, bits, nbytes in rows_meta:
-        qs = [r[key] for r in results]
-        if any(q is None for q in qs):
-            continue
-        kl = sum(q["kl"] for q in qs) / len(qs) if qs[0]["kl"] is not None else None
-        top1 = sum(q["top1"] for q in qs) / len(qs) if qs[0]["top1"] is not None else None
-        rows.append([label, bits, nbytes / 1e6] + [q["perplexity"] for q in qs] + [kl, top1])
-    q0 = results[0]["model"]
-    note = (f"perplexity over {q0['tokens']} scored tokens per text, window {q0['window']}, stride "
-            f"{q0['stride']}, held-out half of each text; KL(original || model) in nats per token, "
-            f"averaged over texts")
-    print_table(title, columns, rows, note)
+def _results_json(results, label: str) -> list[dict]:
+    """Each text's figures as the JSON reports have them: the model's, the original's, any compared."""
+    return [{"corpus": r.text, "model": r.models[label].as_dict(),
+             "reference": r.reference.as_dict() if r.reference is not None else None,
+             **({"compared": {k: q.as_dict() for k, q in r.models.items() if k != label}} if len(r.models) > 1 else {})}
+            for r in results]
 
 
-def _resume(model, output: Path, args, target, kwargs: dict, calibration):
-    """The progress record of this run: a killed run with the same model and arguments resumes."""
-    import hashlib
+def _spec(args):
+    """What `quantize` and `plan` were asked for, a Plan, a Budget or a Scheme, and how to label it."""
+    import dataclasses
 
-    from ampq import __version__
-    from ampq.models import decoder_blocks
-    from ampq.resume import Resume, fingerprint, progress_dir
+    from ampq import Budget, Plan
+    from ampq.nested import parse_levels
+    from ampq.pipeline.run import label
+    from ampq.schemes import get_scheme
 
-    tokens = None if calibration is None else hashlib.sha256(calibration.tokens.numpy().tobytes()).hexdigest()
-    key = {"ampq": __version__, "model": args.model, "weights": fingerprint(model), "dtype": args.dtype,
-           "target": target if isinstance(target, str) else target.to_dict(), "options": kwargs,
-           "calibration": tokens, "lm_head": args.lm_head, "adaptive": args.adaptive}
-    resume = Resume(progress_dir(output), key)
-    if resume.done:
-        print(f"resuming: {resume.done} of {len(decoder_blocks(model))} blocks were finished by an earlier run "
-              f"with these arguments ({resume.directory})", file=sys.stderr)
-    return resume
+    fmt, scheme, adaptive = (getattr(args, k, None) for k in ("format", "scheme", "adaptive"))
+    plan = getattr(args, "plan", None)
+    if args.budget is not None or args.max_size is not None or plan is not None:
+        if fmt:
+            raise AmpqError("--format picks one format for every layer; drop it when giving --budget, --max-size or --plan")
+        if scheme:
+            raise AmpqError("--scheme picks one method for every layer, a budget or a plan one per layer; drop "
+                            "--scheme (--candidates says which methods a budget weighs)")
+        if plan is not None:
+            return Plan.load(plan), f"plan-{Path(plan).stem}"
+        budget = Budget(bits=args.budget, bytes=args.max_size, candidates=args.candidates, estimator=args.estimator,
+                        tied=not args.untied, sensitivity=args.sensitivity)
+        return budget, budget.label
+    levels = parse_levels(adaptive) if adaptive else None
+    chosen = get_scheme(scheme or ("gptq" if levels else "rtn"))
+    chosen = dataclasses.replace(chosen, format=fmt or (f"int{levels[0]}-g128" if levels else chosen.format),
+                                 clip=chosen.clip or args.clip,
+                                 bias_correction=chosen.bias_correction or args.bias_correction,
+                                 options={**chosen.options, **({"act_order": False} if args.in_order else {})})
+    return chosen, label(chosen, adaptive)
 
 
 def cmd_quantize(args) -> int:
+    import copy
+
     import ampq
-    from ampq.report import block_linear_names, linear_bits, model_bytes
-    from ampq.schemes import get_scheme
+    from ampq.comparison import print_comparison, size_of
+    from ampq.data import Text
+    from ampq.pipeline.run import check_output, summary
 
-    scheme = get_scheme(args.scheme or ("gptq" if args.adaptive else "rtn"))
-    mixed = args.budget is not None or args.max_size is not None or args.plan is not None
-    if mixed and args.format:
-        raise AmpqError("--format picks one format for every layer; drop it when giving --budget, --max-size or --plan")
-    levels = None
-    if args.adaptive:
-        from ampq.nested import parse_levels
-
-        if mixed:
-            raise AmpqError("--adaptive stores every level and chooses at run time (ampq.adapt); drop --budget, "
-                            "--max-size and --plan, or drop --adaptive")
-        if scheme.name not in ("gptq", "rtn"):
-            raise AmpqError(f"--adaptive builds on a gptq or rtn base, not {scheme.name}; pass --scheme gptq or rtn")
-        levels = parse_levels(args.adaptive)
-        args.format = args.format or f"int{levels[0]}-g128"
-        if ampq.get_format(args.format).bits != levels[0]:
-            raise AmpqError(f"--format {args.format} is not a {levels[0]}-bit base for --adaptive {args.adaptive}; "
-                            f"give a {levels[0]}-bit format (int{levels[0]}-g128, int{levels[0]}-g64, ...)")
-    args.format = args.format or scheme.format
-    ampq.get_format(args.format)
-    kwargs = scheme.quantize_kwargs()
-    kwargs["clip"] |= args.clip
-    kwargs["bias_correction"] |= args.bias_correction
-    if args.in_order:
-        kwargs["options"]["act_order"] = False
-    kwargs["compute_dtype"] = args.compute_dtype
-    label = args.format if scheme.name == "rtn" and not (args.clip or args.bias_correction) else f"{scheme.name} {args.format}"
-    if levels:
-        label = f"adaptive-{'-'.join(map(str, levels))}"
-    if mixed:
-        label = f"ampq-{args.budget}bpw" if args.budget is not None else (
-            f"ampq-{args.max_size}" if args.max_size is not None else f"plan-{Path(args.plan).stem}")
-    output = Path(args.output or f"{Path(args.model).name.removesuffix('.gguf')}-{label.replace(' ', '-')}")
-    if output.exists() and any(output.iterdir()) and not args.overwrite:
-        raise AmpqError(f"{output} already exists; choose another --output or pass --overwrite")
-    memory = _memory_cap(args, output)
-    model, tok = ampq.load_model(args.model, args.dtype, lazy=memory is not None)
-    from ampq.nn import quantized_linears
-
-    if quantized_linears(model):
-        raise AmpqError(f"{args.model} is already quantized ({len(quantized_linears(model))} quantized layers); "
-                        "quantize from the unquantized model (a float folder, a hub id or a built-in name)")
-    names = block_linear_names(model)
+    if args.compare is not None and not args.eval:
+        raise AmpqError("--compare scores other schemes beside the quantized model, which --eval does; add --eval")
+    spec, label = _spec(args)
+    output = check_output(args.output or f"{Path(args.model).name.removesuffix('.gguf')}-{label.replace(' ', '-')}",
+                          args.overwrite)
+    if args.max_memory is not None and args.eval:
+        raise AmpqError("--eval keeps the original model in memory beside the quantized one; drop --eval or "
+                        f"--max-memory, and score the result afterwards with `ampq eval {output}`")
+    calibration = Text(args.calib, args.calib_windows, args.calib_window)
+    model, tok = ampq.load_model(args.model, args.dtype, lazy=args.max_memory is not None)
     original = copy.deepcopy(model) if args.eval else None
-    orig_bits, orig_bytes = linear_bits(model, names), model_bytes(model)
-    calibration = None
     t0 = time.perf_counter()
-    target = args.format
-    extra_manifest = {}
-    if mixed:
-        target, table = _plan(model, tok, args)
-        extra_manifest["plan"] = target.to_dict()
-        if table is not None:
-            extra_manifest["sensitivity"] = dataclasses.asdict(table)
-        kwargs["algorithm"] = "rtn"
-    needs = kwargs["clip"] or kwargs["bias_correction"] or scheme.needs_calibration or levels or (
-        mixed and any(p.algorithm != "rtn" or p.clip for p in target.layers.values()))
-    if needs:
-        from ampq.data import make_windows
-
-        calibration = make_windows(tok, args.calib, "calib", args.calib_window, args.calib_windows)
-    t_quantize = time.perf_counter()
-    if levels:
-        from ampq.adapt import level_table, nested_layers, quantize_adaptive, stored_range
-
-        if kwargs.pop("bias_correction"):
-            raise AmpqError("--bias-correction fits one precision; adaptive layers switch between several, drop it")
-        resume = _resume(model, output, args, target, kwargs, calibration)
-        quantize_adaptive(model, levels, calibration, base_format=target, lm_head=args.lm_head, resume=resume, **kwargs)
-        damage, nbytes = level_table(model)
-        lo, hi = stored_range(model)
-        extra_manifest["adaptive"] = {"levels": levels, "base_format": target, "bits_per_weight": [lo, hi]}
-        extra_manifest["sensitivity"] = {"estimator": "fisher", "candidates": sorted(next(iter(damage.values()))),
-                                         "damage": damage, "nbytes": nbytes,
-                                         "shapes": {n: list(m.shape) for n, m in nested_layers(model).items()},
-                                         "source": args.model, "calibration": {"text": args.calib,
-                                                                               "windows": args.calib_windows,
-                                                                               "window": args.calib_window}}
-        print(f"adaptive: every layer stores levels {':'.join(map(str, levels))}; plans from {lo:.3f} to "
-              f"{hi:.3f} bits per weight can be switched to with ampq.adapt", file=sys.stderr)
-    else:
-        resume = _resume(model, output, args, target, kwargs, calibration)
-        if memory is not None:
-            memory.spill_dir = resume.directory  # removed with the progress when the run finishes
-        ampq.quantize(model, target, calibration=calibration, lm_head=args.lm_head, resume=resume, memory=memory,
-                      **kwargs)
-    t_save = time.perf_counter()
-    ampq.save(model, output, tok, overwrite=args.overwrite, extra_manifest=extra_manifest)
-    if resume is not None:
-        resume.finish()
+    ampq.quantize(model, spec, calibration=calibration, tokenizer=tok, adaptive=args.adaptive, lm_head=args.lm_head,
+                  compute_dtype=args.compute_dtype, output=output, overwrite=args.overwrite, memory=args.max_memory)
     seconds = time.perf_counter() - t0
-    print(f"stage times: quantization {t_save - t_quantize:.1f} s, saving {time.perf_counter() - t_save:.1f} s, "
-          f"total {seconds:.1f} s", file=sys.stderr)
-    if memory is not None:
-        print(memory.report(), file=sys.stderr)
-    bits, nbytes = linear_bits(model), model_bytes(model)
-    print(f"quantized {args.model} with {label} in {seconds:.1f} s: {bits:.3f} bits per weight "
-          f"over the quantized linears, {nbytes / 1e6:.1f} MB in all; saved to {output}")
+    print(summary(model, args.model, label, seconds, output))
     if args.eval:
-        results = _evaluate_pair(model, original, tok, args)
-        _quality_table(f"{args.model}: {label} against the original",
-                       [("original", "reference", orig_bits, orig_bytes), (label, "model", bits, nbytes)],
-                       results)
+        compared = _compared(args, spec, model, original, calibration, tok)
+        models = {label: model, **compared}
+        results = ampq.evaluate(models, original, text=_texts(args), tokenizer=tok)
+        title = f"{args.model}: {label} against the original" + (
+            f" and {', '.join(compared)}, uniform schemes of about its size" if compared else "")
+        print_comparison(title, results, {"original": size_of(original), **{k: size_of(m) for k, m in models.items()}})
         if args.json_out:
-            _write_json(args.json_out, {"model": args.model, "format": args.format, "scheme": scheme.name,
-                                        "seconds": seconds,
+            bits, nbytes = size_of(model)
+            _write_json(args.json_out, {"model": args.model, "format": getattr(spec, "format", None),
+                                        "scheme": getattr(spec, "name", label), "seconds": seconds,
                                         "bits_per_weight": bits, "model_bytes": nbytes,
-                                        "original_bytes": orig_bytes, "results": results})
+                                        "original_bytes": size_of(original)[1],
+                                        "results": _results_json(results, label)})
     return 0
 
 
-def _memory_cap(args, output: Path):
-    """The cap of ``--max-memory``, after refusing what cannot run under one."""
-    if args.max_memory is None:
-        return None
-    from ampq.memory import MemoryCap
-    from ampq.planner import parse_size
+def _compared(args, spec, model, original, calibration, tok) -> dict:
+    """The uniform models to score beside the quantized one (--compare): each quantized from a copy
+    of the original. With a budget, by default the candidate nearest the budget's size."""
+    import copy
 
-    if args.eval:
-        raise AmpqError("--eval keeps the original model in memory beside the quantized one; drop --eval or "
-                        f"--max-memory, and score the result afterwards with `ampq eval {output}`")
-    if args.adaptive:
-        raise AmpqError("--adaptive measures every level on the whole model; drop --adaptive or --max-memory")
-    return MemoryCap(parse_size(args.max_memory), output.parent)
-
-
-def _plan(model, tok, args):
-    """The plan of a mixed-precision run: read from --plan, or allocated for --budget/--max-size
-    from the (cached) sensitivity table."""
-    from ampq import planner
-    from ampq.plan import Plan
-
-    if args.plan:
-        return Plan.load(args.plan), None
-    names = _block_linears(model)
-    t0 = time.perf_counter()
-    table = planner.sensitivity(model, tok, _candidates(args), calib=args.calib, windows=args.calib_windows,
-                                window=args.calib_window, estimator=args.estimator,
-                                table_path=Path(args.sensitivity) if args.sensitivity else None,
-                                may_measure=getattr(args, "max_memory", None) is None)
-    t1 = time.perf_counter()
-    plan = planner.plan_for_budget(table, bits_per_weight=args.budget, max_size=args.max_size,
-                                   fixed=planner.fixed_bytes(model, names), tied=not args.untied)
-    print(f"stage times: sensitivity {t1 - t0:.1f} s (0 when reused from the cache), allocation "
-          f"{1e3 * (time.perf_counter() - t1):.0f} ms", file=sys.stderr)
-    print(f"plan: {planner.bits_of(plan, table):.3f} bits per weight, {plan.total_bytes / 1e6:.1f} MB of linears; "
-          + ", ".join(f"{k} x{v}" for k, v in planner.describe(plan).items()), file=sys.stderr)
-    return plan, table
-
-
-def _block_linears(model) -> list[str]:
+    import ampq
+    from ampq.pipeline.planner import fixed_bytes, matching_uniform
+    from ampq.pipeline.run import label
     from ampq.report import block_linear_names
+    from ampq.schemes import get_scheme
+    from ampq.sensitivity import SensitivityTable
 
-    return block_linear_names(model)
-
-
-def _candidates(args) -> list[str] | None:
-    return [c for c in args.candidates.split(",") if c.strip()] if args.candidates else None
+    names = [c.strip() for c in (args.compare or "").split(",") if c.strip() and c.strip() != "none"]
+    if args.compare is None and isinstance(spec, ampq.Budget):
+        table = SensitivityTable(**model.ampq_manifest["sensitivity"])
+        fixed = fixed_bytes(original, block_linear_names(original))
+        schemes = [matching_uniform(table, spec, fixed)]
+    else:
+        schemes = [get_scheme(n) for n in names]
+    compared = {}
+    for scheme in schemes:
+        print(f"for comparison: {label(scheme)} in every linear", file=sys.stderr)
+        compared[label(scheme)] = ampq.quantize(copy.deepcopy(original), scheme, calibration=calibration,
+                                                tokenizer=tok, lm_head=args.lm_head, compute_dtype=args.compute_dtype)
+    return compared
 
 
 def cmd_plan(args) -> int:
     import ampq
+    from ampq.data import Text
     from ampq.report import print_table
 
+    budget, _ = _spec(args)
     model, tok = ampq.load_model(args.model, args.dtype)
-    plan, _ = _plan(model, tok, args)
+    plan = ampq.plan(model, budget, calibration=Text(args.calib, args.calib_windows, args.calib_window), tokenizer=tok)
     out = plan.save(args.output)
     rows = [[name, p.format, p.algorithm + ("+clip" if p.clip else ""), p.bytes, p.damage] for name, p in plan.layers.items()]
     print_table(f"plan for {args.model} ({plan.budget})", ["layer", "format", "algorithm", "bytes", "est. damage"], rows,
@@ -264,7 +159,7 @@ def cmd_plan(args) -> int:
 
 def cmd_eval(args) -> int:
     import ampq
-    from ampq.report import linear_bits, model_bytes
+    from ampq.comparison import print_comparison, size_of
 
     model, tok = ampq.load_model(args.target, keep_quantized=True)
     ref_spec = args.reference or getattr(model.config, "ampq_source", None)
@@ -274,14 +169,14 @@ def cmd_eval(args) -> int:
         tok = tok or ref_tok  # a checkpoint saved without its tokenizer reads text as its source does
     elif args.reference is None and ref_spec is None:
         print("no --reference given and the checkpoint names no source: reporting perplexity only", file=sys.stderr)
-    results = _evaluate_pair(model, reference, tok, args)
-    rows = [(str(args.target), "model", linear_bits(model), model_bytes(model))]
-    if reference is not None:
-        rows.insert(0, (f"original ({ref_spec})", "reference",
-                        linear_bits(reference), model_bytes(reference)))
-    _quality_table(f"evaluation of {args.target}", rows, results)
+    label = str(args.target)
+    results = ampq.evaluate({label: model}, reference, text=_texts(args), tokenizer=tok)
+    sizes = {f"original ({ref_spec})": size_of(reference)} if reference is not None else {}
+    print_comparison(f"evaluation of {args.target}", results, {**sizes, label: size_of(model)},
+                     reference=f"original ({ref_spec})")
     if args.json_out:
-        _write_json(args.json_out, {"target": args.target, "reference": ref_spec, "results": results})
+        _write_json(args.json_out, {"target": args.target, "reference": ref_spec,
+                                    "results": _results_json(results, label)})
     return 0
 
 
@@ -449,12 +344,9 @@ def cmd_schemes(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from ampq.export import export_compressed_tensors, export_gguf
+    import ampq
 
-    if args.to == "gguf":
-        summary = export_gguf(args.directory, args.out, nearest=args.nearest, overwrite=args.overwrite)
-    else:
-        summary = export_compressed_tensors(args.directory, args.out, nearest=args.nearest, overwrite=args.overwrite)
+    summary = ampq.export(args.directory, args.out, to=args.to, nearest=args.nearest, overwrite=args.overwrite)
     print(summary["line"])
     for warning in summary["warnings"]:
         print(f"ampq: warning: {warning}", file=sys.stderr)
@@ -486,7 +378,7 @@ def _generate_adaptive(model, tok, ids, args) -> int:
     """Greedy decoding one token at a time, the memory policy consulted before every step."""
     import torch
 
-    from ampq.adapt import MemoryTarget, adapt, stored_range
+    from ampq.pipeline.adaptive import MemoryTarget, adapt, stored_range
     from ampq.report import linear_bits, model_bytes
 
     lo, hi = stored_range(model)
@@ -576,6 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep resident memory under SIZE (e.g. 2GB): weights are read from the safetensors one "
                         "block at a time, calibration activations that do not fit go to disk beside the output")
     q.add_argument("--eval", action="store_true", help="evaluate against the original and print the table")
+    q.add_argument("--compare", default=None, metavar="SCHEMES",
+                   help="with --eval: also quantize the original with these schemes (comma-separated, e.g. gptq,awq; "
+                        "none for no comparison) and score them in the same table (default with --budget/--max-size: "
+                        "the candidate whose uniform size is nearest the budget, e.g. int4-g128:gptq at 4.25)")
     _add_eval_args(q)
     q.set_defaults(func=cmd_quantize)
 

@@ -123,3 +123,34 @@ def _mixed_windows(tokenizer, specs: list[str], split: str, window: int, n: int,
              for i, t in enumerate(specs)]
     return Windows(torch.cat([w.tokens for w in parts]), [f for w in parts for f in w.first_scored], window,
                    parts[0].stride, f"{'+'.join(specs)}:{split}")
+
+
+@dataclass(frozen=True)
+class Text:
+    """Which text, and how many windows of how many tokens to cut from it: a built-in corpus (wiki,
+    c4, tiny, code, technical, multilingual), a hub dataset (wikitext2) or a UTF-8 file. Calibration
+    reads the first half of the text, evaluation the second."""
+
+    source: str = "wiki"
+    windows: int = 128
+    window: int = 512
+    stride: int | None = None
+
+    def cut(self, tokenizer, split: str) -> Windows:
+        return make_windows(tokenizer, self.source, split, self.window, self.windows, self.stride)
+
+
+def as_text(spec: "Text | str", **defaults) -> Text:
+    """A :class:`Text` from a text's name (``defaults`` give its windows, window, stride) or as it is."""
+    return spec if isinstance(spec, Text) else Text(spec, **defaults)
+
+
+def windows_of(spec, tokenizer, split: str, **defaults) -> "Windows | torch.Tensor | None":
+    """Token windows from what a caller gave: a text's name or a :class:`Text` (cut with the
+    tokenizer), windows already cut, an (n, T) tensor of token ids, or None."""
+    if spec is None or isinstance(spec, (Windows, torch.Tensor)):
+        return spec
+    if isinstance(spec, (str, Text)):
+        return as_text(spec, **defaults).cut(tokenizer, split)
+    raise AmpqError(f"calibration is a text's name (e.g. 'wiki'), an ampq.Text, token windows or an (n, T) tensor "
+                    f"of token ids, not {type(spec).__name__}")

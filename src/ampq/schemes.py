@@ -7,8 +7,9 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 
-from ampq.algorithms import NEEDS_CALIBRATION
+from ampq.algorithms import NEEDS_CALIBRATION, get_algorithm
 from ampq.errors import AmpqError
+from ampq.formats import get_format
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,10 @@ class Scheme:
     awq: bool = False
     activation: str | None = None
     options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        get_format(self.format)  # a scheme in a format that does not exist is refused when it is made
+        get_algorithm(self.algorithm)
 
     @property
     def needs_calibration(self) -> bool:

@@ -11,7 +11,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from ampq import __version__
+from ampq.version import __version__
 from ampq.errors import AmpqError
 from ampq.export.gguf.vocab import write_tokenizer
 

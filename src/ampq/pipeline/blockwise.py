@@ -1,5 +1,6 @@
-"""The quantization pipeline: replace the linears of a model's decoder blocks by QuantLinear,
-block by block, with calibration where the algorithm needs it."""
+"""Block by block: replace the linears of a model's decoder blocks by QuantLinear, one block at a
+time, with calibration where the algorithm needs it. :func:`ampq.quantize` (``pipeline/run.py``)
+resolves what to do (a format, a scheme, a plan, a budget) and calls :func:`quantize_blocks`."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from ampq.formats import get_format
 from ampq.io.lazy import weights_of
 from ampq.memory import MemoryCap, return_freed_memory, working_set
 from ampq.models import decoder_blocks, lm_head_name, replace_module, tied_embeddings
-from ampq.nn import QuantLinear, quantized_linears
-from ampq.plan import Plan
+from ampq.nn import QuantLinear
+from ampq.pipeline.plans import Plan
 from ampq.spill import ActivationStore
 
 FormatSpec = str | Mapping[str, str | None] | Plan
@@ -72,7 +73,7 @@ def quantize_linear(name: str, linear: nn.Linear, fmt_name: str, algorithm: str 
     return layer
 
 
-def quantize(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", calibration=None,
+def quantize_blocks(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", calibration=None,
              clip: bool = False, bias_correction: bool = False, awq: bool = False,
              activation: str | None = None, lm_head: bool = False, options: dict | None = None,
              compute_dtype: str | None = None, batch_size: int = 8, sequential: bool = True,
@@ -243,6 +244,3 @@ def _quantize_block(prefix, block, formats, algorithm, clip, bias_correction, aw
             replace_module(block, sub, on_layer(name, linear, layer, stats) if on_layer else layer)
     cal.advance(block)
 
-
-def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
-    return quantized_linears(model)

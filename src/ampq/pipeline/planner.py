@@ -1,16 +1,17 @@
 """From a budget to a plan: measure sensitivity (or reuse a saved table), then allocate exactly.
 
-A budget is either bits per weight over the quantized linears (``4.25``) or the size of the whole
-model on disk (``90MB``): the bytes that are not linears of the decoder blocks (embeddings, norms,
-the head) are subtracted first, since the allocation cannot change them.
+:func:`plan` is ``ampq.plan``: a model, a :class:`~ampq.pipeline.budget.Budget` and calibration text
+in, a :class:`~ampq.pipeline.plans.Plan` out (one candidate per linear, bytes within the budget,
+estimated damage least). The table is cached per model, candidates and calibration, so another
+budget only re-solves the allocation.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -18,24 +19,14 @@ from torch import nn
 
 from ampq.allocate import allocate, reachable
 from ampq.builtin import cache_dir
-from ampq.data import make_windows
+from ampq.data import Text, Windows, as_text
 from ampq.errors import AmpqError
-from ampq.plan import LayerPlan, Plan
-from ampq.report import model_bytes
+from ampq.pipeline.budget import Budget, parse_size
+from ampq.pipeline.plans import LayerPlan, Plan
+from ampq.report import block_linear_names, model_bytes
 from ampq.resume import Resume, fingerprint
+from ampq.schemes import Scheme
 from ampq.sensitivity import DEFAULT_CANDIDATES, Candidate, SensitivityTable, measure
-
-_SIZE = re.compile(r"^\s*([0-9.]+)\s*(b|kb|mb|gb|kib|mib|gib)?\s*$", re.IGNORECASE)
-_UNITS = {None: 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
-
-def parse_size(text: str | int) -> int:
-    if isinstance(text, int):
-        return text
-    m = _SIZE.match(str(text))
-    if not m:
-        raise AmpqError(f"cannot read size {text!r}; write it like 90MB, 1.5GB or 123456789")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
 
 
 def tie_groups(layers: list[str]) -> list[list[str]]:
@@ -56,13 +47,20 @@ def table_key(source: str | None, candidates: list[str], calib: dict) -> str:
 
 def sensitivity(model: nn.Module, tokenizer, candidates: list[str] | None = None, *, calib: str = "wiki",
                 windows: int = 128, window: int = 512, estimator: str = "fisher", table_path=None,
-                progress: bool = True, may_measure: bool = True) -> SensitivityTable:
+                progress: bool = True, may_measure: bool = True, tokens: Windows | torch.Tensor | None = None
+                ) -> SensitivityTable:
     """The sensitivity table of ``model``: read from ``table_path`` or the cache when it was measured
     before with the same candidates and calibration, measured (and saved) otherwise (unless not
-    ``may_measure``: a lazily loaded model cannot run whole)."""
+    ``may_measure``: a lazily loaded model cannot run whole). The calibration is ``windows`` windows
+    of ``window`` tokens of the text ``calib``, or ``tokens`` when given (cached by their hash)."""
+    from ampq.data import make_windows  # looked up at call time: tests replace it
+
     candidates = [Candidate.parse(c).name for c in (candidates or DEFAULT_CANDIDATES)]
     source = getattr(model.config, "ampq_source", None)
-    spec = {"text": calib, "windows": windows, "window": window, "estimator": estimator}
+    if tokens is None:
+        spec = {"text": calib, "windows": windows, "window": window, "estimator": estimator}
+    else:
+        spec = {"tokens": _token_hash(tokens), "estimator": estimator}
     if table_path is None:
         table_path = cache_dir() / "sensitivity" / f"{table_key(source, candidates, spec)}.json"
     try:
@@ -75,13 +73,13 @@ def sensitivity(model: nn.Module, tokenizer, candidates: list[str] | None = None
         raise AmpqError("--max-memory cannot measure sensitivity (it runs the whole model); measure it once without "
                         "the cap (`ampq plan MODEL --budget ...` caches the table), then quantize with --max-memory, "
                         "or pass --plan")
-
-    tokens = make_windows(tokenizer, calib, "calib", window, windows)
+    if tokens is None:
+        tokens = make_windows(tokenizer, calib, "calib", window, windows)
     table_path = Path(table_path)
     # a measurement killed half-way continues where it was (the hidden folder beside the table)
     resume = Resume(table_path.with_name(f".{table_path.name}.ampq-resume"),
                     {"table": table_key(source, candidates, spec), "weights": fingerprint(model),
-                     "tokens": hashlib.sha256(getattr(tokens, "tokens", tokens).numpy().tobytes()).hexdigest()})
+                     "tokens": _token_hash(tokens)})
     if resume.done and progress:
         print(f"resuming the sensitivity measurement: {resume.done} blocks were measured by an earlier run",
               file=sys.stderr)
@@ -91,6 +89,63 @@ def sensitivity(model: nn.Module, tokenizer, candidates: list[str] | None = None
     table.save(table_path)
     resume.finish()
     return table
+
+
+def _token_hash(tokens: Windows | torch.Tensor) -> str:
+    return hashlib.sha256(getattr(tokens, "tokens", tokens).numpy().tobytes()).hexdigest()
+
+
+def plan(model: nn.Module, budget: Budget | float, *, calibration: Text | str | Windows | torch.Tensor = "wiki",
+         tokenizer=None, progress: bool = True) -> Plan:
+    """The plan of least estimated damage for ``model`` within ``budget`` (a :class:`Budget`, or bits
+    per weight): the sensitivity table is read from the cache or measured on ``calibration`` (a text
+    name, a :class:`~ampq.data.Text`, or token windows; a text needs the model's ``tokenizer``)."""
+    return plan_with_table(model, budget, calibration, tokenizer, progress=progress)[0]
+
+
+def plan_with_table(model: nn.Module, budget: Budget | float, calibration, tokenizer, *, progress: bool = True,
+                    may_measure: bool = True) -> tuple[Plan, SensitivityTable]:
+    """:func:`plan`, and the sensitivity table it was allocated from."""
+    budget = budget if isinstance(budget, Budget) else Budget(bits=float(budget))
+    t0 = time.perf_counter()
+    if isinstance(calibration, (str, Text)):
+        text = as_text(calibration)
+        table = sensitivity(model, tokenizer, budget.candidates, calib=text.source, windows=text.windows,
+                            window=text.window, estimator=budget.estimator, table_path=budget.sensitivity,
+                            progress=progress, may_measure=may_measure)
+    elif calibration is not None:
+        table = sensitivity(model, tokenizer, budget.candidates, estimator=budget.estimator, progress=progress,
+                            table_path=budget.sensitivity, may_measure=may_measure, tokens=calibration)
+    else:
+        raise AmpqError("a budget needs calibration text to measure sensitivity: pass calibration='wiki' and the "
+                        "model's tokenizer (CLI: --calib wiki)")
+    t1 = time.perf_counter()
+    result = plan_for_budget(table, bits_per_weight=budget.bits, max_size=budget.bytes,
+                             fixed=fixed_bytes(model, block_linear_names(model)), tied=budget.tied)
+    if progress:
+        print(f"stage times: sensitivity {t1 - t0:.1f} s (0 when reused from the cache), allocation "
+              f"{1e3 * (time.perf_counter() - t1):.0f} ms", file=sys.stderr)
+        print(f"plan: {bits_of(result, table):.3f} bits per weight, {result.total_bytes / 1e6:.1f} MB of linears; "
+              + ", ".join(f"{k} x{v}" for k, v in describe(result).items()), file=sys.stderr)
+    return result, table
+
+
+def matching_uniform(table: SensitivityTable, budget: Budget, fixed: int = 0) -> Scheme:
+    """The candidate that, given to every linear, comes nearest the budget's size (16-bit ones
+    excepted), as a scheme: the uniform one to compare a budget's plan with. ``fixed``: the bytes
+    outside the linears, for a budget in bytes."""
+    weights = sum(s[0] * s[1] for s in table.shapes.values())
+    target = budget.bits * weights / 8 if budget.bits is not None else budget.bytes - fixed
+    sizes = {}
+    for name in table.candidates:
+        if Candidate.parse(name).format in ("bf16", "fp16") or not all(name in table.nbytes[n] for n in table.nbytes):
+            continue
+        sizes[name] = sum(table.nbytes[n][name] for n in table.nbytes)
+    if not sizes:
+        raise AmpqError("no candidate of this table fits every layer; add one like int4-g128:gptq to the candidates")
+    cand = Candidate.parse(min(sizes, key=lambda n: (abs(sizes[n] - target), sizes[n])))
+    return Scheme(cand.algorithm + ("+clip" if cand.clip else ""), cand.format,
+                  f"{cand.name} in every linear, the uniform size nearest the budget", cand.algorithm, cand.clip)
 
 
 def fixed_bytes(model: nn.Module, layers: list[str]) -> int:
@@ -103,7 +158,8 @@ def plan_for_budget(table: SensitivityTable, *, bits_per_weight: float | None = 
                     max_size: int | str | None = None, fixed: int = 0, tied: bool = True) -> Plan:
     """The allocation of least estimated damage whose bytes fit the budget, as a plan."""
     if (bits_per_weight is None) == (max_size is None):
-        raise AmpqError("give exactly one budget: bits per weight (--budget 4.25) or a size (--max-size 90MB)")
+        raise AmpqError("give exactly one budget: bits per weight (Budget(bits=4.25), CLI --budget 4.25) or a size "
+                        "(Budget(bytes='90MB'), CLI --max-size 90MB)")
     weights = sum(s[0] * s[1] for s in table.shapes.values())
     if bits_per_weight is not None:
         budget = int(bits_per_weight * weights // 8)
@@ -113,7 +169,7 @@ def plan_for_budget(table: SensitivityTable, *, bits_per_weight: float | None = 
         budget = total - fixed
         described = {"bytes": total}
         if budget <= 0:
-            raise AmpqError(f"--max-size {total:,} bytes is below the {fixed:,} bytes the model needs outside its "
+            raise AmpqError(f"a size of {total:,} bytes is below the {fixed:,} bytes the model needs outside its "
                             "quantizable linears (embeddings, norms, head)")
     groups = tie_groups(list(table.damage)) if tied else []
     try:
@@ -121,10 +177,10 @@ def plan_for_budget(table: SensitivityTable, *, bits_per_weight: float | None = 
     except AmpqError:
         if max_size is not None:
             lo, hi = reachable(table.nbytes, groups)
-            raise AmpqError(f"--max-size {parse_size(max_size):,} bytes cannot be met: this model spans "
+            raise AmpqError(f"a size of {parse_size(max_size):,} bytes cannot be met: this model spans "
                             f"{(lo + fixed) / 1e6:.1f} MB to {(hi + fixed) / 1e6:.1f} MB with these candidates") from None
         lo, hi = reachable(table.nbytes, groups)
-        raise AmpqError(f"--budget {bits_per_weight} bits per weight cannot be met: these candidates span "
+        raise AmpqError(f"a budget of {bits_per_weight} bits per weight cannot be met: these candidates span "
                         f"{8 * lo / weights:.3f} to {8 * hi / weights:.3f} bits per weight") from None
     layers = {}
     for name, cand_name in result.choice.items():
@@ -139,7 +195,6 @@ def bits_of(plan: Plan, table: SensitivityTable) -> float:
     return 8 * plan.total_bytes / weights
 
 
-@torch.inference_mode()
 def describe(plan: Plan) -> dict[str, int]:
     counts: dict[str, int] = {}
     for p in plan.layers.values():

@@ -25,8 +25,9 @@ from ampq.io.residuals import reading
 from ampq.memory import available_memory, return_freed_memory
 from ampq.nested import NestedLinear, nest, residual_formats
 from ampq.nn import quantized_linears
-from ampq.planner import parse_size, tie_groups
-from ampq.quantize import quantize
+from ampq.pipeline.blockwise import quantize_blocks
+from ampq.pipeline.budget import parse_size
+from ampq.pipeline.planner import tie_groups
 from ampq.report import block_linear_names, model_bytes
 from ampq.sensitivity import row_errors
 
@@ -69,7 +70,7 @@ def quantize_adaptive(model: nn.Module, levels: list[int], calibration, *, base_
         layer.set_level(0)
         return layer
 
-    quantize(model, base_format, algorithm=algorithm, calibration=calibration, on_layer=on_layer,
+    quantize_blocks(model, base_format, algorithm=algorithm, calibration=calibration, on_layer=on_layer,
              progress=progress, **kwargs)
     for layer in nested_layers(model).values():
         layer.set_level(layer.levels - 1)
@@ -81,7 +82,7 @@ def level_table(model: nn.Module) -> tuple[dict[str, dict[str, float]], dict[str
     layers = nested_layers(model)
     if not layers:
         raise AmpqError("this model has no adaptive layers; quantize it with --adaptive LOW:HIGH (or "
-                        "ampq.adapt.quantize_adaptive) to switch precisions at run time")
+                        "ampq.pipeline.adaptive.quantize_adaptive) to switch precisions at run time")
     damage, nbytes = {}, {}
     for name, m in layers.items():
         if m.damage is None:

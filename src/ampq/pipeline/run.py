@@ -1,0 +1,273 @@
+"""One quantization run, what ``ampq.quantize`` does: resolve what to do (a format name, a
+per-module map, a :class:`~ampq.schemes.Scheme`, a :class:`~ampq.pipeline.plans.Plan` or a
+:class:`~ampq.pipeline.budget.Budget`), calibrate where the method needs it, quantize block by block
+(resuming a killed run that wrote the same output), and save the checkpoint with what made it.
+
+    model, tok = ampq.load_model("smollm2-135m")
+    ampq.quantize(model, ampq.Budget(bits=4.25), calibration="wiki", tokenizer=tok, output="smol-4.25")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ampq.version import __version__
+from ampq.algorithms import NEEDS_CALIBRATION
+from ampq.data import Text, Windows, windows_of
+from ampq.errors import AmpqError
+from ampq.formats import get_format
+from ampq.io.lazy import weights_of
+from ampq.io.model import save
+from ampq.memory import MemoryCap
+from ampq.models import decoder_blocks
+from ampq.nested import parse_levels
+from ampq.nn import quantized_linears
+from ampq.pipeline.adaptive import level_table, nested_layers, quantize_adaptive, stored_range
+from ampq.pipeline.blockwise import quantize_blocks
+from ampq.pipeline.budget import Budget, parse_size
+from ampq.pipeline.planner import plan_with_table
+from ampq.pipeline.plans import Plan
+from ampq.report import linear_bits, model_bytes
+from ampq.resume import Resume, fingerprint, progress_dir
+from ampq.schemes import SCHEMES, Scheme
+
+Spec = str | Mapping[str, str | None] | Scheme | Plan | Budget
+CALIBRATION = {"windows": 128, "window": 512}  # a text's windows when only its name is given
+
+
+def label(spec: Spec | None, adaptive: str | list[int] | None = None) -> str:
+    """How outputs and tables name a model quantized to ``spec``."""
+    if adaptive is not None:
+        return f"adaptive-{'-'.join(map(str, _levels(adaptive)))}"
+    if isinstance(spec, Budget):
+        return spec.label
+    if isinstance(spec, Plan):
+        return "plan"
+    if isinstance(spec, Scheme):
+        plain = spec.name == "rtn" and not (spec.clip or spec.bias_correction or spec.awq)
+        return spec.format if plain else f"{spec.name} {spec.format}"
+    if isinstance(spec, str):
+        return spec
+    return "mixed"
+
+
+def check_output(output: str | Path, overwrite: bool) -> Path:
+    """The output folder, after refusing one that holds something unless ``overwrite``."""
+    output = Path(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
+        raise AmpqError(f"{output} already exists; choose another --output or pass --overwrite")
+    return output
+
+
+def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device | None:
+    """The device to quantize on: ``None`` where the model is, ``"auto"`` a GPU when there is one
+    (else the CPU), or the one named."""
+    if device is None:
+        return None
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise AmpqError(f"unknown device {device!r}; give cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AmpqError(f"device {device} was asked for but this torch sees no GPU; pass device='cpu' or 'auto'")
+    if device.type != "cpu" and weights_of(model) is not None:
+        raise AmpqError(f"a model loaded lazily (for a memory cap) is quantized on the CPU, not {device}; "
+                        "load it whole or pass device='cpu'")
+    return device
+
+
+def quantize(model: nn.Module, spec: Spec | None, *, calibration: Text | str | Windows | torch.Tensor | None = None,
+             tokenizer=None, device: str | torch.device | None = None, algorithm: str | None = None,
+             clip: bool = False, bias_correction: bool = False, awq: bool = False, activation: str | None = None,
+             lm_head: bool = False, options: dict | None = None, compute_dtype: str | None = None,
+             batch_size: int = 8, sequential: bool = True, on_layer=None, adaptive: str | list[int] | None = None,
+             output: str | Path | None = None, overwrite: bool = False, resume: Resume | None = None,
+             memory: MemoryCap | str | int | None = None, progress: bool = True) -> nn.Module:
+    """Quantize ``model`` in place and return it.
+
+    ``spec`` says what each linear of the decoder blocks becomes:
+
+    - a format name (``"int4-g128"``, see ``ampq formats``), the same for every linear;
+    - a map from fnmatch patterns over module names to format names (first match wins, ``None``
+      keeps the layer as it is);
+    - a :class:`~ampq.schemes.Scheme` (``ampq.schemes.get_scheme("gptq")``): its format and method;
+    - a :class:`~ampq.pipeline.plans.Plan`: a format and algorithm per layer;
+    - a :class:`~ampq.pipeline.budget.Budget`: the plan of least estimated damage within it is
+      made first (:func:`ampq.plan`), from the sensitivity measured on ``calibration``.
+
+    ``calibration``: a text's name (``"wiki"``, 128 windows of 512 tokens), an :class:`ampq.Text`
+    (read with ``tokenizer``), token windows, or an (n, T) tensor of token ids; needed by every
+    method but plain round to nearest. ``device``: where to quantize (``"cpu"``, ``"cuda"``,
+    ``"auto"``; default: where the model is). ``algorithm`` (``rtn``, ``gptq``), ``clip``,
+    ``bias_correction``, ``awq``, ``activation``, ``options`` and ``compute_dtype`` choose the method
+    where the spec does not (:func:`ampq.pipeline.blockwise.quantize_blocks` tells each); the output
+    head is quantized only with ``lm_head``. ``adaptive`` (``"4:8"``) stores every layer at several
+    precisions to switch between at run time (:func:`ampq.adapt`); ``spec`` is then the base format.
+
+    ``output``: save the checkpoint there (with ``tokenizer``; its manifest carries the plan and
+    the sensitivity table); the progress is recorded beside it after every block, so a killed run
+    given the same arguments resumes. ``memory`` (a size like ``"2GB"`` or a
+    :class:`~ampq.memory.MemoryCap`) keeps resident memory under a cap: load the model with
+    ``ampq.load_model(..., lazy=True)``. The run's additions to the manifest are kept in
+    ``model.ampq_manifest``.
+    """
+    started = time.perf_counter()
+    if output is not None:
+        output = check_output(output, overwrite)
+    target = resolve_device(device, model)
+    if target is not None and weights_of(model) is None and next(model.parameters()).device != target:
+        model.to(target)
+    done = quantized_linears(model)
+    if done:
+        raise AmpqError(f"this model is already quantized ({len(done)} quantized layers); quantize from the "
+                        "unquantized model (a float folder, a hub id or a built-in name)")
+    levels = _levels(adaptive) if adaptive is not None else None
+    method = _method(spec, levels, algorithm=algorithm, clip=clip, bias_correction=bias_correction, awq=awq,
+                     activation=activation, options=options)
+    method["compute_dtype"] = compute_dtype
+    if isinstance(memory, (str, int)):
+        memory = MemoryCap(parse_size(memory), output.parent if output is not None else Path.cwd())
+    if memory is not None and levels:
+        raise AmpqError("--adaptive measures every level on the whole model; drop --adaptive or --max-memory")
+    manifest: dict = {}
+    formats = spec.format if isinstance(spec, Scheme) else spec
+    if isinstance(spec, Budget):
+        formats, table = plan_with_table(model, spec, calibration, tokenizer, progress=progress,
+                                         may_measure=memory is None)
+        manifest["sensitivity"] = dataclasses.asdict(table)
+    if isinstance(formats, Plan):
+        manifest["plan"] = formats.to_dict()
+    if levels:
+        formats = formats or f"int{levels[0]}-g128"
+    _check_formats(formats, levels)
+    needs = levels or method["clip"] or method["bias_correction"] or method["awq"] or (
+        method["algorithm"] in NEEDS_CALIBRATION) or on_layer is not None or (
+        isinstance(formats, Plan) and any(p.algorithm in NEEDS_CALIBRATION or p.clip for p in formats.layers.values()))
+    tokens = windows_of(calibration, tokenizer, "calib", **CALIBRATION) if needs else None
+    if output is not None and resume is None:
+        resume = _resume(model, output, formats, method, tokens, lm_head, levels, progress)
+    if memory is not None and resume is not None:
+        memory.spill_dir = resume.directory  # removed with the progress when the run finishes
+    t_quantize = time.perf_counter()
+    if levels:
+        del method["bias_correction"]  # refused by _method: one precision's fit
+        quantize_adaptive(model, levels, tokens, base_format=formats, lm_head=lm_head, resume=resume,
+                          batch_size=batch_size, sequential=sequential, progress=progress, **method)
+        manifest.update(_adaptive_manifest(model, levels, formats, calibration))
+        if progress:
+            lo, hi = stored_range(model)
+            print(f"adaptive: every layer stores levels {':'.join(map(str, levels))}; plans from {lo:.3f} to "
+                  f"{hi:.3f} bits per weight can be switched to with ampq.adapt", file=sys.stderr)
+    else:
+        quantize_blocks(model, formats, calibration=tokens, lm_head=lm_head, batch_size=batch_size,
+                        sequential=sequential, on_layer=on_layer, progress=progress, resume=resume, memory=memory,
+                        **method)
+    model.ampq_manifest = manifest
+    if output is not None:
+        t_save = time.perf_counter()
+        save(model, output, tokenizer, overwrite=overwrite, extra_manifest=manifest)
+        if resume is not None:
+            resume.finish()
+        if progress:
+            print(f"stage times: quantization {t_save - t_quantize:.1f} s, saving {time.perf_counter() - t_save:.1f} s, "
+                  f"total {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    if memory is not None and progress:
+        print(memory.report(), file=sys.stderr)
+    return model
+
+
+def _levels(adaptive: str | list[int]) -> list[int]:
+    return parse_levels(adaptive if isinstance(adaptive, str) else ":".join(map(str, adaptive)))
+
+
+def _method(spec, levels, *, algorithm, clip, bias_correction, awq, activation, options) -> dict:
+    """The method keywords of :func:`quantize_blocks`: the call's, combined with a scheme's."""
+    if isinstance(spec, Scheme):
+        if algorithm is not None and algorithm != spec.algorithm:
+            raise AmpqError(f"scheme {spec.name} uses {spec.algorithm}, not {algorithm}; drop algorithm= or give "
+                            f"a format name instead of the scheme")
+        method = spec.quantize_kwargs()
+        method["clip"] |= clip
+        method["bias_correction"] |= bias_correction
+        method["awq"] |= awq
+        method["activation"] = activation or method["activation"]
+        method["options"] = {**method["options"], **(options or {})}
+    else:
+        if spec is not None and not isinstance(spec, (str, Mapping, Plan, Budget)):
+            raise AmpqError(f"quantize takes a format name, a per-module map, a Scheme, a Plan or a Budget, not "
+                            f"{type(spec).__name__}")
+        method = {"algorithm": algorithm or ("gptq" if levels else "rtn"), "clip": clip,
+                  "bias_correction": bias_correction, "awq": awq, "activation": activation, "options": options}
+    if levels:
+        if isinstance(spec, (Plan, Budget)) or (spec is not None and not isinstance(spec, (str, Scheme))):
+            raise AmpqError("--adaptive stores every level and chooses at run time (ampq.adapt); drop --budget, "
+                            "--max-size and --plan, or drop --adaptive")
+        if method["algorithm"] not in ("gptq", "rtn") or method["awq"]:
+            name = spec.name if isinstance(spec, Scheme) else method["algorithm"]
+            raise AmpqError(f"--adaptive builds on a gptq or rtn base, not {name}; pass --scheme gptq or rtn")
+        if method["bias_correction"]:
+            raise AmpqError("--bias-correction fits one precision; adaptive layers switch between several, drop it")
+    return method
+
+
+def _check_formats(formats, levels) -> None:
+    if formats is None:
+        raise AmpqError("say what to quantize to: a format name, a per-module map, a Scheme, a Plan or a Budget")
+    if isinstance(formats, str):
+        try:
+            fmt = get_format(formats)
+        except AmpqError as e:
+            if formats.strip().lower() in SCHEMES:
+                raise AmpqError(f"{formats!r} is a scheme, not a format: pass ampq.schemes.get_scheme({formats!r}) "
+                                f"(CLI: --scheme {formats})") from None
+            raise e from None
+        if levels and fmt.bits != levels[0]:
+            raise AmpqError(f"--format {formats} is not a {levels[0]}-bit base for --adaptive "
+                            f"{':'.join(map(str, levels))}; give a {levels[0]}-bit format (int{levels[0]}-g128, "
+                            f"int{levels[0]}-g64, ...)")
+
+
+def _resume(model, output: Path, formats, method: dict, tokens, lm_head: bool, levels, progress: bool) -> Resume:
+    """The progress record of a run writing ``output``: a killed run with the same model and
+    arguments resumes."""
+    calibration = None if tokens is None else hashlib.sha256(
+        getattr(tokens, "tokens", tokens).numpy().tobytes()).hexdigest()
+    target = formats.to_dict() if isinstance(formats, Plan) else formats
+    key = {"ampq": __version__, "source": getattr(model.config, "ampq_source", None), "weights": fingerprint(model),
+           "target": target, "options": method, "calibration": calibration, "lm_head": lm_head, "adaptive": levels}
+    resume = Resume(progress_dir(output), key)
+    if resume.done and progress:
+        print(f"resuming: {resume.done} of {len(decoder_blocks(model))} blocks were finished by an earlier run "
+              f"with these arguments ({resume.directory})", file=sys.stderr)
+    return resume
+
+
+def _adaptive_manifest(model: nn.Module, levels: list[int], base_format: str, calibration) -> dict:
+    damage, nbytes = level_table(model)
+    lo, hi = stored_range(model)
+    text = calibration if isinstance(calibration, Text) else Text(calibration, **CALIBRATION) if isinstance(
+        calibration, str) else None
+    return {"adaptive": {"levels": levels, "base_format": base_format, "bits_per_weight": [lo, hi]},
+            "sensitivity": {"estimator": "fisher", "candidates": sorted(next(iter(damage.values()))),
+                            "damage": damage, "nbytes": nbytes,
+                            "shapes": {n: list(m.shape) for n, m in nested_layers(model).items()},
+                            "source": getattr(model.config, "ampq_source", None),
+                            "calibration": {"text": text.source, "windows": text.windows, "window": text.window}
+                            if text is not None else {}}}
+
+
+def summary(model: nn.Module, name: str, spec_label: str, seconds: float, output: Path | None) -> str:
+    """The line that says what a run made."""
+    where = f"; saved to {output}" if output is not None else ""
+    return (f"quantized {name} with {spec_label} in {seconds:.1f} s: {linear_bits(model):.3f} bits per weight "
+            f"over the quantized linears, {model_bytes(model) / 1e6:.1f} MB in all{where}")
