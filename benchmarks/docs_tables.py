@@ -215,7 +215,31 @@ def full_run() -> str:
                       *(row([c, num(v["perplexity"]), num(v["kl"], 4), num(v["top1"])]) for c, v in q.items())])
 
 
+def quality() -> str:
+    """Every row of benchmarks/quality.py, per model: size, perplexity increase over the original on
+    each text, KL to the original."""
+    rel = "quality/quality.json"
+    data = load(rel)
+    rows = data["rows"]
+    texts = [k for k in rows[0] if isinstance(rows[0][k], dict) and "perplexity" in rows[0][k]]
+    out = [source(rel), ""]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = sorted((r for r in rows if r["model"] == model), key=lambda r: (r["kind"] != "uniform", r["bits_per_weight"]))
+        first = mine[0]
+        out += [f"**{model}**: calibration `{first['calib']}` ({first['calib_windows']} windows of 512 tokens; AMPQ "
+                f"v0.1 on its own `wiki`), {first['eval_windows']} held-out windows of 512 tokens per text; original "
+                + ", ".join(f"ppl {t} {num(first[t + '_original'])}" for t in texts) + ".", "",
+                row(["scheme", "bits/weight", *(f"ppl {t} (increase)" for t in texts), *(f"KL {t}" for t in texts)]),
+                "|" + "---|" * (2 + 2 * len(texts))]
+        for r in mine:
+            ppl = [f"{num(r[t]['perplexity'])} (+{100 * (r[t]['perplexity'] / r[t + '_original'] - 1):.1f}%)" for t in texts]
+            out.append(row([r["name"], num(r["bits_per_weight"]), *ppl, *(num(r[t]["kl"], 4) for t in texts)]))
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
 TABLES: dict[str, Callable[[], str]] = {
+    "quality": quality,
     "pareto-smollm2-135m": lambda: pareto_for("smollm2-135m"),
     "pareto-qwen2.5-coder-0.5b": lambda: pareto_for("qwen2.5-coder-0.5b"),
     "pareto-all": md_nth("pareto/pareto.md", "pareto/pareto.json", 0),
