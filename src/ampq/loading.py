@@ -22,6 +22,7 @@ from ampq.errors import AmpqError
 from ampq.importers.gguf import keep_quantized as gguf_keep_quantized
 from ampq.io.lazy import lazy_model
 from ampq.io.model import load as load_checkpoint
+from ampq.memory import fixed_mmap_threshold
 
 
 def load(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module:
@@ -111,6 +112,9 @@ def _load_lazy(spec: str, path: Path, dtype: torch.dtype):
                         "one (convert a .gguf with transformers first, or run without --max-memory)")
     if (path / "ampq.json").exists() or importers.quant_method(path) is not None:
         raise AmpqError(f"{spec} is already quantized; quantize from the unquantized model")
+    # before anything large is read and freed: a lazily loaded model is one to keep under a cap, and
+    # glibc's moving mmap threshold would otherwise keep freed chunks resident
+    fixed_mmap_threshold()
     model = lazy_model(path, dtype)
     model.config.ampq_source = spec
     return model, _tokenizer(path)

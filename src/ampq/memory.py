@@ -101,7 +101,7 @@ def return_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
-def _fixed_mmap_threshold() -> None:
+def fixed_mmap_threshold() -> None:
     # glibc raises its mmap threshold after large frees, after which big tensors come from the heap
     # and their memory stays with the process after they are freed; a fixed threshold keeps every
     # large tensor in its own mapping, returned to the system the moment it is freed
@@ -122,7 +122,7 @@ class MemoryCap:
     spilled: int = 0  # activation batches written to disk, reported at the end
 
     def __post_init__(self):
-        _fixed_mmap_threshold()
+        fixed_mmap_threshold()
 
     def allowance(self, need: int, what: str) -> int:
         """What is left for calibration activations once ``need`` more bytes are kept for the work
