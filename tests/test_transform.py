@@ -78,3 +78,40 @@ def test_a_mix_shares_its_windows_among_its_texts_from_their_calibration_halves(
                        make_windows(tok, "c4", "calib", 64, 2).tokens)
     with pytest.raises(AmpqError, match="needs at least 4 windows"):
         make_windows(tok, "mix", "calib", 64, 3)
+
+
+@torch.no_grad()
+def test_a_budget_with_the_awq_transform_plans_and_quantizes_on_the_rescaled_model(tmp_path):
+    import ampq
+    from ampq.pipeline.plans import Plan
+
+    calib = tokens()
+    budget = ampq.Budget(bits=4.25, candidates=("int3-g32:gptq", "int4-g32:gptq", "int8-ch-sym:rtn"),
+                         transform="awq", sensitivity=tmp_path / "table.json")
+    model = tiny_llama()
+    plan = ampq.plan(model, budget, calibration=calib, progress=False)
+    assert plan.transform["name"] == "awq" and model.config.ampq_transform["name"] == "awq"
+    plan.save(tmp_path / "plan.json")
+    again = Plan.load(tmp_path / "plan.json")
+    assert again.transform == plan.transform
+    # the plan read back transforms a fresh model the same way before quantizing it
+    fresh, same = tiny_llama(), tiny_llama()
+    ampq.quantize(fresh, again, calibration=calib, progress=False)
+    ampq.quantize(model, plan, calibration=calib, progress=False)  # already transformed: not twice
+    held_out = tokens(2, seed=3)
+    assert torch.allclose(fresh(held_out).logits, model(held_out).logits, atol=1e-4)
+    assert fresh.config.ampq_transform == model.config.ampq_transform
+    # a transformed table is another table: the same budget without the transform measures afresh
+    plain = ampq.plan(same, ampq.Budget(bits=4.25, candidates=budget.candidates, sensitivity=tmp_path / "table.json"),
+                      calibration=calib, progress=False)
+    assert plain.transform == {"name": "none"}
+
+
+def test_unknown_transforms_are_refused_in_budgets_and_plans():
+    import ampq
+    from ampq.pipeline.plans import Plan
+
+    with pytest.raises(AmpqError, match="unknown transform 'rotate'"):
+        ampq.Budget(bits=4, transform="rotate")
+    with pytest.raises(AmpqError, match="unknown transform 'rotate'"):
+        Plan.from_dict({"ampq_plan": 1, "layers": {"a": "int4-g128"}, "transform": {"name": "rotate"}})

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ampq.errors import AmpqError
+from ampq.pipeline.transform import TRANSFORMS
 from ampq.sensitivity import ESTIMATORS
 
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*(b|kb|mb|gb|kib|mib|gib)?\s*$", re.IGNORECASE)
@@ -37,7 +38,9 @@ class Budget:
     per layer (default: :data:`ampq.sensitivity.DEFAULT_CANDIDATES`); ``estimator`` measures the
     damage of each (``fisher``: nats of KL, or ``hessian``); ``tied`` makes q/k/v and gate/up share
     a format; ``sensitivity`` is a table file to reuse or write (default: cached per model,
-    candidates and calibration)."""
+    candidates and calibration); ``transform`` (``awq``) rescales the float model before any
+    candidate is measured, so that the allocation sees what each costs on the weights it will
+    quantize (:mod:`ampq.pipeline.transform`)."""
 
     bits: float | None = None
     bytes: int | str | None = None
@@ -45,6 +48,7 @@ class Budget:
     estimator: str = "fisher"
     tied: bool = True
     sensitivity: str | Path | None = None
+    transform: str = "none"
 
     def __post_init__(self):
         if (self.bits is None) == (self.bytes is None):
@@ -56,6 +60,8 @@ class Budget:
             object.__setattr__(self, "bytes", parse_size(self.bytes))
         if self.estimator not in ESTIMATORS:
             raise AmpqError(f"unknown sensitivity estimator {self.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+        if self.transform not in TRANSFORMS:
+            raise AmpqError(f"unknown transform {self.transform!r}; choose one of {', '.join(TRANSFORMS)}")
         if isinstance(self.candidates, str):
             object.__setattr__(self, "candidates", tuple(c for c in self.candidates.split(",") if c.strip()))
         elif self.candidates is not None:

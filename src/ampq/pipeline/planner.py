@@ -23,6 +23,7 @@ from ampq.data import Text, Windows, as_text
 from ampq.errors import AmpqError
 from ampq.pipeline.budget import Budget, parse_size
 from ampq.pipeline.plans import LayerPlan, Plan
+from ampq.pipeline.transform import ensure_transform
 from ampq.report import block_linear_names, model_bytes
 from ampq.resume import Resume, fingerprint
 from ampq.schemes import Scheme
@@ -47,8 +48,8 @@ def table_key(source: str | None, candidates: list[str], calib: dict) -> str:
 
 def sensitivity(model: nn.Module, tokenizer, candidates: list[str] | None = None, *, calib: str = "wiki",
                 windows: int = 128, window: int = 512, estimator: str = "fisher", table_path=None,
-                progress: bool = True, may_measure: bool = True, tokens: Windows | torch.Tensor | None = None
-                ) -> SensitivityTable:
+                progress: bool = True, may_measure: bool = True, tokens: Windows | torch.Tensor | None = None,
+                transform: str = "none") -> SensitivityTable:
     """The sensitivity table of ``model``: read from ``table_path`` or the cache when it was measured
     before with the same candidates and calibration, measured (and saved) otherwise (unless not
     ``may_measure``: a lazily loaded model cannot run whole). The calibration is ``windows`` windows
@@ -61,11 +62,14 @@ def sensitivity(model: nn.Module, tokenizer, candidates: list[str] | None = None
         spec = {"text": calib, "windows": windows, "window": window, "estimator": estimator}
     else:
         spec = {"tokens": _token_hash(tokens), "estimator": estimator}
+    if transform != "none":  # measured on the transformed weights: another table
+        spec["transform"] = transform
     if table_path is None:
         table_path = cache_dir() / "sensitivity" / f"{table_key(source, candidates, spec)}.json"
     try:
         table = SensitivityTable.load(table_path)
-        if table.candidates == candidates and table.estimator == estimator:
+        if table.candidates == candidates and table.estimator == estimator and \
+                table.calibration.get("transform", "none") == transform:
             return table
     except AmpqError:
         pass
@@ -108,6 +112,14 @@ def plan_with_table(model: nn.Module, budget: Budget | float, calibration, token
     """:func:`plan`, and the sensitivity table it was allocated from."""
     budget = budget if isinstance(budget, Budget) else Budget(bits=float(budget))
     t0 = time.perf_counter()
+    transform = {"name": "none"}
+    if budget.transform != "none":
+        if calibration is None:
+            raise AmpqError(f"transform {budget.transform!r} needs calibration text: pass calibration='mix' and the "
+                            "model's tokenizer (CLI: --calib mix)")
+        if isinstance(calibration, (str, Text)):
+            calibration = as_text(calibration).cut(tokenizer, "calib")
+        transform = ensure_transform(model, budget.transform, calibration, progress=progress)
     if isinstance(calibration, (str, Text)):
         text = as_text(calibration)
         table = sensitivity(model, tokenizer, budget.candidates, calib=text.source, windows=text.windows,
@@ -115,13 +127,15 @@ def plan_with_table(model: nn.Module, budget: Budget | float, calibration, token
                             progress=progress, may_measure=may_measure)
     elif calibration is not None:
         table = sensitivity(model, tokenizer, budget.candidates, estimator=budget.estimator, progress=progress,
-                            table_path=budget.sensitivity, may_measure=may_measure, tokens=calibration)
+                            table_path=budget.sensitivity, may_measure=may_measure, tokens=calibration,
+                            transform=budget.transform)
     else:
         raise AmpqError("a budget needs calibration text to measure sensitivity: pass calibration='wiki' and the "
                         "model's tokenizer (CLI: --calib wiki)")
     t1 = time.perf_counter()
     result = plan_for_budget(table, bits_per_weight=budget.bits, max_size=budget.bytes,
                              fixed=fixed_bytes(model, block_linear_names(model)), tied=budget.tied)
+    result.transform = transform
     if progress:
         print(f"stage times: sensitivity {t1 - t0:.1f} s (0 when reused from the cache), allocation "
               f"{1e3 * (time.perf_counter() - t1):.0f} ms", file=sys.stderr)

@@ -10,10 +10,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ampq import atomic
 from ampq.algorithms import get_algorithm
 from ampq.errors import AmpqError
 from ampq.formats import get_format
-from ampq import atomic
+from ampq.pipeline.transform import TRANSFORMS
 
 PLAN_VERSION = 1
 
@@ -34,6 +35,9 @@ class Plan:
     source: str | None = None
     estimator: str | None = None
     tie_groups: list[list[str]] = field(default_factory=list)
+    # what was done to the float model before sensitivity was measured ({"name": "awq", ...}); a plan
+    # is followed on a model transformed the same way (ampq.pipeline.transform)
+    transform: dict = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int | None:
@@ -66,8 +70,11 @@ class Plan:
             layers[name] = layer
         if not layers:
             raise AmpqError(f"{where} lists no layers")
+        transform = data.get("transform") or {}
+        if transform.get("name", "none") not in TRANSFORMS:
+            raise AmpqError(f"{where}: unknown transform {transform.get('name')!r}; known: {', '.join(TRANSFORMS)}")
         return cls(layers, data.get("budget") or {}, data.get("source"), data.get("estimator"),
-                   data.get("tie_groups") or [])
+                   data.get("tie_groups") or [], transform)
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":

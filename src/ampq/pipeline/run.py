@@ -34,6 +34,7 @@ from ampq.pipeline.adaptive import level_table, nested_layers, quantize_adaptive
 from ampq.pipeline.blockwise import quantize_blocks
 from ampq.pipeline.budget import Budget, parse_size
 from ampq.pipeline.planner import plan_with_table
+from ampq.pipeline.transform import ensure_transform
 from ampq.pipeline.plans import Plan
 from ampq.report import linear_bits, model_bytes
 from ampq.resume import Resume, fingerprint, progress_dir
@@ -150,10 +151,16 @@ def quantize(model: nn.Module, spec: Spec | None, *, calibration: Text | str | W
     if levels:
         formats = formats or f"int{levels[0]}-g128"
     _check_formats(formats, levels)
+    transform = formats.transform.get("name", "none") if isinstance(formats, Plan) else "none"
     needs = levels or method["clip"] or method["bias_correction"] or method["awq"] or (
-        method["algorithm"] in NEEDS_CALIBRATION) or on_layer is not None or (
+        method["algorithm"] in NEEDS_CALIBRATION) or on_layer is not None or transform != "none" or (
         isinstance(formats, Plan) and any(p.algorithm in NEEDS_CALIBRATION or p.clip for p in formats.layers.values()))
     tokens = windows_of(calibration, tokenizer, "calib", **CALIBRATION) if needs else None
+    if transform != "none":  # a plan measured on transformed weights is followed on them
+        if tokens is None:
+            raise AmpqError(f"this plan was made on the model after the {transform!r} transform, which needs "
+                            "calibration text: pass calibration='mix' and the tokenizer (CLI: --calib mix)")
+        ensure_transform(model, transform, tokens, progress=progress)
     if output is not None and resume is None:
         resume = _resume(model, output, formats, method, tokens, lm_head, levels, progress)
     if memory is not None and resume is not None:

@@ -43,3 +43,19 @@ def apply_transform(model: nn.Module, name: str, calibration, *, search_format: 
             alphas[f"{prefix}:{group}"] = alpha
         cal.advance(block)
     return {"name": "awq", "search_format": search_format, "alphas": alphas}
+
+
+def ensure_transform(model: nn.Module, name: str, calibration, *, progress: bool = True) -> dict:
+    """Apply transform ``name`` unless ``model`` already had it (a plan made on this model object
+    transformed it; a plan read from a file, or a fresh model, did not). The record stays on the
+    model's config, so it is saved with the checkpoint."""
+    done = getattr(model.config, "ampq_transform", None)
+    if done is not None:
+        if done.get("name") != name:
+            raise AmpqError(f"this model was transformed with {done.get('name')!r}, not {name!r}; start from the "
+                            "unquantized model")
+        return done
+    record = apply_transform(model, name, calibration, progress=progress)
+    if name != "none":
+        model.config.ampq_transform = record
+    return record
