@@ -13,11 +13,11 @@ import contextlib
 import warnings
 from collections.abc import Iterable, Iterator
 
-import psutil
 import torch
 from torch import nn
 
 from ampq import kernels
+from ampq.memory import available_memory
 from ampq.nn import QuantLinear
 
 # what must stay free beside the decoded weights (one batch of logits and the allocator's slack)
@@ -41,7 +41,7 @@ def free_bytes(device: torch.device) -> int:
     """Bytes free now on ``device`` (host memory for the CPU)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    return psutil.virtual_memory().available
+    return available_memory()[0]
 
 
 @contextlib.contextmanager
