@@ -76,10 +76,11 @@ def load_rows(path: Path) -> list[dict]:
     return json.loads(path.read_text())["rows"] if path.exists() else []
 
 
-def save_rows(path: Path, rows: list[dict], command: str) -> None:
+def save_rows(path: Path, rows: list[dict], command: str, note: str | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"machine": machine(), "command": command, "rows": rows}, indent=1))
+    extra = {"note": note} if note else {}
+    tmp.write_text(json.dumps({"machine": machine(), "command": command, **extra, "rows": rows}, indent=1))
     tmp.replace(path)
 
 
@@ -137,6 +138,17 @@ def run_uniform(original, calib, name: str, scorer: Scorer) -> dict:
             "seconds": {"quantize": time.perf_counter() - t0}, **scorer.score(model)}
 
 
+def merge(out: Path, files: list[Path], note: str | None) -> None:
+    data = [json.loads(f.read_text()) for f in files]
+    rows = load_rows(out)
+    keys = {(r["model"], r["name"], r.get("budget"), r["calib"], r["eval_windows"]) for r in rows}
+    for d in data:
+        rows += [r for r in d["rows"] if (r["model"], r["name"], r.get("budget"), r["calib"], r["eval_windows"]) not in keys]
+    commands = [d["command"] for d in data]
+    save_rows(out, rows, " ; ".join(commands), note)
+    print(f"{len(rows)} rows in {out}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="smollm2-135m,qwen2.5-coder-0.5b")
@@ -148,7 +160,14 @@ def main() -> None:
     p.add_argument("--texts", default="wiki,c4")
     p.add_argument("--windows", type=int, default=16, help="evaluation windows of 512 tokens per text")
     p.add_argument("--out", default=str(OUT))
+    p.add_argument("--merge", nargs="+", default=None, metavar="FILE",
+                   help="fold the rows of these result files (runs made side by side, each with its own --out) into "
+                   "--out, with their commands, and stop")
+    p.add_argument("--note", default=None, help="with --merge: how the runs were made (kept in the result)")
     args = p.parse_args()
+    if args.merge:
+        merge(Path(args.out), [Path(f) for f in args.merge], args.note)
+        return
     budgets = [float(b) for b in args.budgets.split(",")]
     variants = list(VARIANTS) if args.variants == "all" else [v for v in args.variants.split(",") if v and v != "none"]
     unknown = [v for v in variants if v not in VARIANTS] + [u for u in (args.uniform.split(",")) if u not in UNIFORM
