@@ -115,3 +115,31 @@ def test_unknown_transforms_are_refused_in_budgets_and_plans():
         ampq.Budget(bits=4, transform="rotate")
     with pytest.raises(AmpqError, match="unknown transform 'rotate'"):
         Plan.from_dict({"ampq_plan": 1, "layers": {"a": "int4-g128"}, "transform": {"name": "rotate"}})
+
+
+def test_a_plan_for_an_engine_weighs_only_what_that_engine_serves_and_exports_only_to_it(tmp_path):
+    import ampq
+    from ampq.export import export_compressed_tensors, export_gguf
+    from ampq.pipeline.targets import TARGETS
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    calib = tokens()
+    # llama.cpp's own types start at 4.5 bits (Q4_0: an fp16 scale per 32)
+    for target, bits, export, other in (("vllm", 4.25, export_compressed_tensors, export_gguf),
+                                        ("llama.cpp", 5.0, export_gguf, export_compressed_tensors)):
+        model = LlamaForCausalLM(cfg).eval()
+        plan = ampq.plan(model, ampq.Budget(bits=bits, target=target, sensitivity=tmp_path / f"{target}.json"),
+                         calibration=calib, progress=False)
+        assert plan.target == target
+        assert {f"{p.format}:{p.algorithm}" if p.format != "bf16" else "bf16" for p in plan.layers.values()} \
+            <= set(TARGETS[target][1])
+        out = tmp_path / target
+        ampq.quantize(model, plan, calibration=calib, output=out, progress=False)
+        summary = export(out, tmp_path / (f"{target}.export" + (".gguf" if export is export_gguf else "")))
+        assert not summary.get("converted"), summary  # exact: no layer re-quantized
+        with pytest.raises(AmpqError, match=f"made for {target}"):
+            other(out, tmp_path / (f"{target}.other" + (".gguf" if other is export_gguf else "")))
+    with pytest.raises(AmpqError, match="unknown serving target 'tgi'"):
+        ampq.Budget(bits=4, target="tgi")

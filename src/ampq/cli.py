@@ -63,7 +63,7 @@ def _spec(args):
         if plan is not None:
             return Plan.load(plan), f"plan-{Path(plan).stem}"
         budget = Budget(bits=args.budget, bytes=args.max_size, candidates=args.candidates, estimator=args.estimator,
-                        tied=not args.untied, sensitivity=args.sensitivity, transform=args.transform)
+                        tied=not args.untied, sensitivity=args.sensitivity, transform=args.transform, target=args.target)
         return budget, budget.label
     levels = parse_levels(adaptive) if adaptive else None
     chosen = get_scheme(scheme or ("gptq" if levels else "rtn"))
@@ -435,6 +435,10 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
                    help="AMPQ: sensitivity estimate: Fisher-weighted output error in nats of KL (default), or the "
                    "plain Hessian output error (no backward passes)")
     p.add_argument("--untied", action="store_true", help="AMPQ: let q/k/v and gate/up take different formats")
+    p.add_argument("--target", default="any", choices=["any", "vllm", "llama.cpp", "transformers"],
+                   help="AMPQ: the engine that will serve the model; its candidates are the formats that engine runs as "
+                   "stored, so `ampq export` changes no layer (vllm: --to compressed-tensors; llama.cpp: --to gguf; "
+                   "default any: every format, for ampq and transformers)")
     p.add_argument("--transform", default="none", choices=["none", "awq"],
                    help="AMPQ: rescale the float model before measuring sensitivity (awq: AWQ's per-channel scales, "
                    "folded into the op before each group), so every candidate is measured on the weights it will "

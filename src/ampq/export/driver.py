@@ -6,6 +6,7 @@ written, is a :class:`Target`; this module knows no target."""
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from ampq.errors import AmpqError
 from ampq.io.model import load
 from ampq.models import lm_head_name, tied_embeddings
 from ampq.nn import quantized_linears
+from ampq.pipeline.targets import check_export
 
 
 def base_of(layer: nn.Module) -> nn.Module:
@@ -90,6 +92,7 @@ class Target(ABC):
     temporary file or folder) and :meth:`summary`. One instance per export."""
 
     name = ""  # in messages: "compressed-tensors", "GGUF"
+    export_name = ""  # as `ampq export --to` names it
     folder = True  # writes a folder of files (else one file)
     holds = ""  # a sentence on what it holds exactly, for the refusal ("" or ending in ". ")
     nearest_how = ""  # how ``nearest`` re-quantizes, for the refusal
@@ -149,6 +152,11 @@ def run(target_class: type[Target], directory, out, nearest: bool = False, *, ov
         raise AmpqError(f"{directory} is not an ampq checkpoint (no ampq.json); quantize and save a model "
                         "with ampq first")
     target.check_source()
+    try:
+        plan = json.loads((directory / "ampq.json").read_text()).get("plan") or {}
+    except ValueError:
+        plan = {}  # load() below names what is wrong with the manifest
+    check_export(plan.get("target"), target.export_name)
     model = load(directory)
     target.start(model)
 

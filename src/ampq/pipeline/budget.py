@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ampq.errors import AmpqError
+from ampq.pipeline.targets import check_target
 from ampq.pipeline.transform import TRANSFORMS
 from ampq.sensitivity import ESTIMATORS
 
@@ -40,7 +41,9 @@ class Budget:
     a format; ``sensitivity`` is a table file to reuse or write (default: cached per model,
     candidates and calibration); ``transform`` (``awq``) rescales the float model before any
     candidate is measured, so that the allocation sees what each costs on the weights it will
-    quantize (:mod:`ampq.pipeline.transform`)."""
+    quantize (:mod:`ampq.pipeline.transform`); ``target`` (``vllm``, ``llama.cpp``) makes the
+    candidates the formats that engine serves as stored, so the plan exports unchanged
+    (:mod:`ampq.pipeline.targets`; explicit ``candidates`` win)."""
 
     bits: float | None = None
     bytes: int | str | None = None
@@ -49,6 +52,7 @@ class Budget:
     tied: bool = True
     sensitivity: str | Path | None = None
     transform: str = "none"
+    target: str = "any"
 
     def __post_init__(self):
         if (self.bits is None) == (self.bytes is None):
@@ -62,6 +66,7 @@ class Budget:
             raise AmpqError(f"unknown sensitivity estimator {self.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
         if self.transform not in TRANSFORMS:
             raise AmpqError(f"unknown transform {self.transform!r}; choose one of {', '.join(TRANSFORMS)}")
+        check_target(self.target)
         if isinstance(self.candidates, str):
             object.__setattr__(self, "candidates", tuple(c for c in self.candidates.split(",") if c.strip()))
         elif self.candidates is not None:

@@ -23,6 +23,7 @@ from ampq.data import Text, Windows, as_text
 from ampq.errors import AmpqError
 from ampq.pipeline.budget import Budget, parse_size
 from ampq.pipeline.plans import LayerPlan, Plan
+from ampq.pipeline.targets import target_candidates
 from ampq.pipeline.transform import ensure_transform
 from ampq.report import block_linear_names, model_bytes
 from ampq.resume import Resume, fingerprint
@@ -112,6 +113,7 @@ def plan_with_table(model: nn.Module, budget: Budget | float, calibration, token
     """:func:`plan`, and the sensitivity table it was allocated from."""
     budget = budget if isinstance(budget, Budget) else Budget(bits=float(budget))
     t0 = time.perf_counter()
+    candidates = budget.candidates or target_candidates(budget.target)
     transform = {"name": "none"}
     if budget.transform != "none":
         if calibration is None:
@@ -122,11 +124,11 @@ def plan_with_table(model: nn.Module, budget: Budget | float, calibration, token
         transform = ensure_transform(model, budget.transform, calibration, progress=progress)
     if isinstance(calibration, (str, Text)):
         text = as_text(calibration)
-        table = sensitivity(model, tokenizer, budget.candidates, calib=text.source, windows=text.windows,
+        table = sensitivity(model, tokenizer, candidates, calib=text.source, windows=text.windows,
                             window=text.window, estimator=budget.estimator, table_path=budget.sensitivity,
                             progress=progress, may_measure=may_measure)
     elif calibration is not None:
-        table = sensitivity(model, tokenizer, budget.candidates, estimator=budget.estimator, progress=progress,
+        table = sensitivity(model, tokenizer, candidates, estimator=budget.estimator, progress=progress,
                             table_path=budget.sensitivity, may_measure=may_measure, tokens=calibration,
                             transform=budget.transform)
     else:
@@ -136,6 +138,7 @@ def plan_with_table(model: nn.Module, budget: Budget | float, calibration, token
     result = plan_for_budget(table, bits_per_weight=budget.bits, max_size=budget.bytes,
                              fixed=fixed_bytes(model, block_linear_names(model)), tied=budget.tied)
     result.transform = transform
+    result.target = budget.target
     if progress:
         print(f"stage times: sensitivity {t1 - t0:.1f} s (0 when reused from the cache), allocation "
               f"{1e3 * (time.perf_counter() - t1):.0f} ms", file=sys.stderr)

@@ -14,6 +14,7 @@ from ampq import atomic
 from ampq.algorithms import get_algorithm
 from ampq.errors import AmpqError
 from ampq.formats import get_format
+from ampq.pipeline.targets import check_target
 from ampq.pipeline.transform import TRANSFORMS
 
 PLAN_VERSION = 1
@@ -38,6 +39,7 @@ class Plan:
     # what was done to the float model before sensitivity was measured ({"name": "awq", ...}); a plan
     # is followed on a model transformed the same way (ampq.pipeline.transform)
     transform: dict = field(default_factory=dict)
+    target: str = "any"  # the engine whose formats the candidates were (ampq.pipeline.targets)
 
     @property
     def total_bytes(self) -> int | None:
@@ -74,7 +76,7 @@ class Plan:
         if transform.get("name", "none") not in TRANSFORMS:
             raise AmpqError(f"{where}: unknown transform {transform.get('name')!r}; known: {', '.join(TRANSFORMS)}")
         return cls(layers, data.get("budget") or {}, data.get("source"), data.get("estimator"),
-                   data.get("tie_groups") or [], transform)
+                   data.get("tie_groups") or [], transform, check_target(data.get("target") or "any"))
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":

@@ -29,6 +29,7 @@ VLLM_GROUPS = (32, 64, 128)  # the group sizes vLLM's Marlin kernels take (besid
 
 class CompressedTensors(Target):
     name = "compressed-tensors"
+    export_name = "compressed-tensors"
     folder = True
     nearest_how = "to the nearest expressible scheme"
 

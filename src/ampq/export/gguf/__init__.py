@@ -42,6 +42,7 @@ from ampq.models import tied_embeddings
 
 class Gguf(Target):
     name = "GGUF"
+    export_name = "gguf"
     folder = False
     holds = (f"GGUF holds int4/int5 (asymmetric or -sym) and int8-sym with groups of a multiple of {BLOCK} "
              "exactly (Q4_1/Q4_0, Q5_1/Q5_0, Q8_0). ")
