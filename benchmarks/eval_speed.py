@@ -30,12 +30,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# benchmarks/kernels.py would shadow the `kernels` package that transformers imports
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
-_spec = importlib.util.spec_from_file_location("_machine", ROOT / "benchmarks" / "_machine.py")
-_machine = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_machine)
-describe, machine = _machine.describe, _machine.machine
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _machine import describe, machine  # noqa: E402
 BEFORE_COMMIT = "a2d31c4"  # the last commit with the evaluation that kept every reference log-probability
 OUT = ROOT / "benchmarks" / "results" / "eval_speed" / "eval_speed.json"
 VARIANTS = ("before", "per-call", "after")

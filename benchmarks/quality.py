@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _machine import machine  # noqa: E402
 
 import ampq  # noqa: E402
+from ampq import atomic  # noqa: E402
 from ampq.pipeline import planner  # noqa: E402
 from ampq.data import make_windows  # noqa: E402
 from ampq.evaluate import Reference, evaluate  # noqa: E402
@@ -78,10 +79,8 @@ def load_rows(path: Path) -> list[dict]:
 
 def save_rows(path: Path, rows: list[dict], command: str, note: str | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     extra = {"note": note} if note else {}
-    tmp.write_text(json.dumps({"machine": machine(), "command": command, **extra, "rows": rows}, indent=1))
-    tmp.replace(path)
+    atomic.write_text(path, json.dumps({"machine": machine(), "command": command, **extra, "rows": rows}, indent=1))
 
 
 class Scorer:

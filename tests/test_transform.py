@@ -141,5 +141,8 @@ def test_a_plan_for_an_engine_weighs_only_what_that_engine_serves_and_exports_on
         assert not summary.get("converted"), summary  # exact: no layer re-quantized
         with pytest.raises(AmpqError, match=f"made for {target}"):
             other(out, tmp_path / (f"{target}.other" + (".gguf" if other is export_gguf else "")))
+    with pytest.raises(AmpqError, match="nf4-b64-dq:gptq cannot be served by vllm"):
+        ampq.plan(LlamaForCausalLM(cfg).eval(), ampq.Budget(bits=4.25, target="vllm", candidates=("nf4-b64-dq:gptq",)),
+                  calibration=calib, progress=False)
     with pytest.raises(AmpqError, match="unknown serving target 'tgi'"):
         ampq.Budget(bits=4, target="tgi")

@@ -43,7 +43,7 @@ class Budget:
     candidate is measured, so that the allocation sees what each costs on the weights it will
     quantize (:mod:`ampq.pipeline.transform`); ``target`` (``vllm``, ``llama.cpp``) makes the
     candidates the formats that engine serves as stored, so the plan exports unchanged
-    (:mod:`ampq.pipeline.targets`; explicit ``candidates`` win)."""
+    (:mod:`ampq.pipeline.targets`; explicit ``candidates`` must be among them)."""
 
     bits: float | None = None
     bytes: int | str | None = None

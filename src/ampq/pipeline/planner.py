@@ -113,7 +113,7 @@ def plan_with_table(model: nn.Module, budget: Budget | float, calibration, token
     """:func:`plan`, and the sensitivity table it was allocated from."""
     budget = budget if isinstance(budget, Budget) else Budget(bits=float(budget))
     t0 = time.perf_counter()
-    candidates = budget.candidates or target_candidates(budget.target)
+    candidates = target_candidates(budget.target, budget.candidates)
     transform = {"name": "none"}
     if budget.transform != "none":
         if calibration is None:

@@ -32,8 +32,18 @@ def check_target(name: str) -> str:
     return name
 
 
-def target_candidates(name: str) -> list[str]:
-    return list(TARGETS[check_target(name)][1])
+def target_candidates(name: str, candidates=None) -> list[str]:
+    """The candidates of a plan for ``name``: the target's own, or the ones given, which must be
+    formats the target serves (else the plan would not export as chosen)."""
+    allowed = TARGETS[check_target(name)][1]
+    if not candidates:
+        return list(allowed)
+    if TARGETS[name][0] is not None:
+        outside = [c for c in candidates if c not in allowed]
+        if outside:
+            raise AmpqError(f"{', '.join(outside)} cannot be served by {name} as stored; give candidates among "
+                            f"{', '.join(allowed)}, or drop --target")
+    return list(candidates)
 
 
 def check_export(plan_target: str | None, export: str) -> None:
