@@ -18,6 +18,8 @@ from torch import nn
 from ampq.errors import AmpqError
 from ampq.kernels import dequantized_weights_cached
 from ampq.models import decoder_blocks
+from ampq.placement import Placement
+from ampq.ranks import Ranks
 from ampq.spill import ActivationStore
 
 
@@ -41,12 +43,28 @@ class LayerStats:
         return (self.sum / self.count).float()
 
     def add(self, x: torch.Tensor) -> None:
-        self.cache.clear()
+        """Add one batch of inputs: its own sums first, then added to the totals, the same
+        arithmetic however the batches are spread over ranks (:meth:`partial`, :meth:`fold`)."""
+        self.fold(self.partial(x))
+
+    @staticmethod
+    def partial(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One batch's (x^T x, sum, absmax, count)."""
         x = x.reshape(-1, x.shape[-1]).float()
-        self.xtx.addmm_(x.t(), x)
-        self.sum += x.sum(0, dtype=torch.float64)
-        torch.maximum(self.absmax, x.abs().amax(0), out=self.absmax)
-        self.count += x.shape[0]
+        count = torch.tensor([x.shape[0]], dtype=torch.float64, device=x.device)
+        return x.t() @ x, x.sum(0, dtype=torch.float64), x.abs().amax(0), count
+
+    def fold(self, partial, ranks: Ranks | None = None) -> None:
+        """Add one round of batches, this rank's ``partial`` (None: no batch this round) and, under
+        several ranks, the others', in batch order."""
+        self.cache.clear()
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.xtx.device)
+        totals = [self.xtx, self.sum, count]
+        mine = None if partial is None else [partial[0], partial[1], partial[3]]
+        (ranks or Ranks()).fold(totals, mine)
+        if partial is not None:
+            torch.maximum(self.absmax, partial[2], out=self.absmax)
+        self.count = int(count.item())
 
     @classmethod
     def empty(cls, features: int, device) -> "LayerStats":
@@ -59,40 +77,57 @@ class _Stop(Exception):
 
 
 class Calibration:
-    """Block inputs for a set of calibration windows, advanced block by block."""
+    """Block inputs for a set of calibration windows, advanced block by block.
 
-    def __init__(self, model: nn.Module, tokens: torch.Tensor, batch_size: int = 8, store: ActivationStore | None = None):
+    With a :class:`~ampq.placement.Placement`, blocks run on its device (the caller moves each one
+    there, :meth:`on_device`) and, under several ranks, each rank keeps and runs only its own
+    batches (``self.batches``: batch ``b`` of all goes to rank ``b % world``); statistics are summed
+    over all of them in batch order, so every rank gets the same bits as one process would."""
+
+    def __init__(self, model: nn.Module, tokens: torch.Tensor, batch_size: int = 8, store: ActivationStore | None = None,
+                 placement: Placement | None = None):
         if tokens.dim() != 2 or tokens.shape[0] == 0:
             raise AmpqError("calibration needs at least one window of tokens")
         self.model = model
         self.blocks = decoder_blocks(model)
-        self.device = model.get_input_embeddings().weight.device if hasattr(model, "get_input_embeddings") else (
-            next(model.parameters()).device)
-        # one tensor per batch; a store with a byte limit spills the rest to disk (--max-memory)
-        self.inputs = store if store is not None else ActivationStore()
+        self.placement = placement or Placement(_model_device(model))
+        self.ranks = self.placement.ranks
+        self.device = self.placement.device
+        self.count = -(-tokens.shape[0] // batch_size)  # batches over all ranks
+        self.batches = self.ranks.batches(self.count)
+        # one tensor per batch of this rank; a store with a byte limit spills the rest to disk (--max-memory)
+        self.inputs = store if store is not None else self.placement.activation_store()
         self.kwargs: list[dict] = []
         self._capture(tokens, batch_size)
+
+    def on_device(self):
+        """Each decoder block as (prefix, block), moved to the device for the caller's work on it
+        and back once the caller asks for the next."""
+        for prefix, block in self.blocks:
+            with self.placement.onload(block):
+                yield prefix, block
 
     @torch.inference_mode()
     def _capture(self, tokens: torch.Tensor, batch_size: int) -> None:
         first = self.blocks[0][1]
+        home = _model_device(self.model)  # what runs before the first block runs where the model is
 
         def catch(module, args, kwargs):
             hidden = args[0] if args else kwargs.pop("hidden_states")
-            self.inputs.append(hidden.detach())
-            self.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+            self.inputs.append(hidden.detach().to(self.device))
+            self.kwargs.append(self.placement.to_device({k: v for k, v in kwargs.items() if k != "hidden_states"}))
             raise _Stop
 
         handle = first.register_forward_pre_hook(catch, with_kwargs=True)
         try:
-            for start in range(0, tokens.shape[0], batch_size):
+            for b in self.batches:
                 try:
-                    self.model(tokens[start:start + batch_size].to(self.device), use_cache=False)
+                    self.model(tokens[b * batch_size:(b + 1) * batch_size].to(home), use_cache=False)
                 except _Stop:
                     pass
         finally:
             handle.remove()
-        if len(self.inputs) != -(-tokens.shape[0] // batch_size):
+        if len(self.inputs) != len(self.batches):
             raise AmpqError("could not capture the first block's inputs; is this a decoder-only language model?")
 
     def _run(self, block: nn.Module, i: int) -> torch.Tensor:
@@ -126,60 +161,64 @@ class Calibration:
     @torch.inference_mode()
     @dequantized_weights_cached()
     def visit_inputs(self, block: nn.Module, name: str, visit) -> None:
-        """Call ``visit(x)`` with the input of linear ``name`` on every batch; each forward pass
-        stops as soon as that input exists."""
+        """Call ``visit(x)`` with the input of linear ``name`` on every batch of this rank; each
+        forward pass stops as soon as that input exists."""
+        for i in range(len(self.inputs)):
+            self._visit(block, name, i, visit)
 
+    def _visit(self, block: nn.Module, name: str, i: int, visit) -> None:
         def record(mod, args):
             visit(args[0])
             raise _Stop
 
         handle = block.get_submodule(name).register_forward_pre_hook(record)
         try:
-            for i in range(len(self.inputs)):
-                try:
-                    self._run(block, i)
-                except _Stop:
-                    pass
+            self._run(block, i)
+        except _Stop:
+            pass
         finally:
             handle.remove()
 
     def stats(self, block: nn.Module, names: list[str]) -> LayerStats:
         """Input statistics shared by the linears ``names`` (one input), measured on every batch."""
-        acc = LayerStats.empty(block.get_submodule(names[0]).in_features, self.device)
-        self.visit_inputs(block, names[0], acc.add)
-        return acc
+        return self.stats_all(block, [names])[names[0]]
 
     @torch.inference_mode()
     @dequantized_weights_cached()
     def stats_all(self, block: nn.Module, groups: list[list[str]], advance: bool = False) -> dict[str, LayerStats]:
         """Every group's statistics from one pass per batch, keyed by the group's first linear;
         with ``advance``, the same pass also replaces the inputs by the block's outputs (right when
-        nothing in the block changes before the next block: sensitivity measures the unquantized model)."""
+        nothing in the block changes before the next block: sensitivity measures the unquantized model).
+        Batch by batch, in rounds of one batch per rank, each round's sums added in batch order."""
         acc = {g[0]: LayerStats.empty(block.get_submodule(g[0]).in_features, self.device) for g in groups}
-        handles = [block.get_submodule(name).register_forward_pre_hook(lambda mod, args, s=stats: s.add(args[0]))
-                   for name, stats in acc.items()]
+        partials: dict[str, tuple] = {}
+        handles = [block.get_submodule(name).register_forward_pre_hook(
+            lambda mod, args, n=name: partials.__setitem__(n, LayerStats.partial(args[0]))) for name in acc]
         try:
-            if advance:
-                for i in range(len(self.inputs)):
-                    self.inputs[i] = self._run(block, i)
-            else:
-                last = groups[-1][0]
-                self.visit_inputs(block, last, lambda x: None)  # stops at the last group's input
+            for k in range(self.ranks.rounds(self.count)):
+                partials.clear()
+                if k < len(self.inputs):
+                    if advance:
+                        self.inputs[k] = self._run(block, k)
+                    else:
+                        self._visit(block, groups[-1][0], k, lambda x: None)  # stops at the last group's input
+                for name, stats in acc.items():
+                    stats.fold(partials.get(name), self.ranks)
         finally:
             for h in handles:
                 h.remove()
+        self.ranks.fold_max([s.absmax for s in acc.values()])
         return acc
 
-    def restore_inputs(self, tensors) -> None:
-        """Put back the inputs a killed run recorded (one per batch, in order)."""
-        count = 0
-        for count, t in enumerate(tensors, 1):
-            if count > len(self.inputs):
-                break
-            self.inputs[count - 1] = t
-        if count != len(self.inputs):
+    def restore_inputs(self, recorded) -> None:
+        """Put back the inputs a killed run recorded: (batch index, stored bytes) of every batch,
+        in order, of which this rank takes its own."""
+        recorded = dict(recorded)
+        if sorted(recorded) != list(range(self.count)):
             raise AmpqError("the recorded calibration inputs do not match this run's batches; delete the progress "
                             "folder and run again")
+        for i, b in enumerate(self.batches):
+            self.inputs[i] = recorded[b].read().to(self.device)
 
     def stats_and_advance(self, block: nn.Module, groups: list[list[str]]) -> dict[str, LayerStats]:
         return self.stats_all(block, groups, advance=True)
@@ -191,3 +230,9 @@ class Calibration:
         (batch by batch, in place: a batch's input is not needed once its output exists)."""
         for i in range(len(self.inputs)):
             self.inputs[i] = self._run(block, i)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    if hasattr(model, "get_input_embeddings"):
+        return model.get_input_embeddings().weight.device
+    return next(model.parameters()).device

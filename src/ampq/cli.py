@@ -85,6 +85,15 @@ def cmd_quantize(args) -> int:
     if args.compare is not None and not args.eval:
         raise AmpqError("--compare scores other schemes beside the quantized model, which --eval does; add --eval")
     spec, label = _spec(args)
+    if args.devices is not None and args.device is not None:
+        raise AmpqError("--devices names every rank's device; drop --device")
+    if args.eval and (args.devices is not None or "WORLD_SIZE" in os.environ):
+        raise AmpqError("--eval runs in one process; drop it and score the result with `ampq eval OUTPUT`")
+    if args.devices is not None and "WORLD_SIZE" not in os.environ:  # not yet a rank: start them
+        from ampq.launch import launch
+
+        launch([d for d in args.devices.split(",") if d.strip()], sys.argv[1:])
+        return 0
     output = check_output(args.output or f"{Path(args.model).name.removesuffix('.gguf')}-{label.replace(' ', '-')}",
                           args.overwrite)
     if args.max_memory is not None and args.eval:
@@ -95,8 +104,11 @@ def cmd_quantize(args) -> int:
     original = copy.deepcopy(model) if args.eval else None
     t0 = time.perf_counter()
     ampq.quantize(model, spec, calibration=calibration, tokenizer=tok, adaptive=args.adaptive, lm_head=args.lm_head,
-                  compute_dtype=args.compute_dtype, output=output, overwrite=args.overwrite, memory=args.max_memory)
+                  compute_dtype=args.compute_dtype, output=output, overwrite=args.overwrite, memory=args.max_memory,
+                  device=args.device, devices=args.devices, max_gpu_memory=args.max_gpu_memory)
     seconds = time.perf_counter() - t0
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # the main rank reports
     print(summary(model, args.model, label, seconds, output))
     if args.eval:
         compared = _compared(args, spec, model, original, calibration, tok)
@@ -475,6 +487,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="keep resident memory under SIZE (e.g. 2GB): weights are read from the safetensors one "
                         "block at a time, calibration activations that do not fit go to disk beside the output")
+    q.add_argument("--device", default=None, help="where to quantize: auto (a GPU when there is one), cpu, cuda, cuda:N "
+                   "(default: cpu); every stage runs there one decoder block at a time, the weights stay on the CPU")
+    q.add_argument("--devices", default=None, metavar="LIST",
+                   help="several devices, one rank each through torch.distributed (e.g. 0,1 for two GPUs; cpu,cpu for two "
+                        "CPU ranks): starts the ranks itself; under torchrun each rank takes its entry. The output does "
+                        "not depend on how many")
+    q.add_argument("--max-gpu-memory", default=None, metavar="SIZE",
+                   help="cap the device memory the run uses (e.g. 40GB), as --max-memory caps the CPU's")
     q.add_argument("--eval", action="store_true", help="evaluate against the original and print the table")
     q.add_argument("--compare", default=None, metavar="SCHEMES",
                    help="with --eval: also quantize the original with these schemes (comma-separated, e.g. gptq,awq; "

@@ -10,6 +10,12 @@ weight error dW of one linear with input Hessian H = 2 X^T X / n,
 
 an estimate in nats per token, the same unit in every layer (the plain Hessian estimate is in each
 layer's own output units, which differ from layer to layer).
+
+The passes go block by block, so the model never has to be on the device whole: a forward pass
+keeps each block's inputs, the output head's gradient comes from the model with its blocks stood
+in for, and a backward pass runs each block again, last to first, with gradients (the same
+arithmetic as one backward pass through the whole model). Window ``w``'s labels are drawn with seed
+``seed + w``, so the windows can be spread over ranks (:mod:`ampq.ranks`) and summed in order.
 """
 
 from __future__ import annotations
@@ -18,56 +24,151 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ampq.calibrate import Calibration
 from ampq.errors import AmpqError
+from ampq.models import replace_module
+from ampq.placement import Placement
 
 
 def output_fisher(model: nn.Module, tokens: torch.Tensor, names: list[str], *, batch_size: int = 1,
-                  seed: int = 0, progress: bool = True) -> dict[str, torch.Tensor]:
+                  seed: int = 0, progress: bool = True, placement: Placement | None = None) -> dict[str, torch.Tensor]:
     """f_i = mean over tokens of the squared gradient of the sampled-label loss at output channel i
-    of each linear in ``names``, from one forward and backward pass per batch of ``tokens``."""
+    of each linear in ``names`` (all in decoder blocks), from one forward and backward pass per
+    batch of ``tokens``."""
     if tokens.dim() != 2 or tokens.shape[0] == 0:
         raise AmpqError("the Fisher estimate needs at least one window of tokens")
-    device = next(model.parameters()).device
-    sums = {n: torch.zeros(model.get_submodule(n).out_features, dtype=torch.float64, device=device) for n in names}
-    count = 0
-
-    def hook(name):
-        def on_grad(g):
-            sums[name].add_(g.reshape(-1, g.shape[-1]).double().pow(2).sum(0))
-
-        def on_output(module, args, out):
-            out.register_hook(on_grad)
-        return on_output
-
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    with torch.no_grad():
+        cal = Calibration(model, tokens, batch_size, placement=placement)
+    placement, ranks = cal.placement, cal.ranks
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:
         p.requires_grad_(False)  # gradients at the outputs only; no parameter gradients
-    generator = torch.Generator(device=device).manual_seed(seed)
-    embed = model.get_input_embeddings()
     try:
-        for start in tqdm(range(0, tokens.shape[0], batch_size), desc="fisher", unit="batch", disable=not progress):
-            ids = tokens[start:start + batch_size].to(device)
-            with torch.no_grad():
-                x = embed(ids)
-            x.requires_grad_(True)
-            with torch.enable_grad():
-                logits = model(inputs_embeds=x, use_cache=False).logits.float()
-                with torch.no_grad():
-                    probs = torch.softmax(logits.reshape(-1, logits.shape[-1]), -1)
-                    labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-                    del probs
-                loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels, reduction="sum")
-                loss.backward()
-            count += ids.numel()
+        kwargs = [_detached(kw) for kw in cal.kwargs]
+        saved, tuple_out = _forward(cal, kwargs, progress)
+        grads = _head_gradients(model, cal, tokens, batch_size, seed, tuple_out)
+        sums = _backward(cal, saved, kwargs, grads, names, progress)
     finally:
-        for h in handles:
-            h.remove()
         for p in trainable:
             p.requires_grad_(True)
-    return {n: (s / count).float() for n, s in sums.items()}
+    return {n: (s / tokens.numel()).float() for n, s in sums.items()}
+
+
+def _detached(obj):
+    """The calibration's keyword arguments (position embeddings, masks) as ordinary tensors that
+    autograd may keep (they were made in inference mode)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_detached(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _detached(v) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def _forward(cal: Calibration, kwargs, progress: bool):
+    """Each block's inputs (this rank's batches), block by block; the last block's outputs stay in
+    ``cal.inputs``. Also whether blocks return tuples."""
+    saved, tuple_out = [], False
+    for prefix, block in tqdm(cal.on_device(), total=len(cal.blocks), desc="fisher (forward)", unit="block",
+                              disable=not progress):
+        store = cal.placement.activation_store()
+        for j in range(len(cal.inputs)):
+            x = cal.inputs[j]
+            store.append(x)
+            out = block(x, **kwargs[j])
+            tuple_out = isinstance(out, tuple)
+            cal.inputs[j] = out[0] if tuple_out else out
+        saved.append(store)
+    return saved, tuple_out
+
+
+class _StandIn(nn.Module):
+    """In a decoder block's place: passes its input through, the last one returns ``given``."""
+
+    def __init__(self, given: torch.Tensor | None, tuple_out: bool):
+        super().__init__()
+        self.given, self.tuple_out = given, tuple_out
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = hidden_states if self.given is None else self.given
+        return (out,) if self.tuple_out else out
+
+
+def _head_gradients(model, cal: Calibration, tokens, batch_size: int, seed: int, tuple_out: bool) -> list:
+    """For each of this rank's batches, the gradient of the sampled-label loss at the last block's
+    output: the model runs with stand-ins for its blocks, its other parts on the device."""
+    placement = cal.placement
+    grads = []
+    blocks = cal.blocks
+    try:
+        for j, b in enumerate(cal.batches):
+            given = cal.inputs[j].detach().clone().requires_grad_(True)
+            for k, (prefix, _) in enumerate(blocks):
+                replace_module(model, prefix, _StandIn(given if k == len(blocks) - 1 else None, tuple_out))
+            ids = tokens[b * batch_size:(b + 1) * batch_size]
+            with placement.onload(model), torch.enable_grad():
+                logits = model(ids.to(placement.device), use_cache=False).logits.float()
+                flat = logits.reshape(-1, logits.shape[-1])
+                with torch.no_grad():
+                    generator = torch.Generator(device=placement.device).manual_seed(seed + b)
+                    labels = torch.multinomial(torch.softmax(flat, -1), 1, generator=generator).squeeze(1)
+                nn.functional.cross_entropy(flat, labels, reduction="sum").backward()
+            grads.append(given.grad)
+            del logits, flat
+    finally:
+        for prefix, block in blocks:
+            replace_module(model, prefix, block)
+    return grads
+
+
+def _backward(cal: Calibration, saved, kwargs, grads, names: list[str], progress: bool) -> dict[str, torch.Tensor]:
+    """Each block again, last to first, with gradients: the squared output gradients of its
+    linears, summed over batches in batch order (over all ranks)."""
+    ranks = cal.ranks
+    sums: dict[str, torch.Tensor] = {}
+    for i in tqdm(range(len(cal.blocks) - 1, -1, -1), desc="fisher (backward)", unit="block", disable=not progress):
+        prefix, block = cal.blocks[i]
+        mine = {n.removeprefix(f"{prefix}."): n for n in names if n.startswith(f"{prefix}.")}
+        with cal.placement.onload(block):
+            totals = {n: torch.zeros(block.get_submodule(sub).out_features, dtype=torch.float64, device=cal.device)
+                      for sub, n in mine.items()}
+            partial: dict[str, torch.Tensor] = {}
+
+            def hook(name):
+                def on_grad(g):
+                    partial[name] = partial.get(name, 0) + g.reshape(-1, g.shape[-1]).double().pow(2).sum(0)
+
+                def on_output(module, args, out):
+                    if out.requires_grad:
+                        out.register_hook(on_grad)
+                return on_output
+
+            handles = [block.get_submodule(sub).register_forward_hook(hook(n)) for sub, n in mine.items()]
+            try:
+                for k in range(ranks.rounds(cal.count)):
+                    partial.clear()
+                    if k < len(grads):
+                        x = saved[i][k].detach().clone().requires_grad_(True)
+                        with torch.enable_grad():
+                            out = block(x, **kwargs[k])
+                            out = out[0] if isinstance(out, tuple) else out
+                            out.backward(grads[k])
+                        grads[k] = x.grad
+                    for n, t in totals.items():
+                        ranks.fold([t], [partial[n]] if n in partial else None)
+            finally:
+                for h in handles:
+                    h.remove()
+        saved[i].close()
+        sums.update(totals)
+    missing = [n for n in names if n not in sums]
+    if missing:
+        raise AmpqError(f"the Fisher estimate covers the linears of decoder blocks only, not {missing[0]}")
+    return {n: sums[n] for n in names}
 
 
 def fisher_damage(rowwise: torch.Tensor, fisher: torch.Tensor) -> float:
     """The KL estimate from (dW H dW^T)_ii per output row and the layer's Fisher weights."""
-    return 0.25 * float((rowwise.double() * fisher.double()).sum())
+    return 0.25 * float((rowwise.double() * fisher.to(rowwise.device).double()).sum())

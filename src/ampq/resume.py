@@ -28,8 +28,9 @@ from ampq.io.lazy import sample as stored_sample
 from ampq.io.lazy import weights_of
 from ampq.layer_table import build_layer, layer_entries
 from ampq.models import replace_module
+from ampq.ranks import Ranks
 
-RUN, STATE, INPUTS = "run.json", "state.json", "inputs.safetensors"
+RUN, STATE = "run.json", "state.json"
 
 
 def progress_dir(output: Path) -> Path:
@@ -69,18 +70,27 @@ def _read_json(path: Path) -> dict | None:
 
 class Resume:
     """Progress of one quantization run, identified by ``key`` (JSON: the model's fingerprint and
-    every argument that changes the result)."""
+    every argument that changes the result). Under several ``ranks`` the main rank writes the
+    record and each rank its own calibration batches, so a run resumes with any number of ranks."""
 
-    def __init__(self, directory: Path, key: dict):
+    def __init__(self, directory: Path, key: dict, ranks: Ranks | None = None):
         self.directory = Path(directory)
         self.key = json.loads(json.dumps(key, sort_keys=True, default=str))
+        self.ranks = ranks or Ranks()
         self.done = 0
+        if self.ranks.main:
+            self._open()
+        self.ranks.barrier()
+        if not self.ranks.main:
+            self._open(reset=False)
+
+    def _open(self, reset: bool = True) -> None:
         if _read_json(self.directory / RUN) == self.key:
             state = _read_json(self.directory / STATE) or {}
             done = state.get("blocks", 0)
             if isinstance(done, int) and done > 0 and all(self._block_file(i).exists() for i in range(done)):
                 self.done = done
-        if self.done == 0:
+        if self.done == 0 and reset:
             shutil.rmtree(self.directory, ignore_errors=True)
             self.directory.mkdir(parents=True)
             _write_json(self.directory / RUN, self.key)
@@ -91,6 +101,17 @@ class Resume:
     def save(self, i: int, block: nn.Module | None, inputs: list[torch.Tensor] | None, record: dict | None = None) -> None:
         """Record block ``i`` as finished: what the block became (or, for a stage that measures
         instead of changing it, a JSON ``record`` of what it found), and the next block's inputs."""
+        if inputs is not None:
+            # streamed one batch at a time: spilled activations go from their file to this one; each
+            # batch under its index among all ranks' batches
+            world, rank = self.ranks.world, self.ranks.rank
+            tensors = {f"{j * world + rank:06d}": _cpu(inputs.stored(j) if hasattr(inputs, "stored") else inputs[j])
+                       for j in range(len(inputs))}
+            with atomic.atomic_file(self.directory / f"inputs-{rank}.safetensors") as tmp:
+                safetensors_file.write(tmp, tensors, {"block": str(i), "world": str(world)})
+        self.ranks.barrier()  # every rank's batches are written before the block counts as finished
+        if not self.ranks.main:
+            return
         state, metadata = {}, {"record": json.dumps(record)}
         if block is not None:
             # adaptive layers with every level they know and the residuals they hold off the model
@@ -103,11 +124,6 @@ class Resume:
                                   for t, v in r.state_dict().items()})
         with atomic.atomic_file(self._block_file(i)) as tmp:
             save_file(state, str(tmp), metadata=metadata)
-        if inputs is not None:
-            # streamed one batch at a time: spilled activations go from their file to this one
-            tensors = {f"{j:06d}": inputs.stored(j) if hasattr(inputs, "stored") else inputs[j] for j in range(len(inputs))}
-            with atomic.atomic_file(self.directory / INPUTS) as tmp:
-                safetensors_file.write(tmp, tensors)
         _write_json(self.directory / STATE, {"blocks": i + 1})
 
     def restore(self, i: int, block: nn.Module) -> None:
@@ -140,6 +156,8 @@ class Resume:
 
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         """Keep a stage's own tensors (written before any block is recorded as finished)."""
+        if not self.ranks.main:
+            return
         data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         with atomic.atomic_file(self.directory / f"{name}.safetensors") as tmp:
             save_file(data, str(tmp))
@@ -154,15 +172,30 @@ class Resume:
         except (OSError, SafetensorError):
             return None  # written under a temporary name and renamed: damage means start the stage again
 
-    def inputs(self) -> Iterator[torch.Tensor]:
-        """The recorded next-block inputs, read one batch at a time."""
+    def inputs(self) -> Iterator[tuple[int, safetensors_file.StoredTensor]]:
+        """The recorded next-block inputs: (batch index among all ranks', where its bytes are), in
+        order, from the files of one run that all reached the last finished block."""
         try:
-            stored, _ = safetensors_file.read_header(self.directory / INPUTS)
-            for k in sorted(stored):
-                yield stored[k].read()
+            sets: dict[int, dict[int, dict]] = {}
+            for path in sorted(self.directory.glob("inputs-*.safetensors")):
+                stored, meta = safetensors_file.read_header(path)
+                if meta.get("block") == str(self.done - 1):
+                    sets.setdefault(int(meta["world"]), {})[int(path.stem.rpartition("-")[2])] = stored
+            complete = [w for w, files in sets.items() if set(files) == set(range(w))]
+            if not complete:
+                raise OSError("no complete set of calibration inputs")
+            batches = {int(k): t for files in sets[complete[0]].values() for k, t in files.items()}
+            for k in sorted(batches):
+                yield k, batches[k]
         except (OSError, safetensors_file.SafetensorsError) as e:
             raise AmpqError(f"the saved progress in {self.directory} is damaged ({' '.join(str(e).split())[:160]}); "
                             f"delete that folder and run again") from None
 
     def finish(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
+        self.ranks.barrier()
+        if self.ranks.main:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _cpu(t):
+    return t.detach().cpu() if isinstance(t, torch.Tensor) else t

@@ -31,7 +31,9 @@ from ampq.errors import AmpqError
 from ampq.fisher import fisher_damage, output_fisher
 from ampq.formats import get_format
 from ampq import atomic
+from ampq.placement import Placement
 from ampq.report import block_linear_names
+from ampq.ranks import merge_by_name, owned_linears
 
 # One per family, each with the algorithm that serves it best (issue #5's default set).
 DEFAULT_CANDIDATES = [
@@ -113,7 +115,7 @@ ESTIMATORS = ("fisher", "hessian")
 @torch.inference_mode()
 def measure(model: nn.Module, calibration, candidates: list[str] | None = None, *, estimator: str = "fisher",
             gradient_windows: int = 8, batch_size: int = 8, progress: bool = True,
-            on_candidate=None, resume=None) -> SensitivityTable:
+            on_candidate=None, resume=None, placement: Placement | None = None) -> SensitivityTable:
     """Every estimator for every linear of the decoder blocks x every candidate, from one
     block-by-block pass over the calibration windows of the unquantized model (plus, for
     ``fisher``, one backward pass per window over the first ``gradient_windows`` of them).
@@ -121,7 +123,9 @@ def measure(model: nn.Module, calibration, candidates: list[str] | None = None, 
     ``on_candidate(name, candidate, dequantized_weight)``, when given, is called for each pair while
     the rest of the model is still unquantized (benchmarks use it to measure the true damage).
     ``resume`` (an :class:`ampq.resume.Resume`) keeps the Fisher weights and each block's estimates,
-    so a killed measurement continues after the last finished block."""
+    so a killed measurement continues after the last finished block. ``placement`` says where the
+    work runs (:mod:`ampq.placement`: the device, and under several ranks which linears are this
+    rank's; the table is the same on every rank)."""
     if estimator not in ESTIMATORS:
         raise AmpqError(f"unknown sensitivity estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     cands = [Candidate.parse(c) for c in (candidates or DEFAULT_CANDIDATES)]
@@ -132,15 +136,15 @@ def measure(model: nn.Module, calibration, candidates: list[str] | None = None, 
         if fisher is None:
             with torch.inference_mode(False):
                 fisher = output_fisher(model, tokens[:gradient_windows].clone(), block_linear_names(model),
-                                       progress=progress)
+                                       progress=progress, placement=placement)
             if resume is not None:
                 resume.save_tensors("fisher", fisher)
-    cal = Calibration(model, tokens, batch_size)
+    cal = Calibration(model, tokens, batch_size, placement=placement)
     estimates: dict[str, dict[str, dict[str, float]]] = {e: {} for e in ESTIMATORS if e == "hessian" or fisher}
     nbytes: dict[str, dict[str, int]] = {}
     shapes: dict[str, list[int]] = {}
     done = resume.done if resume is not None and on_candidate is None else 0
-    for i, (prefix, block) in enumerate(tqdm(cal.blocks, desc="sensitivity", unit="block", disable=not progress)):
+    for i, (prefix, block) in enumerate(tqdm(cal.on_device(), total=len(cal.blocks), desc="sensitivity", unit="block", disable=not progress)):
         if i < done:  # measured by a run that was killed
             record = resume.record(i)
             for e, table in record["estimates"].items():
@@ -153,11 +157,14 @@ def measure(model: nn.Module, calibration, candidates: list[str] | None = None, 
         names_before = set(shapes)
         groups = cal.groups(block)
         all_stats = cal.stats_and_advance(block, groups)
+        owners = owned_linears(block, groups, cal.ranks)
         for group in groups:
             stats = all_stats[group[0]]
             hessian = stats.hessian
             for sub in group:
                 name = f"{prefix}.{sub}"
+                if owners[sub] != cal.ranks.rank:
+                    continue
                 weight = block.get_submodule(sub).weight.detach().float()
                 shape = (weight.shape[0], weight.shape[1])
                 shapes[name] = list(shape)
@@ -176,6 +183,9 @@ def measure(model: nn.Module, calibration, candidates: list[str] | None = None, 
                     nbytes[name][cand.name] = cand.nbytes(shape)
                     if on_candidate is not None:
                         on_candidate(name, cand, deq)
+        if cal.ranks.world > 1:
+            merge_by_name(cal.ranks, [f"{prefix}.{sub}" for g in groups for sub in g], owners.values(),
+                          [*estimates.values(), nbytes, shapes])
         if resume is not None and on_candidate is None:
             mine = [n for n in shapes if n not in names_before]
             resume.save(i, None, cal.inputs, {"estimates": {e: {n: t[n] for n in mine} for e, t in estimates.items()},

@@ -2,7 +2,9 @@
 
 A list of tensors (one per calibration batch) that keeps the first ones in memory while their
 bytes stay under ``limit`` and writes the rest to files in ``directory``, reading each back when
-asked for. Bytes round-trip exactly, so a run that spills computes what one that does not would.
+asked for. With a ``device`` (a GPU), the first ones stay on it while they fit ``device_limit``,
+the next in pinned CPU memory (copied back quickly), then disk; every read comes back on the
+device. Bytes round-trip exactly, so a run that spills computes what one that does not would.
 """
 
 from __future__ import annotations
@@ -19,8 +21,12 @@ from ampq.io.safetensors_file import StoredTensor
 
 
 class ActivationStore:
-    def __init__(self, limit: int | None = None, directory: str | Path | None = None):
+    def __init__(self, limit: int | None = None, directory: str | Path | None = None, *,
+                 device: torch.device | None = None, device_limit: int | None = None):
         self.limit = limit
+        self.device = device
+        self.device_limit = device_limit
+        self.on_device = 0  # bytes kept on the device
         self._parent = Path(directory) if directory is not None else None
         self._dir: Path | None = None
         self._items: list[torch.Tensor | StoredTensor | None] = []
@@ -32,7 +38,8 @@ class ActivationStore:
 
     def __getitem__(self, i: int) -> torch.Tensor:
         item = self._items[i]
-        return item if isinstance(item, torch.Tensor) else item.read()
+        t = item if isinstance(item, torch.Tensor) else item.read()
+        return t if self.device is None else t.to(self.device, non_blocking=True)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return (self[i] for i in range(len(self)))
@@ -47,10 +54,25 @@ class ActivationStore:
 
     def __setitem__(self, i: int, t: torch.Tensor) -> None:
         old = self._items[i]
+        self._items[i] = None  # its bytes no longer count
         if isinstance(old, torch.Tensor):
-            self.in_memory -= old.numel() * old.element_size()
+            if self.device is not None and self.device.type != "cpu" and old.device == self.device:
+                self.on_device -= old.numel() * old.element_size()
+            else:
+                self.in_memory -= old.numel() * old.element_size()
         nbytes = t.numel() * t.element_size()
-        if self.limit is None or self.in_memory + nbytes <= self.limit:
+        if self.device is not None and self.device.type != "cpu":
+            if self.device_limit is None or self.on_device + nbytes <= self.device_limit:
+                self._items[i] = t.to(self.device)
+                self.on_device += nbytes
+                return
+            if self.limit is None or self.in_memory + nbytes <= self.limit:
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                host.copy_(t)
+                self._items[i] = host
+                self.in_memory += nbytes
+                return
+        elif self.limit is None or self.in_memory + nbytes <= self.limit:
             self._items[i] = t
             self.in_memory += nbytes
             return
@@ -75,7 +97,7 @@ class ActivationStore:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
         self._items.clear()
-        self.in_memory = 0
+        self.in_memory = self.on_device = 0
 
     def __del__(self):
         self.close()

@@ -52,7 +52,8 @@ def quantize_adaptive(model: nn.Module, levels: list[int], calibration, *, base_
     fisher = resume.tensors("fisher") if resume is not None else None  # a killed run's, when it got that far
     if fisher is None or set(fisher) != set(names):
         with torch.inference_mode(False):
-            fisher = output_fisher(model, tokens[:gradient_windows].clone(), names, progress=progress)
+            fisher = output_fisher(model, tokens[:gradient_windows].clone(), names, progress=progress,
+                                   placement=kwargs.get("placement"))
         if resume is not None:
             resume.save_tensors("fisher", fisher)
 

@@ -24,7 +24,8 @@ from ampq.memory import MemoryCap, return_freed_memory, working_set
 from ampq.models import decoder_blocks, lm_head_name, replace_module, tied_embeddings
 from ampq.nn import QuantLinear
 from ampq.pipeline.plans import Plan
-from ampq.spill import ActivationStore
+from ampq.placement import Placement
+from ampq.ranks import Ranks, owned_linears
 
 FormatSpec = str | Mapping[str, str | None] | Plan
 
@@ -77,7 +78,8 @@ def quantize_blocks(model: nn.Module, formats: FormatSpec, *, algorithm: str = "
              clip: bool = False, bias_correction: bool = False, awq: bool = False,
              activation: str | None = None, lm_head: bool = False, options: dict | None = None,
              compute_dtype: str | None = None, batch_size: int = 8, sequential: bool = True,
-             on_layer=None, progress: bool = True, resume=None, memory: MemoryCap | None = None) -> nn.Module:
+             on_layer=None, progress: bool = True, resume=None, memory: MemoryCap | None = None,
+             placement: Placement | None = None) -> nn.Module:
     """Quantize ``model`` in place and return it.
 
     ``formats``: one format name for every linear of the decoder blocks, or a map from fnmatch
@@ -96,7 +98,11 @@ def quantize_blocks(model: nn.Module, formats: FormatSpec, *, algorithm: str = "
     :class:`ampq.resume.Resume`) records each finished block and restores those a killed run finished.
     ``memory`` (an :class:`ampq.memory.MemoryCap`) keeps the run under a resident-memory cap: with a
     model loaded with ``lazy=True`` each block's weights are read just before it is quantized, and
-    calibration activations that do not fit beside the work go to disk.
+    calibration activations that do not fit beside the work go to disk. ``placement`` (an
+    :class:`ampq.placement.Placement`) says where the work runs: each block moves to its device just
+    before its work and back right after; under several ranks each rank runs its share of the
+    calibration batches and quantizes its share of each group's linears, and every rank ends with
+    the whole quantized model.
     """
     if isinstance(formats, Plan):
         names = [p.format for p in formats.layers.values()]
@@ -123,11 +129,15 @@ def quantize_blocks(model: nn.Module, formats: FormatSpec, *, algorithm: str = "
     def before_blocks(name: str) -> bool:  # what runs before the first block: embeddings and the like
         return not name.startswith(in_blocks) and not (head and name.startswith(f"{head}.") and not tied_embeddings(model))
 
+    placement = placement or Placement.of(model)
     store = None
     if memory is not None:
         window = getattr(calibration, "tokens", calibration).shape[1] if needs_stats and calibration is not None else 0
         head_bytes = _bytes(model, lambda n: n.startswith(f"{head}.")) if lm_head else 0
-        store = _activation_store(model, blocks, formats, memory, batch_size, window, before_blocks, head_bytes)
+        store = _activation_store(model, blocks, formats, memory, batch_size, window, before_blocks, head_bytes,
+                                  placement)
+    elif needs_stats:
+        store = placement.activation_store()
     if needs_stats:
         if calibration is None:
             raise AmpqError(f"{algorithm}{' with clip/bias correction/awq' if algorithm == 'rtn' else ''} needs "
@@ -135,7 +145,7 @@ def quantize_blocks(model: nn.Module, formats: FormatSpec, *, algorithm: str = "
         tokens = getattr(calibration, "tokens", calibration)
         if weights is not None:
             weights.materialize(model, before_blocks)
-        cal = Calibration(model, tokens, batch_size, store)
+        cal = Calibration(model, tokens, batch_size, store, placement)
         if weights is not None:
             weights.release(model, before_blocks)
             return_freed_memory()
@@ -151,15 +161,17 @@ def quantize_blocks(model: nn.Module, formats: FormatSpec, *, algorithm: str = "
                 continue
             if weights is not None:
                 weights.materialize(model, lambda name, p=f"{prefix}.": name.startswith(p))
-            _quantize_block(prefix, block, formats, algorithm, clip, bias_correction, awq, options, layer_kwargs,
-                            on_layer, cal if needs_stats else None, sequential)
+            with placement.onload(block):
+                _quantize_block(prefix, block, formats, algorithm, clip, bias_correction, awq, options, layer_kwargs,
+                                on_layer, cal if needs_stats else None, sequential, placement.ranks)
             if resume is not None:
                 resume.save(i, block, cal.inputs if needs_stats else None)
             if memory is not None:
                 return_freed_memory()
     finally:
         if store is not None:
-            memory.spilled += store.spilled
+            if memory is not None:
+                memory.spilled += store.spilled
             store.close()
     if lm_head:
         module = model.get_submodule(head)
@@ -169,7 +181,9 @@ def quantize_blocks(model: nn.Module, formats: FormatSpec, *, algorithm: str = "
                 weights.materialize(model, lambda name: name.startswith(f"{head}."))
             if getattr(model.config, "tie_word_embeddings", False):
                 model.config.tie_word_embeddings = False
-            replace_module(model, head, quantize_linear(head, module, fmt, "rtn", **layer_kwargs))
+            with placement.onload(module):
+                layer = quantize_linear(head, module, fmt, "rtn", **layer_kwargs)
+                replace_module(model, head, layer.to(next(module.parameters()).device))
             if weights is not None:  # a tied head read the embedding too, which saving streams again
                 weights.release(model, lambda name: not name.startswith(in_blocks))
                 return_freed_memory()
@@ -177,7 +191,7 @@ def quantize_blocks(model: nn.Module, formats: FormatSpec, *, algorithm: str = "
 
 
 def _activation_store(model, blocks, formats, memory: MemoryCap, batch_size: int, window: int, before_blocks,
-                      head_bytes: int):
+                      head_bytes: int, placement: Placement):
     """Where calibration activations go under ``memory``: as many as fit beside the estimated work
     (refusing a cap below the work itself) stay in memory, the rest are spilled."""
     outside = _bytes(model, before_blocks) if window else 0
@@ -185,7 +199,7 @@ def _activation_store(model, blocks, formats, memory: MemoryCap, batch_size: int
     limit = memory.allowance(need, "quantizing one block at a time")
     if memory.activations is not None:
         limit = min(limit, memory.activations)
-    return ActivationStore(limit, memory.spill_dir)
+    return placement.activation_store(limit, memory.spill_dir)
 
 
 def _bytes(model: nn.Module, wanted) -> int:
@@ -209,8 +223,9 @@ def _quantized_bytes(blocks, formats) -> int:
 
 
 def _quantize_block(prefix, block, formats, algorithm, clip, bias_correction, awq, options, layer_kwargs,
-                    on_layer, cal, sequential) -> None:
-    """One decoder block's linears; with calibration (``cal``), the inputs then move past the block."""
+                    on_layer, cal, sequential, ranks: Ranks) -> None:
+    """One decoder block's linears; with calibration (``cal``), the inputs then move past the block.
+    Under several ranks each linear is quantized by one rank and sent to the others."""
     targets = {sub: format_for(f"{prefix}.{sub}", formats) for sub, m in block.named_modules()
                if isinstance(m, nn.Linear)}
     targets = {sub: f for sub, f in targets.items() if f is not None}
@@ -233,14 +248,23 @@ def _quantize_block(prefix, block, formats, algorithm, clip, bias_correction, aw
         group = [sub for sub in whole if sub in targets]
         if not group:
             continue
+        owners = owned_linears(block, [group], ranks)  # a group's linears wait for the same statistics
         stats = cal.stats(block, group) if shared is None else shared[whole[0]]
+        done = {}
         for sub in group:
+            if owners[sub] != ranks.rank:
+                continue
             name = f"{prefix}.{sub}"
             algo, layer_clip = _layer_method(name, formats, algorithm, clip)
             linear = block.get_submodule(sub)
             layer = quantize_linear(name, linear, targets[sub], algo, stats, clip=layer_clip,
                                     bias_correction=bias_correction,
                                     options=options if algo == algorithm else None, **layer_kwargs)
-            replace_module(block, sub, on_layer(name, linear, layer, stats) if on_layer else layer)
+            done[sub] = on_layer(name, linear, layer, stats) if on_layer else layer
+        for sub in group:
+            if ranks.world > 1:  # travels on the CPU, comes back to this rank's device
+                mine = done[sub].cpu() if sub in done else None
+                done[sub] = ranks.share(mine, owners[sub]).to(cal.device)
+            replace_module(block, sub, done[sub])
     cal.advance(block)
 

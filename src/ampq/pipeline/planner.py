@@ -22,6 +22,7 @@ from ampq.builtin import cache_dir
 from ampq.data import Text, Windows, as_text
 from ampq.errors import AmpqError
 from ampq.pipeline.budget import Budget, parse_size
+from ampq.placement import Placement
 from ampq.pipeline.plans import LayerPlan, Plan
 from ampq.pipeline.targets import target_candidates
 from ampq.pipeline.transform import ensure_transform
@@ -50,11 +51,13 @@ def table_key(source: str | None, candidates: list[str], calib: dict) -> str:
 def sensitivity(model: nn.Module, tokenizer, candidates: list[str] | None = None, *, calib: str = "wiki",
                 windows: int = 128, window: int = 512, estimator: str = "fisher", table_path=None,
                 progress: bool = True, may_measure: bool = True, tokens: Windows | torch.Tensor | None = None,
-                transform: str = "none") -> SensitivityTable:
+                transform: str = "none", placement: Placement | None = None) -> SensitivityTable:
     """The sensitivity table of ``model``: read from ``table_path`` or the cache when it was measured
     before with the same candidates and calibration, measured (and saved) otherwise (unless not
     ``may_measure``: a lazily loaded model cannot run whole). The calibration is ``windows`` windows
-    of ``window`` tokens of the text ``calib``, or ``tokens`` when given (cached by their hash)."""
+    of ``window`` tokens of the text ``calib``, or ``tokens`` when given (cached by their hash).
+    ``placement``: where the measurement runs (a device; several ranks share it and the main one
+    writes the table)."""
     from ampq.data import make_windows  # looked up at call time: tests replace it
 
     candidates = [Candidate.parse(c).name for c in (candidates or DEFAULT_CANDIDATES)]
@@ -84,14 +87,16 @@ def sensitivity(model: nn.Module, tokenizer, candidates: list[str] | None = None
     # a measurement killed half-way continues where it was (the hidden folder beside the table)
     resume = Resume(table_path.with_name(f".{table_path.name}.ampq-resume"),
                     {"table": table_key(source, candidates, spec), "weights": fingerprint(model),
-                     "tokens": _token_hash(tokens)})
+                     "tokens": _token_hash(tokens)}, placement.ranks if placement is not None else None)
     if resume.done and progress:
         print(f"resuming the sensitivity measurement: {resume.done} blocks were measured by an earlier run",
               file=sys.stderr)
-    table = measure(model, tokens, candidates, estimator=estimator, progress=progress, resume=resume)
+    table = measure(model, tokens, candidates, estimator=estimator, progress=progress, resume=resume,
+                    placement=placement)
     table.calibration = {**table.calibration, **spec}
-    table_path.parent.mkdir(parents=True, exist_ok=True)
-    table.save(table_path)
+    if placement is None or placement.ranks.main:
+        table_path.parent.mkdir(parents=True, exist_ok=True)
+        table.save(table_path)
     resume.finish()
     return table
 
@@ -109,8 +114,8 @@ def plan(model: nn.Module, budget: Budget | float, *, calibration: Text | str | 
 
 
 def plan_with_table(model: nn.Module, budget: Budget | float, calibration, tokenizer, *, progress: bool = True,
-                    may_measure: bool = True) -> tuple[Plan, SensitivityTable]:
-    """:func:`plan`, and the sensitivity table it was allocated from."""
+                    may_measure: bool = True, placement: Placement | None = None) -> tuple[Plan, SensitivityTable]:
+    """:func:`plan`, and the sensitivity table it was allocated from (measured on ``placement``)."""
     budget = budget if isinstance(budget, Budget) else Budget(bits=float(budget))
     t0 = time.perf_counter()
     candidates = target_candidates(budget.target, budget.candidates)
@@ -126,11 +131,11 @@ def plan_with_table(model: nn.Module, budget: Budget | float, calibration, token
         text = as_text(calibration)
         table = sensitivity(model, tokenizer, candidates, calib=text.source, windows=text.windows,
                             window=text.window, estimator=budget.estimator, table_path=budget.sensitivity,
-                            progress=progress, may_measure=may_measure)
+                            progress=progress, may_measure=may_measure, placement=placement)
     elif calibration is not None:
         table = sensitivity(model, tokenizer, candidates, estimator=budget.estimator, progress=progress,
                             table_path=budget.sensitivity, may_measure=may_measure, tokens=calibration,
-                            transform=budget.transform)
+                            transform=budget.transform, placement=placement)
     else:
         raise AmpqError("a budget needs calibration text to measure sensitivity: pass calibration='wiki' and the "
                         "model's tokenizer (CLI: --calib wiki)")

@@ -24,7 +24,6 @@ from ampq.algorithms import NEEDS_CALIBRATION
 from ampq.data import Text, Windows, windows_of
 from ampq.errors import AmpqError
 from ampq.formats import get_format
-from ampq.io.lazy import weights_of
 from ampq.io.model import save
 from ampq.memory import MemoryCap
 from ampq.models import decoder_blocks
@@ -36,6 +35,8 @@ from ampq.pipeline.budget import Budget, parse_size
 from ampq.pipeline.planner import plan_with_table
 from ampq.pipeline.transform import ensure_transform
 from ampq.pipeline.plans import Plan
+from ampq.placement import placement_for
+from ampq.ranks import Ranks
 from ampq.report import linear_bits, model_bytes
 from ampq.resume import Resume, fingerprint, progress_dir
 from ampq.schemes import SCHEMES, Scheme
@@ -68,32 +69,14 @@ def check_output(output: str | Path, overwrite: bool) -> Path:
     return output
 
 
-def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device | None:
-    """The device to quantize on: ``None`` where the model is, ``"auto"`` a GPU when there is one
-    (else the CPU), or the one named."""
-    if device is None:
-        return None
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise AmpqError(f"unknown device {device!r}; give cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AmpqError(f"device {device} was asked for but this torch sees no GPU; pass device='cpu' or 'auto'")
-    if device.type != "cpu" and weights_of(model) is not None:
-        raise AmpqError(f"a model loaded lazily (for a memory cap) is quantized on the CPU, not {device}; "
-                        "load it whole or pass device='cpu'")
-    return device
-
-
 def quantize(model: nn.Module, spec: Spec | None, *, calibration: Text | str | Windows | torch.Tensor | None = None,
              tokenizer=None, device: str | torch.device | None = None, algorithm: str | None = None,
              clip: bool = False, bias_correction: bool = False, awq: bool = False, activation: str | None = None,
              lm_head: bool = False, options: dict | None = None, compute_dtype: str | None = None,
              batch_size: int = 8, sequential: bool = True, on_layer=None, adaptive: str | list[int] | None = None,
              output: str | Path | None = None, overwrite: bool = False, resume: Resume | None = None,
-             memory: MemoryCap | str | int | None = None, progress: bool = True) -> nn.Module:
+             memory: MemoryCap | str | int | None = None, progress: bool = True,
+             devices: str | list | None = None, max_gpu_memory: str | int | None = None) -> nn.Module:
     """Quantize ``model`` in place and return it.
 
     ``spec`` says what each linear of the decoder blocks becomes:
@@ -108,8 +91,12 @@ def quantize(model: nn.Module, spec: Spec | None, *, calibration: Text | str | W
 
     ``calibration``: a text's name (``"wiki"``, 128 windows of 512 tokens), an :class:`ampq.Text`
     (read with ``tokenizer``), token windows, or an (n, T) tensor of token ids; needed by every
-    method but plain round to nearest. ``device``: where to quantize (``"cpu"``, ``"cuda"``,
-    ``"auto"``; default: where the model is). ``algorithm`` (``rtn``, ``gptq``), ``clip``,
+    method but plain round to nearest. ``device``: where to quantize (``"cpu"``, ``"cuda"``, ``"cuda:N"``,
+    ``"auto"``; default: where the model is): every stage runs there, one decoder block at a time,
+    while the weights stay where they are (the model comes back where it was); ``max_gpu_memory``
+    (``"40GB"``) caps the device memory. Under torchrun (or ``ampq quantize --devices``) each rank
+    takes its share of the work on its device (``devices``: ``"0,1"``, this rank's entry is its
+    own) and the main rank writes the output: the same bytes for any number of ranks. ``algorithm`` (``rtn``, ``gptq``), ``clip``,
     ``bias_correction``, ``awq``, ``activation``, ``options`` and ``compute_dtype`` choose the method
     where the spec does not (:func:`ampq.pipeline.blockwise.quantize_blocks` tells each); the output
     head is quantized only with ``lm_head``. ``adaptive`` (``"4:8"``) stores every layer at several
@@ -125,9 +112,10 @@ def quantize(model: nn.Module, spec: Spec | None, *, calibration: Text | str | W
     started = time.perf_counter()
     if output is not None:
         output = check_output(output, overwrite)
-    target = resolve_device(device, model)
-    if target is not None and weights_of(model) is None and next(model.parameters()).device != target:
-        model.to(target)
+    placement = placement_for(model, device, devices, parse_size(max_gpu_memory) if max_gpu_memory else None)
+    ranks = placement.ranks
+    ranks.barrier()  # every rank checked the output before the main one writes beside it
+    progress = progress and ranks.main
     done = quantized_linears(model)
     if done:
         raise AmpqError(f"this model is already quantized ({len(done)} quantized layers); quantize from the "
@@ -140,11 +128,13 @@ def quantize(model: nn.Module, spec: Spec | None, *, calibration: Text | str | W
         memory = MemoryCap(parse_size(memory), output.parent if output is not None else Path.cwd())
     if memory is not None and levels:
         raise AmpqError("--adaptive measures every level on the whole model; drop --adaptive or --max-memory")
+    _check_ranks(ranks, spec, method, levels, memory)
     manifest: dict = {}
     formats = spec.format if isinstance(spec, Scheme) else spec
     if isinstance(spec, Budget):
-        formats, table = plan_with_table(model, spec, calibration, tokenizer, progress=progress,
-                                         may_measure=memory is None)
+        with placement.stage("sensitivity"):
+            formats, table = plan_with_table(model, spec, calibration, tokenizer, progress=progress,
+                                             may_measure=memory is None, placement=placement)
         manifest["sensitivity"] = dataclasses.asdict(table)
     if isinstance(formats, Plan):
         manifest["plan"] = formats.to_dict()
@@ -162,25 +152,32 @@ def quantize(model: nn.Module, spec: Spec | None, *, calibration: Text | str | W
                             "calibration text: pass calibration='mix' and the tokenizer (CLI: --calib mix)")
         ensure_transform(model, transform, tokens, progress=progress)
     if output is not None and resume is None:
-        resume = _resume(model, output, formats, method, tokens, lm_head, levels, progress)
+        resume = _resume(model, output, formats, method, tokens, lm_head, levels, progress, ranks)
     if memory is not None and resume is not None:
         memory.spill_dir = resume.directory  # removed with the progress when the run finishes
     t_quantize = time.perf_counter()
     if levels:
         del method["bias_correction"]  # refused by _method: one precision's fit
-        quantize_adaptive(model, levels, tokens, base_format=formats, lm_head=lm_head, resume=resume,
-                          batch_size=batch_size, sequential=sequential, progress=progress, **method)
+        with placement.stage("quantize"):
+            quantize_adaptive(model, levels, tokens, base_format=formats, lm_head=lm_head, resume=resume,
+                              batch_size=batch_size, sequential=sequential, progress=progress, placement=placement,
+                              **method)
         manifest.update(_adaptive_manifest(model, levels, formats, calibration))
         if progress:
             lo, hi = stored_range(model)
             print(f"adaptive: every layer stores levels {':'.join(map(str, levels))}; plans from {lo:.3f} to "
                   f"{hi:.3f} bits per weight can be switched to with ampq.adapt", file=sys.stderr)
     else:
-        quantize_blocks(model, formats, calibration=tokens, lm_head=lm_head, batch_size=batch_size,
-                        sequential=sequential, on_layer=on_layer, progress=progress, resume=resume, memory=memory,
-                        **method)
+        with placement.stage("quantize"):
+            quantize_blocks(model, formats, calibration=tokens, lm_head=lm_head, batch_size=batch_size,
+                            sequential=sequential, on_layer=on_layer, progress=progress, resume=resume,
+                            memory=memory, placement=placement, **method)
     model.ampq_manifest = manifest
-    if output is not None:
+    placement.print_report(progress)
+    if output is not None and not ranks.main:
+        if resume is not None:
+            resume.finish()  # waits for the main rank's files
+    elif output is not None:
         t_save = time.perf_counter()
         save(model, output, tokenizer, overwrite=overwrite, extra_manifest=manifest)
         if resume is not None:
@@ -244,7 +241,22 @@ def _check_formats(formats, levels) -> None:
                             f"int{levels[0]}-g64, ...)")
 
 
-def _resume(model, output: Path, formats, method: dict, tokens, lm_head: bool, levels, progress: bool) -> Resume:
+def _check_ranks(ranks: Ranks, spec, method: dict, levels, memory) -> None:
+    """What several ranks do not share yet, refused before any work."""
+    if ranks.world == 1:
+        return
+    transform = spec.transform if isinstance(spec, Budget) else (
+        spec.transform.get("name", "none") if isinstance(spec, Plan) else "none")
+    if method["awq"] or transform != "none":
+        raise AmpqError("AWQ's scale search runs in one process; drop --devices/torchrun or the AWQ scheme/transform")
+    if levels:
+        raise AmpqError("--adaptive runs in one process; drop --devices/torchrun or --adaptive")
+    if memory is not None:
+        raise AmpqError("--max-memory caps one process; drop --devices/torchrun or --max-memory")
+
+
+def _resume(model, output: Path, formats, method: dict, tokens, lm_head: bool, levels, progress: bool,
+            ranks: Ranks) -> Resume:
     """The progress record of a run writing ``output``: a killed run with the same model and
     arguments resumes."""
     calibration = None if tokens is None else hashlib.sha256(
@@ -252,7 +264,7 @@ def _resume(model, output: Path, formats, method: dict, tokens, lm_head: bool, l
     target = formats.to_dict() if isinstance(formats, Plan) else formats
     key = {"ampq": __version__, "source": getattr(model.config, "ampq_source", None), "weights": fingerprint(model),
            "target": target, "options": method, "calibration": calibration, "lm_head": lm_head, "adaptive": levels}
-    resume = Resume(progress_dir(output), key)
+    resume = Resume(progress_dir(output), key, ranks)
     if resume.done and progress:
         print(f"resuming: {resume.done} of {len(decoder_blocks(model))} blocks were finished by an earlier run "
               f"with these arguments ({resume.directory})", file=sys.stderr)
