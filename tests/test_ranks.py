@@ -17,6 +17,7 @@ from ampq.placement import Placement, parse_device, placement_for
 from ampq.ranks import Ranks
 from ampq.report import block_linear_names
 from test_model_io import tiny_llama
+from test_resume import model_dir  # noqa: F401  (a fixture: a 12-block random Llama with a tokenizer)
 
 WORKER = Path(__file__).with_name("_ranks_worker.py")
 
@@ -125,3 +126,20 @@ def test_quantize_on_a_device_reports_each_stage(capsys):
     calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(5))
     ampq.quantize(tiny_llama(), "int4-g64", algorithm="gptq", calibration=calib, device="cpu", progress=True)
     assert "peak resident memory (CPU, process peak so far) per stage: quantize" in capsys.readouterr().err
+
+
+def test_cli_devices_starts_the_ranks_itself(tmp_path, model_dir):
+    # `ampq quantize --devices cpu,cpu` launches two ranks with torch's elastic launcher
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", AMPQ_RANK_TIMEOUT="120")
+    args = ["-s", "gptq", "-f", "int4-g64", "--calib-windows", "16", "--calib-window", "32"]
+    outs = {}
+    for name, where in (("one", ["--device", "cpu"]), ("two", ["--devices", "cpu,cpu"])):
+        out = tmp_path / name
+        done = subprocess.run([sys.executable, "-m", "ampq", "quantize", str(model_dir), *args, *where, "-o", str(out)],
+                              capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        outs[name] = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+    assert outs["one"] == outs["two"]
+    bad = subprocess.run([sys.executable, "-m", "ampq", "quantize", str(model_dir), "--devices", "cpu,cpu", "--eval",
+                          "-o", str(tmp_path / "x")], capture_output=True, text=True, env=env, timeout=600)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("ampq: error: --eval runs in one process")

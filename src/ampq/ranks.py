@@ -115,9 +115,9 @@ class Ranks:
         if self.world > 1:
             self._collective(dist.barrier)
 
-    def _collective(self, op, *args, **kwargs):
+    def _collective(self, collective, *args, **kwargs):
         try:
-            return op(*args, **kwargs)
+            return collective(*args, **kwargs)
         except (RuntimeError, dist.DistBackendError) as e:
             raise AmpqError(f"rank {self.rank}: another rank stopped answering ({' '.join(str(e).split())[:160]}); "
                             "its own error says why; the same command resumes from the last finished block") from None
