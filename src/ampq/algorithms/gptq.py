@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ampq.algorithms.rtn import input_importance
 from ampq.formats import Format, Params
 
 
@@ -69,7 +70,7 @@ def gptq(weight: torch.Tensor, fmt: Format, stats, clip: float | torch.Tensor = 
     gs = fmt.group_size
     static = act_order or not gs or not fmt.groupwise_params
     if static:
-        params = fmt.fit(w.float(), clip)
+        params = fmt.fit_importance(w.float(), clip, input_importance(stats))
         column_values = {k: v[:, perm].to(dtype) for k, v in fmt.expand(params.values, (out_features, cols)).items()}
     else:
         parts: list[Params] = []
