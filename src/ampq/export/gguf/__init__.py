@@ -45,7 +45,7 @@ class Gguf(Target):
     export_name = "gguf"
     folder = False
     holds = (f"GGUF holds int4/int5 (asymmetric or -sym) and int8-sym with groups of a multiple of {BLOCK} "
-             "exactly (Q4_1/Q4_0, Q5_1/Q5_0, Q8_0). ")
+             "exactly (Q4_1/Q4_0, Q5_1/Q5_0, Q8_0), and llama.cpp's own q2_k..q6_k, iq4_nl, iq4_xs. ")
     nearest_how = "with gguf-py to the types it writes, per layer whichever moves the weights least"
 
     def check_source(self) -> None:

@@ -17,7 +17,9 @@ from ampq.export.gguf.vocab import write_tokenizer
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 FILE_TYPES = {T.F32: "ALL_F32", T.F16: "MOSTLY_F16", T.BF16: "MOSTLY_BF16", T.Q4_0: "MOSTLY_Q4_0",
-              T.Q4_1: "MOSTLY_Q4_1", T.Q5_0: "MOSTLY_Q5_0", T.Q5_1: "MOSTLY_Q5_1", T.Q8_0: "MOSTLY_Q8_0"}
+              T.Q4_1: "MOSTLY_Q4_1", T.Q5_0: "MOSTLY_Q5_0", T.Q5_1: "MOSTLY_Q5_1", T.Q8_0: "MOSTLY_Q8_0",
+              T.Q2_K: "MOSTLY_Q2_K", T.Q3_K: "MOSTLY_Q3_K_M", T.Q4_K: "MOSTLY_Q4_K_M", T.Q5_K: "MOSTLY_Q5_K_M",
+              T.Q6_K: "MOSTLY_Q6_K", T.IQ4_NL: "MOSTLY_IQ4_NL", T.IQ4_XS: "MOSTLY_IQ4_XS"}
 
 
 def _rope_theta(config) -> float:
