@@ -27,9 +27,9 @@ MIXED = {"*q_proj": "q3_k", "*k_proj": "iq4_xs", "*v_proj": "q6_k", "*o_proj": "
 
 def _tiny(cls, config_cls, **extra):
     torch.manual_seed(0)
-    cfg = config_cls(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                     tie_word_embeddings=False, **extra)
+    cfg = config_cls(**{"vocab_size": 256, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+                        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+                        "tie_word_embeddings": False, **extra})
     return cls(cfg).eval()
 
 
@@ -96,3 +96,43 @@ def test_a_llama_cpp_plan_with_k_quants_exports_with_no_layer_changed(tmp_path):
     assert any(t in summary["types"] for t in ("Q4_K", "Q3_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ4_NL", "Q2_K"))
     reader = gguf.GGUFReader(tmp_path / "m.gguf")
     assert all(np.isfinite(gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)).all() for t in reader.tensors)
+
+
+# ---- architectures by llama.cpp's own tables ------------------------------------------------------
+
+
+def _arch_model(name):
+    from transformers import MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    if name == "mistral":
+        return _tiny(MistralForCausalLM, MistralConfig, sliding_window=None)
+    # transformers' GGUF reader takes Qwen3's head size to be its default, 128 (it reads no key_length)
+    return _tiny(Qwen3ForCausalLM, Qwen3Config, head_dim=128, num_attention_heads=2, num_key_value_heads=1)
+
+
+@pytest.mark.parametrize("arch, gguf_arch", [("mistral", "llama"), ("qwen3", "qwen3")])
+def test_more_architectures_round_trip_through_transformers(tmp_path, arch, gguf_arch):
+    model, summary = _export(tmp_path, _arch_model(arch), {"*mlp*": "q4_k", "*": "int8-g32-sym"})
+    assert summary["architecture"] == gguf_arch and summary["exact"] == summary["layers"]
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    fields = reader.fields
+    assert fields["general.architecture"].contents() == gguf_arch
+    assert fields[f"{gguf_arch}.block_count"].contents() == 2
+    names = {t.name for t in reader.tensors}
+    if arch == "qwen3":  # its per-head q/k norms, by gguf-py's names
+        assert {"blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight"} <= names
+    loaded = _load_gguf(tmp_path / "m.gguf")
+    with torch.no_grad():
+        diff = float((loaded(IDS).logits - _reference_logits(model, IDS)).abs().max())
+    assert diff <= 1e-5
+
+
+def test_architectures_not_yet_written_are_refused_saying_why(tmp_path):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from ampq import AmpqError
+
+    model = _tiny(Gemma2ForCausalLM, Gemma2Config, head_dim=64)
+    ampq.save(ampq.quantize(model, "q4_k", progress=False), tmp_path / "ckpt")
+    with pytest.raises(AmpqError, match="Gemma2ForCausalLM.*norm weights stored plus one"):
+        export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf")
