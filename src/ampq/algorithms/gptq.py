@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import torch
 
+from ampq.algorithms.rtn import input_importance
 from ampq.formats import Format, Params
 
 
@@ -71,7 +72,7 @@ def gptq(weight: torch.Tensor, fmt: Format, stats, clip: float | torch.Tensor = 
     gs = fmt.group_size
     static = act_order or not gs or not fmt.groupwise_params
     if static:
-        params = fmt.fit(w.float(), clip)
+        params = fmt.fit_importance(w.float(), clip, input_importance(stats))
         column_values = {k: v[:, perm].to(dtype) for k, v in fmt.expand(params.values, (out_features, cols)).items()}
     else:
         parts: list[Params] = []
