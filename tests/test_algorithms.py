@@ -158,3 +158,19 @@ def test_gptq_many_gives_none_to_a_format_that_cannot_take_the_weight(real_layer
     huge = w[:8] * 1e6  # beyond fp16 scales
     out = gptq_many([(huge, get_format("int4-g64"), 1.0), (w[:8], get_format("int4-g64"), 1.0)], stats)
     assert out[0] is None and out[1] is not None
+
+
+def test_gptq_many_equals_gptq_for_gguf_block_formats():
+    """K-quants and IQ4 (searched parameters, importance-weighted fit) go through the sweep's
+    per-format path and give gptq's own codes."""
+    torch.manual_seed(0)
+    x = torch.randn(2048, 512) * torch.rand(512) * 3
+    stats = LayerStats.empty(512, "cpu")
+    stats.add(x)
+    w = torch.randn(32, 512)
+    jobs = [(w, get_format(f), 1.0) for f in ("q4_k", "q6_k", "iq4_nl", "int4-g128")]
+    for (w, fmt, _), solved in zip(jobs, gptq_many(jobs, stats, codes=True)):
+        codes, params = gptq(w, fmt, stats)
+        assert (solved.codes != codes).float().mean().item() < 1e-3, fmt.name
+        assert torch.allclose(solved.dequantized, deq(fmt, codes, params), atol=1e-5) or \
+            (solved.dequantized != deq(fmt, codes, params)).float().mean().item() < 1e-3, fmt.name

@@ -154,13 +154,14 @@ def gptq_many(jobs: list[tuple[torch.Tensor, Format, float | torch.Tensor]], sta
     dead, perm, hinv = _prepared_hessian(stats, damp, act_order, dtype)
     # integer jobs first, so their rows are one slice [0, n_affine) rounded in one expression
     order = sorted(range(len(jobs)), key=lambda j: not hasattr(jobs[j][1], "affine_terms"))
+    importance = input_importance(stats)
     rows, fitted, spans, params, start = [], [], {}, {}, 0
     for j in order:
         weight, fmt, clip = jobs[j]
         w = weight.to(dtype).clone()
         w[:, dead] = 0
         try:
-            p = fmt.fit(w.float(), torch.as_tensor(clip, dtype=torch.float32))
+            p = fmt.fit_importance(w.float(), torch.as_tensor(clip, dtype=torch.float32), importance)
         except ValueError:
             continue
         params[j] = p
