@@ -439,10 +439,10 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
                    help="AMPQ: the engine that will serve the model; its candidates are the formats that engine runs as "
                    "stored, so `ampq export` changes no layer (vllm: --to compressed-tensors; llama.cpp: --to gguf; "
                    "default any: every format, for ampq and transformers)")
-    p.add_argument("--transform", default="none", choices=["none", "awq"],
+    p.add_argument("--transform", default="none", choices=["none", "awq", "auto"],
                    help="AMPQ: rescale the float model before measuring sensitivity (awq: AWQ's per-channel scales, "
                    "folded into the op before each group), so every candidate is measured on the weights it will "
-                   "quantize (default none)")
+                   "quantize; auto: measure without and with it, keep the plan of least estimated damage; default none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
