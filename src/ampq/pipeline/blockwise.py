@@ -5,6 +5,7 @@ resolves what to do (a format, a scheme, a plan, a budget) and calls :func:`quan
 from __future__ import annotations
 
 import fnmatch
+import sys
 from collections.abc import Mapping
 
 import torch
@@ -23,6 +24,7 @@ from ampq.io.lazy import weights_of
 from ampq.memory import MemoryCap, return_freed_memory, working_set
 from ampq.models import decoder_blocks, lm_head_name, replace_module, tied_embeddings
 from ampq.nn import QuantLinear
+from ampq.pipeline.moe import ExpertCounts, keeps_router, quantize_experts
 from ampq.pipeline.plans import Plan
 from ampq.spill import ActivationStore
 
@@ -50,20 +52,36 @@ def _layer_method(name: str, spec: FormatSpec, algorithm: str, clip: bool) -> tu
     return algorithm, clip
 
 
-def quantize_linear(name: str, linear: nn.Linear, fmt_name: str, algorithm: str = "rtn", stats=None, *,
-                    clip: bool = False, bias_correction: bool = False, activation: str | None = None,
-                    compute_dtype: str | None = None, options: dict | None = None) -> QuantLinear:
-    """One linear in one format: clip search, the algorithm's codes, then bias correction."""
-    weight = linear.weight.detach().float()
+def _codes(name: str, weight: torch.Tensor, fmt_name: str, algorithm: str, stats, clip: bool, options):
+    """The format's codes and parameters for one (out, in) weight: clip search, then the algorithm."""
     if not bool(torch.isfinite(weight).all()):
         bad = int((~torch.isfinite(weight)).sum())
         raise AmpqError(f"layer {name} has {bad} NaN/Inf weights; repair or re-export the checkpoint before quantizing")
     fmt = get_format(fmt_name)
     try:
         ratios = search_clip(weight, fmt, stats) if clip else 1.0
-        codes, params = get_algorithm(algorithm)(weight, fmt, stats, ratios, **(options or {}))
+        return get_algorithm(algorithm)(weight, fmt, stats, ratios, **(options or {}))
     except ValueError as e:
         raise AmpqError(f"layer {name} cannot be stored as {fmt_name}: {e}") from None
+
+
+def quantize_matrix(name: str, weight: torch.Tensor, fmt_name: str, algorithm: str = "rtn", stats=None, *,
+                    clip: bool = False, activation: str | None = None, compute_dtype: str | None = None,
+                    options: dict | None = None) -> QuantLinear:
+    """One (out, in) weight that is no ``nn.Linear`` (an expert's projection), without a bias."""
+    weight = weight.detach().float()
+    codes, params = _codes(name, weight, fmt_name, algorithm, stats, clip, options)
+    return QuantLinear(weight.shape[1], weight.shape[0], fmt_name, get_format(fmt_name).pack(codes, params), None,
+                       algorithm + ("+clip" if clip else ""), activation, None, compute_dtype)
+
+
+def quantize_linear(name: str, linear: nn.Linear, fmt_name: str, algorithm: str = "rtn", stats=None, *,
+                    clip: bool = False, bias_correction: bool = False, activation: str | None = None,
+                    compute_dtype: str | None = None, options: dict | None = None) -> QuantLinear:
+    """One linear in one format: clip search, the algorithm's codes, then bias correction."""
+    weight = linear.weight.detach().float()
+    fmt = get_format(fmt_name)
+    codes, params = _codes(name, weight, fmt_name, algorithm, stats, clip, options)
     label = algorithm + ("+clip" if clip else "") + ("+bias" if bias_correction else "")
     layer = QuantLinear.from_linear(linear, fmt_name, codes, params, label, activation, compute_dtype)
     if bias_correction:
@@ -140,6 +158,7 @@ def quantize_blocks(model: nn.Module, formats: FormatSpec, *, algorithm: str = "
             weights.release(model, before_blocks)
             return_freed_memory()
     done = resume.done if resume is not None else 0
+    counts = ExpertCounts()
     try:
         label = "+".join(sorted(algorithms))
         for i, (prefix, block) in enumerate(tqdm(blocks, desc=f"quantize ({label})", unit="block",
@@ -152,7 +171,7 @@ def quantize_blocks(model: nn.Module, formats: FormatSpec, *, algorithm: str = "
             if weights is not None:
                 weights.materialize(model, lambda name, p=f"{prefix}.": name.startswith(p))
             _quantize_block(prefix, block, formats, algorithm, clip, bias_correction, awq, options, layer_kwargs,
-                            on_layer, cal if needs_stats else None, sequential)
+                            on_layer, cal if needs_stats else None, sequential, counts)
             if resume is not None:
                 resume.save(i, block, cal.inputs if needs_stats else None)
             if memory is not None:
@@ -161,6 +180,11 @@ def quantize_blocks(model: nn.Module, formats: FormatSpec, *, algorithm: str = "
         if store is not None:
             memory.spilled += store.spilled
             store.close()
+    if progress and counts.line():
+        print(counts.line(), file=sys.stderr)
+    if progress and counts.matrices and (awq or bias_correction):
+        print(f"experts: {' and '.join(n for n, on in (('AWQ', awq), ('bias correction', bias_correction)) if on)} "
+              "applied to the linears only; the experts were quantized without it", file=sys.stderr)
     if lm_head:
         module = model.get_submodule(head)
         fmt = format_for(head, formats)
@@ -209,11 +233,20 @@ def _quantized_bytes(blocks, formats) -> int:
 
 
 def _quantize_block(prefix, block, formats, algorithm, clip, bias_correction, awq, options, layer_kwargs,
-                    on_layer, cal, sequential) -> None:
-    """One decoder block's linears; with calibration (``cal``), the inputs then move past the block."""
+                    on_layer, cal, sequential, counts: ExpertCounts) -> None:
+    """One decoder block's linears and experts; with calibration (``cal``), the inputs then move
+    past the block. Routers are kept unless the spec names them."""
     targets = {sub: format_for(f"{prefix}.{sub}", formats) for sub, m in block.named_modules()
-               if isinstance(m, nn.Linear)}
+               if isinstance(m, nn.Linear) and not keeps_router(block, prefix, sub, formats)}
     targets = {sub: f for sub, f in targets.items() if f is not None}
+
+    def choose(name: str):  # an expert projection's format and method
+        algo, layer_clip = _layer_method(name, formats, algorithm, clip)
+        return format_for(name, formats), algo, layer_clip, options if algo == algorithm else None
+
+    def make(name, weight, fmt, algo, stats, layer_clip, layer_options):
+        return quantize_matrix(name, weight, fmt, algo, stats, clip=layer_clip, options=layer_options, **layer_kwargs)
+
     if cal is None:
         for sub, fmt in targets.items():
             name = f"{prefix}.{sub}"
@@ -222,6 +255,7 @@ def _quantize_block(prefix, block, formats, algorithm, clip, bias_correction, aw
             layer = quantize_linear(name, linear, fmt, algo, options=options if algo == algorithm else None,
                                     **layer_kwargs)
             replace_module(block, sub, on_layer(name, linear, layer, None) if on_layer else layer)
+        quantize_experts(prefix, block, choose, make, None, counts)
         return
     if awq:
         awq_block(block, cal, targets)
@@ -242,5 +276,6 @@ def _quantize_block(prefix, block, formats, algorithm, clip, bias_correction, aw
                                     bias_correction=bias_correction,
                                     options=options if algo == algorithm else None, **layer_kwargs)
             replace_module(block, sub, on_layer(name, linear, layer, stats) if on_layer else layer)
+    quantize_experts(prefix, block, choose, make, cal, counts)
     cal.advance(block)
 
