@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ampq import layer_table
+from ampq.coverage import coverage
 from ampq.errors import AmpqError, first_line
 from ampq.io.checkpoint import read_checkpoint, write_checkpoint
 from ampq.io.config import empty_model, model_config
@@ -52,6 +53,7 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite: 
         "architectures": getattr(model.config, "architectures", None),
         "tied_embeddings": tied,
         "layers": layers,
+        "coverage": coverage(model).to_dict(),
         **(extra_manifest or {}),
     }
     # config.json carries quantization_config (quant_method "ampq" + the layer table) so that

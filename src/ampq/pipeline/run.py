@@ -21,8 +21,10 @@ from torch import nn
 
 from ampq.version import __version__
 from ampq.algorithms import NEEDS_CALIBRATION
+from ampq.coverage import coverage
 from ampq.data import Text, Windows, windows_of
 from ampq.errors import AmpqError
+from ampq.experts import experts_modules
 from ampq.formats import get_format
 from ampq.io.lazy import weights_of
 from ampq.io.model import save
@@ -138,6 +140,9 @@ def quantize(model: nn.Module, spec: Spec | None, *, calibration: Text | str | W
     method["compute_dtype"] = compute_dtype
     if isinstance(memory, (str, int)):
         memory = MemoryCap(parse_size(memory), output.parent if output is not None else Path.cwd())
+    if levels and experts_modules(model):
+        raise AmpqError("--adaptive does not yet nest mixture-of-experts weights; quantize this model with a format, "
+                        "a scheme or a budget instead")
     if memory is not None and levels:
         raise AmpqError("--adaptive measures every level on the whole model; drop --adaptive or --max-memory")
     manifest: dict = {}
@@ -180,6 +185,8 @@ def quantize(model: nn.Module, spec: Spec | None, *, calibration: Text | str | W
                         sequential=sequential, on_layer=on_layer, progress=progress, resume=resume, memory=memory,
                         **method)
     model.ampq_manifest = manifest
+    if progress:
+        print(coverage(model).line(), file=sys.stderr)
     if output is not None:
         t_save = time.perf_counter()
         save(model, output, tokenizer, overwrite=overwrite, extra_manifest=manifest)
