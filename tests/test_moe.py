@@ -189,3 +189,34 @@ def test_refusals(tmp_path):
     ampq.save(model, tmp_path / "q")
     with pytest.raises(ampq.AmpqError, match="mixture-of-experts weights .* cannot write yet"):
         ampq.export(tmp_path / "q", tmp_path / "ct", to="compressed-tensors")
+
+
+CANDIDATES = ["int3-g32:gptq", "int4-g32:gptq", "int8-ch:rtn"]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_budget_weighs_each_expert_weight(family):
+    """AMPQ: every 3D expert weight is one candidate layer of the plan (routers are none), and the
+    bytes the plan counted are the bytes the quantized experts store."""
+    model = tiny_moe(family)
+    ids = _tokens(8)
+    names = [f"{n}.{p}" for n, m in experts_modules(model).items() for p in ("gate_up_proj", "down_proj")]
+    plan = ampq.plan(model, ampq.Budget(bits=4.5, candidates=CANDIDATES), calibration=ids, progress=False)
+    assert set(names) <= set(plan.layers)
+    assert not any(n.endswith((".router", ".shared_expert_gate")) for n in plan.layers)
+    ampq.quantize(model, plan, calibration=ids, progress=False)
+    entries = layer_entries(model)
+    assert set(entries) == set(plan.layers)
+    for name in names:
+        assert entries[name]["format"] == plan.layers[name].format
+        assert entries[name]["bytes"] == plan.layers[name].bytes
+    weights = sum(e.get("experts", 1) * e["shape"][0] * e["shape"][1] for e in entries.values())
+    assert sum(e["bytes"] for e in entries.values()) * 8 <= 4.5 * weights
+    assert "experts" not in ampq.coverage(model).kept
+
+
+def test_size_budget_counts_experts():
+    model = tiny_moe("mixtral")
+    size = int(0.45 * model_bytes(model))
+    ampq.quantize(model, ampq.Budget(bytes=size, candidates=CANDIDATES), calibration=_tokens(8), progress=False)
+    assert model_bytes(model) <= size

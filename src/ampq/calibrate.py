@@ -54,6 +54,11 @@ class LayerStats:
                    torch.zeros(features, device=device), 0)
 
 
+# an expert the router sent fewer calibration tokens is rounded to nearest rather than given GPTQ
+# or clip search: a Hessian of a handful of tokens fits the error feedback to those tokens alone
+MIN_EXPERT_TOKENS = 32
+
+
 class _Stop(Exception):
     """Raised from a hook to end a forward pass once the wanted inputs were seen."""
 

@@ -47,8 +47,10 @@ class QuantExperts(nn.Module):
                 self.register_buffer(key, b, persistent=key not in experts._non_persistent_buffers_set)
         for key, m in experts.named_children():
             self.add_module(key, m)
-        # observer(projection, expert, inputs): calibration's view of what each expert is given
+        # observer(projection, expert, inputs): calibration's view of what each expert is given;
+        # output_observer(projection, expert, outputs): the Fisher estimate's view of what it gives
         self.observer: Callable[[str, int, torch.Tensor], None] | None = None
+        self.output_observer: Callable[[str, int, torch.Tensor], None] | None = None
 
     # ---- the stored weights ----------------------------------------------------------------
     def quantized(self, name: str) -> nn.ModuleList | None:
@@ -89,7 +91,10 @@ class QuantExperts(nn.Module):
             w = self._parameters[name][e]
             y = x @ w if self.transposed else nn.functional.linear(x, w)
         bias = self._parameters.get(f"{name}_bias")
-        return y + bias[e] if bias is not None else y
+        y = y + bias[e] if bias is not None else y
+        if self.output_observer is not None:
+            self.output_observer(name, e, y)
+        return y
 
     def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         if "gate_up_proj" in self.names:

@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from torch import nn
 
 from ampq.algorithms import NEEDS_CALIBRATION
+from ampq.calibrate import MIN_EXPERT_TOKENS
 from ampq.experts import experts_modules, is_router, projections
 from ampq.models import replace_module
 from ampq.pipeline.plans import Plan
 from ampq.quant_experts import QuantExperts
-
-MIN_EXPERT_TOKENS = 32
 
 
 @dataclass

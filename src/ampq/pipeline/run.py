@@ -284,4 +284,4 @@ def summary(model: nn.Module, name: str, spec_label: str, seconds: float, output
     """The line that says what a run made."""
     where = f"; saved to {output}" if output is not None else ""
     return (f"quantized {name} with {spec_label} in {seconds:.1f} s: {linear_bits(model):.3f} bits per weight "
-            f"over the quantized linears, {model_bytes(model) / 1e6:.1f} MB in all{where}")
+            f"over the quantized layers, {model_bytes(model) / 1e6:.1f} MB in all{where}")
