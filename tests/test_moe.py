@@ -220,3 +220,18 @@ def test_size_budget_counts_experts():
     size = int(0.45 * model_bytes(model))
     ampq.quantize(model, ampq.Budget(bytes=size, candidates=CANDIDATES), calibration=_tokens(8), progress=False)
     assert model_bytes(model) <= size
+
+
+def test_resumed_run_restores_quantized_experts(tmp_path):
+    from ampq.resume import Resume
+
+    ids = _tokens(8)
+    reference = ampq.quantize(tiny_moe("gpt_oss"), FORMAT, algorithm="gptq", calibration=ids, progress=False)
+    ampq.quantize(tiny_moe("gpt_oss"), FORMAT, algorithm="gptq", calibration=ids, progress=False,
+                  resume=Resume(tmp_path / "p", {"test": 1}))
+    resumed = Resume(tmp_path / "p", {"test": 1})
+    assert resumed.done == 2
+    fresh = ampq.quantize(tiny_moe("gpt_oss"), FORMAT, algorithm="gptq", calibration=ids, progress=False,
+                          resume=resumed)
+    assert len(quantized_projections(fresh)) == 4
+    assert torch.equal(fresh(ids[:2]).logits, reference(ids[:2]).logits)
