@@ -29,7 +29,7 @@ class QuantExperts(nn.Module):
 
     def __init__(self, experts: nn.Module):
         super().__init__()
-        self.names = projections(experts) if not getattr(experts, "is_quantized_experts", False) else experts.names
+        self.names = projections(experts)
         self.shapes = {p: expert_shape(experts, p) for p in self.names}
         self.num_experts = experts._parameters[self.names[0]].shape[0]
         self.transposed, self.routed = transposed(experts), routes_tokens(experts)

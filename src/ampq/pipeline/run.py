@@ -32,6 +32,7 @@ from ampq.memory import MemoryCap
 from ampq.models import decoder_blocks
 from ampq.nested import parse_levels
 from ampq.nn import quantized_linears
+from ampq.quant_experts import quantized_projections
 from ampq.pipeline.adaptive import level_table, nested_layers, quantize_adaptive, stored_range
 from ampq.pipeline.blockwise import quantize_blocks
 from ampq.pipeline.budget import Budget, parse_size
@@ -130,7 +131,7 @@ def quantize(model: nn.Module, spec: Spec | None, *, calibration: Text | str | W
     target = resolve_device(device, model)
     if target is not None and weights_of(model) is None and next(model.parameters()).device != target:
         model.to(target)
-    done = quantized_linears(model)
+    done = {**quantized_linears(model), **quantized_projections(model)}
     if done:
         raise AmpqError(f"this model is already quantized ({len(done)} quantized layers); quantize from the "
                         "unquantized model (a float folder, a hub id or a built-in name)")
