@@ -187,16 +187,20 @@ def cmd_inspect(args) -> int:
     manifest = verify_checkpoint(args.directory)
     layers = manifest.get("layers", {})
     rows = [[name, "+".join([e["format"]] + [r["format"] for r in (e.get("nested") or {}).get("residuals", [])]),
-             e["algorithm"], "x".join(map(str, e["shape"])), e["bytes"], e["bits_per_weight"]]
+             e["algorithm"], ("{} x ".format(e["experts"]) if "experts" in e else "") + "x".join(map(str, e["shape"])),
+             e["bytes"], e["bits_per_weight"]]
             for name, e in layers.items()]
     total_files = sum(f["bytes"] for n, f in manifest["files"].items() if n.endswith(".safetensors"))
     q_bytes = sum(e["bytes"] for e in layers.values())
-    q_weights = sum(e["shape"][0] * e["shape"][1] for e in layers.values())
-    rows.append(["all quantized linears", "", "", f"{q_weights:,} weights", q_bytes,
+    q_weights = sum(e.get("experts", 1) * e["shape"][0] * e["shape"][1] for e in layers.values())
+    rows.append(["all quantized layers", "", "", f"{q_weights:,} weights", q_bytes,
                  8 * q_bytes / q_weights if q_weights else None])
     print_table(f"{args.directory} (ampq {manifest.get('ampq_version')}, source {manifest.get('source')})",
                 ["layer", "format", "algorithm", "shape", "bytes", "bits/weight"], rows,
                 f"{len(manifest['tensors'])} tensors, {total_files:,} bytes of safetensors; every hash verified")
+    covered = manifest.get("coverage")
+    if isinstance(covered, dict) and isinstance(covered.get("line"), str):
+        print(covered["line"])
     return 0
 
 

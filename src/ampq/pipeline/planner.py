@@ -25,6 +25,7 @@ from ampq.data import Text, Windows, as_text
 from ampq.errors import AmpqError
 from ampq.models import decoder_blocks, replace_module
 from ampq.pipeline.budget import Budget, parse_size
+from ampq.pipeline.expert_damage import expert_projection_names, expert_weight_bytes
 from ampq.pipeline.plans import LayerPlan, Plan
 from ampq.pipeline.targets import target_candidates
 from ampq.pipeline.transform import TRANSFORMS, ensure_transform
@@ -40,7 +41,7 @@ def tie_groups(layers: list[str]) -> list[list[str]]:
     for name in layers:
         prefix, _, leaf = name.rpartition(".")
         kind = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}.get(leaf)
-        if kind:
+        if kind and not prefix.endswith("experts"):  # an experts module's up_proj is no dense MLP's
             groups.setdefault((prefix.rpartition(".")[0], kind), []).append(name)
     return [g for g in groups.values() if len(g) > 1]
 
@@ -61,7 +62,8 @@ def sensitivity(model: nn.Module, tokenizer, candidates: list[str] | None = None
     from ampq.data import make_windows  # looked up at call time: tests replace it
 
     candidates = [Candidate.parse(c).name for c in (candidates or DEFAULT_CANDIDATES)]
-    source = getattr(model.config, "ampq_source", None)
+    # a model built in memory has no source: its weights name it, else it would take another's table
+    source = getattr(model.config, "ampq_source", None) or f"weights {fingerprint(model)}"
     if tokens is None:
         spec = {"text": calib, "windows": windows, "window": window, "estimator": estimator}
     else:
@@ -141,7 +143,8 @@ def plan_with_table(model: nn.Module, budget: Budget | float, calibration, token
                         "model's tokenizer (CLI: --calib wiki)")
     t1 = time.perf_counter()
     result = plan_for_budget(table, bits_per_weight=budget.bits, max_size=budget.bytes,
-                             fixed=fixed_bytes(model, block_linear_names(model)), tied=budget.tied)
+                             fixed=fixed_bytes(model, block_linear_names(model) + expert_projection_names(model)),
+                             tied=budget.tied)
     result.transform = transform
     result.target = budget.target
     if progress:
@@ -206,7 +209,9 @@ def matching_uniform(table: SensitivityTable, budget: Budget, fixed: int = 0) ->
 
 def fixed_bytes(model: nn.Module, layers: list[str]) -> int:
     """Bytes of everything the allocation does not choose (all but the listed linears' weights)."""
-    chosen = sum(model.get_submodule(n).weight.numel() * model.get_submodule(n).weight.element_size() for n in layers)
+    experts = set(expert_projection_names(model))
+    chosen = sum(expert_weight_bytes(model, n) if n in experts else
+                 model.get_submodule(n).weight.numel() * model.get_submodule(n).weight.element_size() for n in layers)
     return model_bytes(model) - chosen
 
 
