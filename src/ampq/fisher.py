@@ -16,6 +16,10 @@ keeps each block's inputs, the output head's gradient comes from the model with 
 in for, and a backward pass runs each block again, last to first, with gradients (the same
 arithmetic as one backward pass through the whole model). Window ``w``'s labels are drawn with seed
 ``seed + w``, so the windows can be spread over ranks (:mod:`ampq.ranks`) and summed in order.
+
+An expert's projection gets its own f per expert, (experts, out): its squared gradients summed over
+the tokens routed to it and divided by all tokens, which pairs with its Hessian over those tokens
+alone to give its share of the KL per token of the whole text.
 """
 
 from __future__ import annotations
@@ -26,20 +30,22 @@ from tqdm.auto import tqdm
 
 from ampq.calibrate import Calibration
 from ampq.errors import AmpqError
+from ampq.experts import is_experts
 from ampq.models import replace_module
 from ampq.placement import Placement
+from ampq.quant_experts import QuantExperts
 
 
 def output_fisher(model: nn.Module, tokens: torch.Tensor, names: list[str], *, batch_size: int = 1,
                   seed: int = 0, progress: bool = True, placement: Placement | None = None) -> dict[str, torch.Tensor]:
     """f_i = mean over tokens of the squared gradient of the sampled-label loss at output channel i
-    of each linear in ``names`` (all in decoder blocks), from one forward and backward pass per
-    batch of ``tokens``."""
+    of each linear in ``names`` (all in decoder blocks; or expert projection: one row per expert),
+    from one forward and backward pass per batch of ``tokens``."""
     if tokens.dim() != 2 or tokens.shape[0] == 0:
         raise AmpqError("the Fisher estimate needs at least one window of tokens")
     with torch.no_grad():
         cal = Calibration(model, tokens, batch_size, placement=placement)
-    placement, ranks = cal.placement, cal.ranks
+    experts, originals = _observed_experts(model, names)
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:
         p.requires_grad_(False)  # gradients at the outputs only; no parameter gradients
@@ -47,10 +53,12 @@ def output_fisher(model: nn.Module, tokens: torch.Tensor, names: list[str], *, b
         kwargs = [_detached(kw) for kw in cal.kwargs]
         saved, tuple_out = _forward(cal, kwargs, progress)
         grads = _head_gradients(model, cal, tokens, batch_size, seed, tuple_out)
-        sums = _backward(cal, saved, kwargs, grads, names, progress)
+        sums = _backward(model, cal, saved, kwargs, grads, names, experts, progress)
     finally:
         for p in trainable:
             p.requires_grad_(True)
+        for owner, original in originals.items():
+            replace_module(model, owner, original)
     return {n: (s / tokens.numel()).float() for n, s in sums.items()}
 
 
@@ -123,18 +131,41 @@ def _head_gradients(model, cal: Calibration, tokens, batch_size: int, seed: int,
     return grads
 
 
-def _backward(cal: Calibration, saved, kwargs, grads, names: list[str], progress: bool) -> dict[str, torch.Tensor]:
+def _backward(model, cal: Calibration, saved, kwargs, grads, names: list[str], experts: dict,
+              progress: bool) -> dict[str, torch.Tensor]:
     """Each block again, last to first, with gradients: the squared output gradients of its
-    linears, summed over batches in batch order (over all ranks)."""
+    linears (and of each expert's projections), summed over batches in batch order (over all ranks)."""
     ranks = cal.ranks
     sums: dict[str, torch.Tensor] = {}
     for i in tqdm(range(len(cal.blocks) - 1, -1, -1), desc="fisher (backward)", unit="block", disable=not progress):
         prefix, block = cal.blocks[i]
-        mine = {n.removeprefix(f"{prefix}."): n for n in names if n.startswith(f"{prefix}.")}
+        mine = {n.removeprefix(f"{prefix}."): n for n in names if n.startswith(f"{prefix}.") and n not in experts}
+        owners = {o for n, (o, _) in experts.items() if n.startswith(f"{prefix}.")}
         with cal.placement.onload(block):
             totals = {n: torch.zeros(block.get_submodule(sub).out_features, dtype=torch.float64, device=cal.device)
                       for sub, n in mine.items()}
+            for n, (owner, projection) in experts.items():
+                if owner in owners:
+                    module = model.get_submodule(owner)
+                    totals[n] = torch.zeros(module.num_experts, module.shapes[projection][0], dtype=torch.float64,
+                                            device=cal.device)
             partial: dict[str, torch.Tensor] = {}
+
+            def observe(owner):
+                def on_output(projection, e, y):
+                    name = f"{owner}.{projection}"
+
+                    def on_grad(g):
+                        if name not in partial:
+                            partial[name] = torch.zeros_like(totals[name])
+                        partial[name][e] += g.double().pow(2).sum(0)
+
+                    if y.requires_grad and name in totals:
+                        y.register_hook(on_grad)
+                return on_output
+
+            for owner in owners:
+                model.get_submodule(owner).output_observer = observe(owner)
 
             def hook(name):
                 def on_grad(g):
@@ -161,12 +192,31 @@ def _backward(cal: Calibration, saved, kwargs, grads, names: list[str], progress
             finally:
                 for h in handles:
                     h.remove()
+                for owner in owners:
+                    model.get_submodule(owner).output_observer = None
         saved[i].close()
         sums.update(totals)
     missing = [n for n in names if n not in sums]
     if missing:
         raise AmpqError(f"the Fisher estimate covers the linears of decoder blocks only, not {missing[0]}")
     return {n: sums[n] for n in names}
+
+
+def _observed_experts(model: nn.Module, names: list[str]) -> tuple[dict[str, tuple[str, str]], dict[str, nn.Module]]:
+    """The expert projections among ``names`` -> (experts module, projection), and the experts
+    modules wrapped for the pass in a float :class:`QuantExperts` (it computes the same and shows
+    each expert's outputs), to be put back when it ends."""
+    found, originals = {}, {}
+    for name in names:
+        owner, _, projection = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if not is_experts(module):
+            continue
+        if not isinstance(module, QuantExperts):
+            originals[owner] = module
+            replace_module(model, owner, QuantExperts(module))
+        found[name] = (owner, projection)
+    return found, originals
 
 
 def fisher_damage(rowwise: torch.Tensor, fisher: torch.Tensor) -> float:
