@@ -39,7 +39,7 @@ def one_block(name: str, dtype: torch.dtype):
     config = AutoConfig.for_model(**{**cfg, "num_hidden_layers": 1})
     torch.manual_seed(0)
     with torch.device("cpu"):
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype).eval()
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     model.config.ampq_source = f"scale-{name}"
     return model, blocks
 
