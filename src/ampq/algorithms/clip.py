@@ -14,7 +14,7 @@ GRID = tuple(round(1.0 - 0.025 * i, 3) for i in range(21))  # 1.0 down to 0.5
 
 def _diagonal_blocks(h: torch.Tensor, groups: int, width: int) -> torch.Tensor:
     n = groups * width
-    padded = torch.zeros(n, n, dtype=h.dtype)
+    padded = torch.zeros(n, n, dtype=h.dtype, device=h.device)
     padded[: h.shape[0], : h.shape[1]] = h
     return torch.stack([padded[g * width:(g + 1) * width, g * width:(g + 1) * width] for g in range(groups)])
 
@@ -37,7 +37,7 @@ def search_clip(weight: torch.Tensor, fmt: Format, stats, grid: tuple[float, ...
         dw = dw.reshape(out, groups, width)
         errors.append(torch.einsum("ogi,gij,ogj->og", dw, hb, dw))
     errors = torch.stack(errors)  # (ratios, out, groups)
-    ratios = torch.tensor(grid, dtype=torch.float32)
+    ratios = torch.tensor(grid, dtype=torch.float32, device=w.device)
     if fmt.group_size == 0:
         return float(ratios[errors.sum(dim=(1, 2)).argmin()])
     return ratios[errors.argmin(dim=0)]

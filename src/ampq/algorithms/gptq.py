@@ -50,7 +50,7 @@ def _prepared_hessian(stats, damp: float, act_order: bool, dtype: torch.dtype):
     h = stats.hessian.to(dtype)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(h.shape[0])
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(h.shape[0], device=h.device)
     if act_order:
         h = h[perm]
         h = h[:, perm]
@@ -68,7 +68,7 @@ def gptq(weight: torch.Tensor, fmt: Format, stats, clip: float | torch.Tensor = 
     dead, perm, hinv = _prepared_hessian(stats, damp, act_order, dtype)
     w[:, dead] = 0
 
-    clip = torch.as_tensor(clip, dtype=torch.float32)
+    clip = torch.as_tensor(clip, dtype=torch.float32, device=weight.device)
     gs = fmt.group_size
     static = act_order or not gs or not fmt.groupwise_params
     if static:
@@ -79,7 +79,7 @@ def gptq(weight: torch.Tensor, fmt: Format, stats, clip: float | torch.Tensor = 
         block_size = max(block_size // gs, 1) * gs  # a group never straddles two blocks
     w = w[:, perm]
 
-    codes = torch.zeros(out_features, cols, dtype=torch.int32)
+    codes = torch.zeros(out_features, cols, dtype=torch.int32, device=weight.device)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         w1 = w[:, i1:i2].clone()
@@ -111,7 +111,7 @@ def gptq(weight: torch.Tensor, fmt: Format, stats, clip: float | torch.Tensor = 
 def _group_index(fmt: Format, cols: int, perm: torch.Tensor) -> torch.Tensor:
     """For each visited column, which of its row's parameter groups holds it."""
     if not fmt.group_size:
-        return torch.zeros(cols, dtype=torch.long)
+        return torch.zeros(cols, dtype=torch.long, device=perm.device)
     return perm // fmt.group_width(cols)
 
 
@@ -161,7 +161,7 @@ def gptq_many(jobs: list[tuple[torch.Tensor, Format, float | torch.Tensor]], sta
         w = weight.to(dtype).clone()
         w[:, dead] = 0
         try:
-            p = fmt.fit_importance(w.float(), torch.as_tensor(clip, dtype=torch.float32), importance)
+            p = fmt.fit_importance(w.float(), torch.as_tensor(clip, dtype=torch.float32, device=w.device), importance)
         except ValueError:
             continue
         params[j] = p
@@ -180,7 +180,7 @@ def gptq_many(jobs: list[tuple[torch.Tensor, Format, float | torch.Tensor]], sta
     affine = [f for f in fitted if hasattr(f[1], "affine_terms")]
     others = [f for f in fitted if not hasattr(f[1], "affine_terms")]
     n_affine = affine[-1][0].stop if affine else 0
-    codes_t = torch.empty(w.shape, dtype=torch.int32) if codes else None
+    codes_t = torch.empty(w.shape, dtype=torch.int32, device=w.device) if codes else None
 
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)

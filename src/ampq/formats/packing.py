@@ -31,9 +31,9 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if pad:
         c = torch.cat([c, c.new_zeros(pad)])
     c = c.reshape(-1, 8)
-    shifts = torch.arange(8, dtype=torch.int64) * bits
+    shifts = torch.arange(8, dtype=torch.int64, device=c.device) * bits
     words = (c << shifts).sum(dim=1)  # 8 codes -> one word of 8*bits <= 64 bits
-    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    byte_shifts = torch.arange(bits, dtype=torch.int64, device=c.device) * 8
     out = ((words.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
     return out[: packed_nbytes(n, bits)].contiguous()
 
@@ -53,9 +53,9 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if full > p.numel():
         p = torch.cat([p, p.new_zeros(full - p.numel())])
     p = p.reshape(-1, bits)
-    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    byte_shifts = torch.arange(bits, dtype=torch.int64, device=p.device) * 8
     words = (p << byte_shifts).sum(dim=1)
-    shifts = torch.arange(8, dtype=torch.int64) * bits
+    shifts = torch.arange(8, dtype=torch.int64, device=p.device) * bits
     codes = (words.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
     return codes.reshape(-1)[:n].to(torch.int32)
 
@@ -66,7 +66,7 @@ def pack_fields(values: torch.Tensor, chunk: int, bits: int) -> torch.Tensor:
     ``bits``, and so on. Q4_K's nibbles are ``chunk=32, bits=4``; Q2_K's crumbs ``chunk=32, bits=2``."""
     per = 8 // bits
     v = values.to(torch.int32).reshape(*values.shape[:-1], -1, per, chunk) & ((1 << bits) - 1)
-    shifts = (torch.arange(per, dtype=torch.int32) * bits).reshape(per, 1)
+    shifts = (torch.arange(per, dtype=torch.int32, device=v.device) * bits).reshape(per, 1)
     return (v << shifts).sum(dim=-2).to(torch.uint8).reshape(*values.shape[:-1], -1)
 
 
@@ -74,5 +74,5 @@ def unpack_fields(packed: torch.Tensor, chunk: int, bits: int) -> torch.Tensor:
     """Inverse of :func:`pack_fields`: the fields as int32, in value order."""
     per = 8 // bits
     p = packed.to(torch.int32).reshape(*packed.shape[:-1], -1, 1, chunk)
-    shifts = (torch.arange(per, dtype=torch.int32) * bits).reshape(per, 1)
+    shifts = (torch.arange(per, dtype=torch.int32, device=p.device) * bits).reshape(per, 1)
     return ((p >> shifts) & ((1 << bits) - 1)).reshape(*packed.shape[:-1], -1)
