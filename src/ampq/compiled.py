@@ -47,6 +47,9 @@ class CompiledDecoder:
         self.dtype = next(model.parameters()).dtype
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         self._nested = [m for m in model.modules() if isinstance(m, NestedLinear)]
+        # the step's inputs live in these two tensors, written in place: whatever tensor a caller
+        # passes (a view, another stride), the compiled step sees the same ones
+        self._token = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self._position = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self._length = 0  # positions the cache holds
         self._compiled = torch.compile(self._forward_step, fullgraph=True, dynamic=False,
@@ -85,6 +88,7 @@ class CompiledDecoder:
         if self._length >= self.max_len:
             raise AmpqError(f"the static KV cache holds {self.max_len} positions and all are used; "
                             "compile with a larger max_len")
+        self._token.copy_(token.view(self.batch, 1))
         self._position.fill_(self._length)
         structure = self._structure()
         if structure != self._captured:
@@ -93,12 +97,12 @@ class CompiledDecoder:
             t0 = time.perf_counter()
             self._prepare_kernels()
             with torch._inductor.config.patch(cpp_wrapper=self.cpp_wrapper):
-                logits = self._compiled(token, self._position)
+                logits = self._compiled(self._token, self._position)
             self.capture_seconds.append(time.perf_counter() - t0)
             self._captured = structure
         else:
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                logits = self._compiled(token, self._position)
+                logits = self._compiled(self._token, self._position)
         self._length += 1
         return logits
 
@@ -122,7 +126,7 @@ class CompiledDecoder:
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """One compiled decoding step on ``token`` (batch x 1) at the next position; its logits."""
-        return self._step(token.to(self.device).view(self.batch, 1))
+        return self._step(token)
 
     @torch.inference_mode()
     def generate(self, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> torch.Tensor:
