@@ -6,7 +6,7 @@ process each, and the table with decode speed-ups over the bf16 model.
     python benchmarks/bench.py --checkpoint ampq-4.25=DIR   # also a checkpoint quantized beforehand
     python benchmarks/bench.py --table-only      # rebuild the table from the JSON files
     python benchmarks/bench.py --batch 1 --formats fp32,compiled:int4-g32-sym,int4-g32-sym,compiled:int8-ch-sym,int8-ch-sym \
-        --llama-cpp int4-g32-sym,int8-g32-sym --name smollm2-135m-compiled   # ampq.compile against llama.cpp
+        --llama-cpp int4-g32-sym,int8-g32-sym --threads 1 --name smollm2-135m-compiled   # ampq.compile against llama.cpp
 
 A format written ``compiled:FMT`` decodes with ``ampq bench --compile`` (``ampq.compile``: a static KV
 cache and the step compiled; the capture time is in the JSON). A format with ``+head`` quantizes the output head too (``--lm-head``); with ``@lean`` the model runs
@@ -38,6 +38,8 @@ def run(model: str, variant: str, args) -> None:
     common = ["--batch", args.batch, "--prompt-tokens", str(args.prompt_tokens), "--new-tokens",
               str(args.new_tokens), "--repeats", str(args.repeats), "--json",
               str(RESULTS / f"bench-{args.name}-{variant}.json")]
+    if args.threads:
+        common += ["--threads", str(args.threads)]
     if variant in args.checkpoints:  # a checkpoint made elsewhere (an AMPQ plan, say), as it is
         mode = variant.partition("@")[2]
         subprocess.run([sys.executable, "-m", "ampq", "bench", args.checkpoints[variant], *common], check=True,
@@ -66,7 +68,8 @@ def run(model: str, variant: str, args) -> None:
         subprocess.run([sys.executable, str(Path(__file__).with_name("_llama_cpp_bench.py")), f"{tmp}/m.gguf",
                         "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
                         "--repeats", str(args.repeats), "--json", str(RESULTS / f"bench-{args.name}-{variant}.json")]
-                       + (["--bits-per-weight", str(bits)] if bits else []), check=True)
+                       + (["--bits-per-weight", str(bits)] if bits else [])
+                       + (["--threads", str(args.threads)] if args.threads else []), check=True)
 
 
 def _width(variant: str) -> str:
@@ -98,6 +101,12 @@ def table(name: str, model: str, variants: list[str]) -> str:
             if "compile s" in cols:
                 cells.append(f"{r['compile_seconds']:.0f}" if r.get("compile_seconds") else "-")
             lines.append("| " + " | ".join(cells) + " |")
+    loads = {v: d["machine"]["load_average_1min"] for v, d in runs.items() if "load_average_1min" in d.get("machine", {})}
+    if loads:  # the cores may be shared: say how busy they were around each run
+        threads = sorted({d.get("threads") for d in runs.values()} - {None})
+        note = (f"{' / '.join(map(str, threads))} threads; 1-minute load average before / after each run: "
+                + ", ".join(f"{v} {a:.1f} / {b:.1f}" for v, (a, b) in loads.items()) + ".")
+        return note + "\n\n" + "\n".join(lines) + "\n"
     return "\n".join(lines) + "\n"
 
 
@@ -126,6 +135,9 @@ def main() -> None:
     p.add_argument("--checkpoint", action="append", default=[], metavar="LABEL=DIR",
                    help="also time this checkpoint (e.g. an AMPQ plan quantized beforehand), labelled LABEL")
     p.add_argument("--table-only", action="store_true")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for every engine (default: torch's and llama.cpp's, one per core); on shared "
+                        "cores, 1 keeps a busy neighbour from stalling every parallel region")
     p.add_argument("--name", default=None, help="names the result files (default: the model's name)")
     args = p.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -135,6 +147,8 @@ def main() -> None:
     base = [v for v in ("fp32", "bf16") if v not in args.formats.split(",")] if args.name == args.model else []
     variants = (base + args.formats.split(",") + list(args.checkpoints)
                 + [f"llama.cpp:{f}" for f in args.llama_cpp.split(",") if f])
+    if args.threads:  # inductor's compiled loops and OpenMP read it too
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     if not args.table_only:
         for v in variants:
             load = os.getloadavg()[0]

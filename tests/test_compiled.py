@@ -118,3 +118,17 @@ def test_a_precision_switch_is_captured_again():
     got = decoder.generate(IDS, 3)
     assert len(decoder.capture_seconds) == 2
     assert torch.equal(got, _eager_greedy(model, IDS, 3)[0])
+
+
+def test_bench_cli_compiled(tmp_path):
+    import json
+
+    from ampq.cli import main
+
+    ampq.save(_varied_model("int8-ch"), tmp_path / "m")
+    out = tmp_path / "b.json"
+    assert main(["bench", str(tmp_path / "m"), "--compile", "--batch", "1", "--prompt-tokens", "8", "--new-tokens", "3",
+                 "--repeats", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["compiled"] is True
+    assert result["rows"][0]["compile_seconds"] > 0 and result["rows"][0]["decode_tokens_per_s"] > 0
