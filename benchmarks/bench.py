@@ -69,7 +69,8 @@ def run(model: str, variant: str, args) -> None:
                         "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
                         "--repeats", str(args.repeats), "--json", str(RESULTS / f"bench-{args.name}-{variant}.json")]
                        + (["--bits-per-weight", str(bits)] if bits else [])
-                       + (["--threads", str(args.threads)] if args.threads else []), check=True)
+                       + (["--threads", str(args.threads)] if args.threads else [])
+                       + (["--prefill-by-token"] if args.llama_prefill_by_token else []), check=True)
 
 
 def _width(variant: str) -> str:
@@ -138,6 +139,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="threads for every engine (default: torch's and llama.cpp's, one per core); on shared "
                         "cores, 1 keeps a busy neighbour from stalling every parallel region")
+    p.add_argument("--llama-prefill-by-token", action="store_true",
+                   help="llama.cpp takes the prompt one token at a time (a build that crashes on batches)")
+    p.add_argument("--only", default=None, help="run only these variants (comma-separated); the table shows all")
     p.add_argument("--name", default=None, help="names the result files (default: the model's name)")
     args = p.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -151,6 +155,8 @@ def main() -> None:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     if not args.table_only:
         for v in variants:
+            if args.only and v not in args.only.split(","):
+                continue
             load = os.getloadavg()[0]
             run(args.model, v, args)
             record_machine(RESULTS / f"bench-{args.name}-{v}.json", load)
