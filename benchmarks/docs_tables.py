@@ -283,7 +283,6 @@ TABLES: dict[str, Callable[[], str]] = {
     "bench-qwen2.5-coder-0.5b": md_whole("bench/bench-qwen2.5-coder-0.5b.md", "bench/bench-qwen2.5-coder-0.5b-bf16.json"),
     "bench-compiled-smollm2-135m": md_whole("bench/bench-smollm2-135m-compiled.md",
                                             "bench/bench-smollm2-135m-compiled-compiled:int4-g32-sym.json"),
-    "compile-switch": md_whole("compile_switch/compile_switch.md", "compile_switch/compile_switch.json"),
 }
 
 
