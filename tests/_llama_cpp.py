@@ -1,6 +1,5 @@
-"""llama.cpp (llama-cpp-python) as the tests drive it, and what they need to give it a file: a tiny
-byte-level BPE tokenizer (llama.cpp refuses a GGUF without one) and the activation rounding its CPU
-matmuls apply, so that a tolerance can be measured rather than guessed."""
+"""llama.cpp (llama-cpp-python) as the tests drive it, and the activation rounding its CPU matmuls
+apply, so that a tolerance can be measured rather than guessed."""
 
 from __future__ import annotations
 
@@ -8,22 +7,6 @@ from unittest import mock
 
 import numpy as np
 import torch
-
-
-def tiny_tokenizer(vocab_size: int = 320):
-    """A byte-level BPE tokenizer of ``vocab_size`` tokens (256 bytes, three specials, learned merges; Qwen2's tokenizer class adds <|endoftext|> when it is missing)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog " * 8,
-                             "a small tokenizer for tests of the export, written once " * 8], trainer)
-    assert tok.get_vocab_size() == vocab_size
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
 def llama_cpp_logits(path, ids: list[int]) -> torch.Tensor:

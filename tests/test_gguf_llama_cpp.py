@@ -6,9 +6,10 @@ The tolerance is measured, not guessed. llama.cpp's CPU matmuls round each quant
 to 8 bits per block (Q8_0 / Q8_1 per 32 inputs, Q8_K per 256), BF16 layers' inputs to bf16, and keep
 K and V in fp16; ampq's reference kernel rounds none of them. Rounding the linears' inputs the
 same way in ampq's model moves its logits by ``rounding``; llama.cpp's logits must lie within twice
-that of ampq's. Measured on these models: llama.cpp's distance is 0.9x to 1.1x ``rounding``, while
-a file with llama's q/k rows left unpermuted lands at 4.5x and one with Gemma's norms not shifted by
-one far beyond (a test below checks that the bound catches the first).
+that of ampq's. Measured on these models: llama.cpp's distance is 0.97x to 1.02x ``rounding``, while
+files written wrong land beyond the bound: llama's q/k rows left unpermuted 4.5x (a test below checks
+that the bound catches it), Gemma 3's linear rope scaling left out 2.6x, Gemma 2's sliding window
+written as 4096 22x, its norms not shifted by one 49x.
 """
 
 import pytest
@@ -17,15 +18,14 @@ llama_cpp = pytest.importorskip("llama_cpp")
 gguf = pytest.importorskip("gguf")
 
 import torch  # noqa: E402
-import transformers  # noqa: E402
 
 import ampq  # noqa: E402
 from ampq.export.gguf import export_gguf  # noqa: E402
 from ampq.nn import quantized_linears  # noqa: E402
-from _llama_cpp import activation_rounding, llama_cpp_logits, tiny_tokenizer  # noqa: E402
+from _llama_cpp import activation_rounding, llama_cpp_logits  # noqa: E402
+from _tiny_models import ARCHITECTURES, VOCAB, tiny_model, tiny_tokenizer  # noqa: E402
 
 torch.set_num_threads(1)
-VOCAB = 320
 IDS = torch.randint(2, VOCAB, (1, 40), generator=torch.Generator().manual_seed(1))
 
 # every K-quant and IQ4 type (inputs of 256 and 512: whole K-quant blocks), and the older block types
@@ -33,29 +33,6 @@ K_QUANTS = {"*q_proj": "q3_k", "*k_proj": "iq4_xs", "*v_proj": "q6_k", "*o_proj"
             "*gate_proj": "q4_k", "*up_proj": "iq4_nl", "*down_proj": "q2_k"}
 LEGACY = {"*q_proj": "int4-g32-sym", "*k_proj": "int4-g32", "*v_proj": "int5-g32", "*o_proj": "int5-g32-sym",
           "*gate_proj": "int8-g32-sym", "*up_proj": "bf16", "*down_proj": "int4-g64"}
-
-BASE = {"vocab_size": VOCAB, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "max_position_embeddings": 128,
-        "tie_word_embeddings": False, "initializer_range": 0.05, "bos_token_id": 0, "eos_token_id": 1}
-# transformers class name -> its config's extra keys
-ARCHITECTURES = {
-    "llama": ("Llama", {}),
-    "mistral": ("Mistral", {"sliding_window": None}),
-    "qwen2": ("Qwen2", {}),
-    "qwen3": ("Qwen3", {}),
-}
-
-
-def tiny_model(arch: str, seed: int = 0):
-    prefix, extra = ARCHITECTURES[arch]
-    torch.manual_seed(seed)
-    config = getattr(transformers, f"{prefix}Config")(**{**BASE, **extra})
-    model = getattr(transformers, f"{prefix}ForCausalLM")(config).eval()
-    with torch.no_grad():  # nonzero biases and norm weights, so that a lost or misplaced one shows
-        for name, p in model.named_parameters():
-            if name.endswith(".bias") or "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
 
 
 def _export(tmp_path, model, spec):
@@ -94,9 +71,9 @@ def test_llama_cpp_runs_the_export(tmp_path, arch, spec):
 def test_the_bound_catches_a_wrong_file(tmp_path, monkeypatch):
     """llama's q/k rows written in transformers' order (the converter's permutation left out): the
     rotary halves pair up wrongly in llama.cpp, and the test above would fail."""
-    from ampq.export.gguf import writer
+    from ampq.export.gguf import architectures
 
-    monkeypatch.setitem(writer.ARCHITECTURES, "LlamaForCausalLM", (gguf.MODEL_ARCH.LLAMA, False))
+    monkeypatch.setitem(architectures.ARCHITECTURES, "LlamaForCausalLM", architectures.Architecture(gguf.MODEL_ARCH.LLAMA))
     model, _ = _export(tmp_path, tiny_model("llama"), K_QUANTS)
     distance, rounding = _distances(model, tmp_path / "m.gguf")
     assert distance > 2 * rounding, (distance, rounding)
