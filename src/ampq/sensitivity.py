@@ -1,5 +1,6 @@
 """Sensitivity: for every linear x candidate (format + algorithm), an estimate of the damage that
-quantizing that linear alone in that candidate does to the model.
+quantizing that linear alone in that candidate does to the model. A mixture-of-experts block's
+3D expert weights are one row each (:mod:`ampq.pipeline.expert_damage`); routers are not measured.
 
 Two estimators, computed in the same pass:
 
@@ -29,9 +30,11 @@ from ampq.algorithms.gptq import SWEEP_BYTES, gptq_many
 from ampq.algorithms.clip import search_clip
 from ampq.calibrate import Calibration
 from ampq.errors import AmpqError
+from ampq.experts import is_router
 from ampq.fisher import fisher_damage, output_fisher
 from ampq.formats import get_format
 from ampq import atomic
+from ampq.pipeline.expert_damage import expert_projection_names, measure_experts
 from ampq.report import block_linear_names
 
 # One per family, each with the algorithm that serves it best (issue #5's default set).
@@ -159,8 +162,8 @@ def measure(model: nn.Module, calibration, candidates: list[str] | None = None, 
         fisher = resume.tensors("fisher") if resume is not None else None
         if fisher is None:
             with torch.inference_mode(False):
-                fisher = output_fisher(model, tokens[:gradient_windows].clone(), block_linear_names(model),
-                                       progress=progress)
+                fisher = output_fisher(model, tokens[:gradient_windows].clone(),
+                                       block_linear_names(model) + expert_projection_names(model), progress=progress)
             if resume is not None:
                 resume.save_tensors("fisher", fisher)
     cal = Calibration(model, tokens, batch_size)
@@ -180,11 +183,14 @@ def measure(model: nn.Module, calibration, candidates: list[str] | None = None, 
             continue
         names_before = set(shapes)
         groups = cal.groups(block)
+        measure_experts(prefix, block, cal, cands, fisher, estimates, nbytes, shapes)  # before the inputs advance
         all_stats = cal.stats_and_advance(block, groups)
         for group in groups:
             stats = all_stats[group[0]]
             weights = {}
             for sub in group:
+                if is_router(block, sub):
+                    continue  # routers stay in 16 bits
                 name = f"{prefix}.{sub}"
                 weights[name] = block.get_submodule(sub).weight.detach().float()
                 shapes[name] = list(weights[name].shape)
