@@ -1,7 +1,7 @@
 """Number formats by name.
 
 Names are data users type: ``int4-g128``, ``int4-g128-sym``, ``int4-g128-zp`` (integer zero points), ``int8-ch``, ``nf4-b64-dq``,
-``fp8-e4m3-ch``, ``e2m1-g32``, and ``bf16``/``fp16`` (unquantized). Granularity suffixes: ``-gN`` (or ``-bN``) a group of N inputs,
+``fp8-e4m3-ch``, ``e2m1-g32``, ``nvfp4``/``mxfp4`` (microscaled FP4, as compressed-tensors writes it), and ``bf16``/``fp16`` (unquantized). Granularity suffixes: ``-gN`` (or ``-bN``) a group of N inputs,
 ``-ch`` one group per output channel, ``-t`` (or nothing, for minifloats) one for the whole tensor.
 Adding a family is one file in this package plus one entry in ``_FAMILIES``.
 """
@@ -15,6 +15,7 @@ from functools import lru_cache
 from ampq.errors import AmpqError
 from ampq.formats.base import Format, Params
 from ampq.formats.integer import IntegerFormat
+from ampq.formats.microscaled import MicroscaledFP4Format
 from ampq.formats.minifloat import MinifloatFormat
 from ampq.formats.normal_float import NormalFloatFormat
 from ampq.formats.plain import PlainFloatFormat
@@ -28,7 +29,7 @@ STANDARD_FORMATS = [
     "int3-g128", "int3-g64", "int2-g64", "int2-g32",
     "nf4-b64", "nf4-b64-dq", "fp4-b64", "fp4-b64-dq",
     "fp8-e4m3-ch", "fp8-e5m2-ch", "fp8-e4m3",
-    "e3m2-g32", "e2m3-g32", "e2m1-g32",
+    "e3m2-g32", "e2m3-g32", "e2m1-g32", "nvfp4", "mxfp4",
 ]
 
 _GRAN = r"(?:-(?P<gran>ch|t|[gb]\d+))?"
@@ -55,6 +56,8 @@ def _group(gran: str | None, default: int | None) -> int | None:
 def _build(name: str) -> Format | None:
     if name in ("bf16", "fp16"):
         return PlainFloatFormat(name)
+    if name in ("nvfp4", "mxfp4"):
+        return MicroscaledFP4Format(name)
     for pattern, family in _FAMILIES:
         m = pattern.fullmatch(name)
         if not m:
