@@ -67,12 +67,22 @@ def mx_scale(exponent: torch.Tensor) -> torch.Tensor:
 class MicroscaledFP4Format(Format):
     bits = 4
 
-    def __init__(self, kind: str, name: str | None = None):
+    def __init__(self, kind: str, name: str | None = None, tensor_absmax: torch.Tensor | None = None):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
         self.kind, self.name, self.group_size = kind, name or kind, KINDS[kind]
         # NVFP4's global scale spans every group: GPTQ fits the parameters up front
         self.groupwise_params = kind == "mxfp4"
+        # the absmax the global scale is taken from, where it is shared with fused layers
+        self.tensor_absmax = tensor_absmax
+
+    def shared_over(self, weights: list[torch.Tensor]) -> "MicroscaledFP4Format":
+        # vLLM decodes fused NVFP4 layers with the largest of their global scales, and
+        # llm-compressor gives them one, from the absmax over all of them
+        if self.kind != "nvfp4" or len(weights) < 2:
+            return self
+        absmax = torch.stack([w.detach().abs().amax().float() for w in weights]).amax()
+        return MicroscaledFP4Format(self.kind, self.name, absmax)
 
     def fit(self, w: torch.Tensor, clip: float | torch.Tensor = 1.0) -> Params:
         g = self.grouped(w.float())
@@ -86,7 +96,7 @@ class MicroscaledFP4Format(Format):
         if self.kind == "mxfp4":
             e = mx_exponent(absmax)
             return Params({"scale": mx_scale(e)}, {"scale": e})
-        glob = nvfp4_global_scale(group_absmax.amax())
+        glob = nvfp4_global_scale(group_absmax.amax() if self.tensor_absmax is None else self.tensor_absmax)
         scale = E4M3.round((absmax / _FP4_MAX) * glob)
         scale = torch.where(scale == 0, torch.full_like(scale, _ZERO_SCALE), scale)
         stored = {"scale": E4M3.encode(scale).to(torch.uint8), "global_scale": glob}

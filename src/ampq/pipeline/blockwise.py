@@ -21,7 +21,7 @@ from ampq.errors import AmpqError
 from ampq.formats import get_format
 from ampq.io.lazy import weights_of
 from ampq.memory import MemoryCap, return_freed_memory, working_set
-from ampq.models import decoder_blocks, lm_head_name, replace_module, tied_embeddings
+from ampq.models import decoder_blocks, fused_groups, lm_head_name, replace_module, tied_embeddings
 from ampq.nn import QuantLinear
 from ampq.pipeline.plans import Plan
 from ampq.spill import ActivationStore
@@ -52,13 +52,18 @@ def _layer_method(name: str, spec: FormatSpec, algorithm: str, clip: bool) -> tu
 
 def quantize_linear(name: str, linear: nn.Linear, fmt_name: str, algorithm: str = "rtn", stats=None, *,
                     clip: bool = False, bias_correction: bool = False, activation: str | None = None,
-                    compute_dtype: str | None = None, options: dict | None = None) -> QuantLinear:
-    """One linear in one format: clip search, the algorithm's codes, then bias correction."""
+                    compute_dtype: str | None = None, options: dict | None = None,
+                    fused_with: list[torch.Tensor] | None = None) -> QuantLinear:
+    """One linear in one format: clip search, the algorithm's codes, then bias correction.
+    ``fused_with``: the weights of the layers engines fuse it with (itself included), in the same
+    format, which share what the format holds once per fused layer (NVFP4's global scale)."""
     weight = linear.weight.detach().float()
     if not bool(torch.isfinite(weight).all()):
         bad = int((~torch.isfinite(weight)).sum())
         raise AmpqError(f"layer {name} has {bad} NaN/Inf weights; repair or re-export the checkpoint before quantizing")
     fmt = get_format(fmt_name)
+    if fused_with:
+        fmt = fmt.shared_over(fused_with)
     try:
         ratios = search_clip(weight, fmt, stats) if clip else 1.0
         codes, params = get_algorithm(algorithm)(weight, fmt, stats, ratios, **(options or {}))
@@ -208,19 +213,33 @@ def _quantized_bytes(blocks, formats) -> int:
     return total
 
 
+def _fused_weights(block, targets: dict[str, str]) -> dict[str, list[torch.Tensor]]:
+    """For each linear that engines fuse with others of the same format (q/k/v, gate/up), the
+    float weights of all of them, taken before any is replaced."""
+    fused = {}
+    for group in fused_groups(list(targets)):
+        for fmt in {targets[s] for s in group}:
+            members = [s for s in group if targets[s] == fmt]
+            if len(members) > 1:
+                weights = [block.get_submodule(s).weight for s in members]
+                fused.update({s: weights for s in members})
+    return fused
+
+
 def _quantize_block(prefix, block, formats, algorithm, clip, bias_correction, awq, options, layer_kwargs,
                     on_layer, cal, sequential) -> None:
     """One decoder block's linears; with calibration (``cal``), the inputs then move past the block."""
     targets = {sub: format_for(f"{prefix}.{sub}", formats) for sub, m in block.named_modules()
                if isinstance(m, nn.Linear)}
     targets = {sub: f for sub, f in targets.items() if f is not None}
+    fused = _fused_weights(block, targets)
     if cal is None:
         for sub, fmt in targets.items():
             name = f"{prefix}.{sub}"
             algo, _ = _layer_method(name, formats, algorithm, clip)
             linear = block.get_submodule(sub)
             layer = quantize_linear(name, linear, fmt, algo, options=options if algo == algorithm else None,
-                                    **layer_kwargs)
+                                    fused_with=fused.get(sub), **layer_kwargs)
             replace_module(block, sub, on_layer(name, linear, layer, None) if on_layer else layer)
         return
     if awq:
@@ -239,8 +258,8 @@ def _quantize_block(prefix, block, formats, algorithm, clip, bias_correction, aw
             algo, layer_clip = _layer_method(name, formats, algorithm, clip)
             linear = block.get_submodule(sub)
             layer = quantize_linear(name, linear, targets[sub], algo, stats, clip=layer_clip,
-                                    bias_correction=bias_correction,
-                                    options=options if algo == algorithm else None, **layer_kwargs)
+                                    bias_correction=bias_correction, options=options if algo == algorithm else None,
+                                    fused_with=fused.get(sub), **layer_kwargs)
             replace_module(block, sub, on_layer(name, linear, layer, stats) if on_layer else layer)
     cal.advance(block)
 

@@ -21,6 +21,7 @@ from ampq.allocate import allocate, reachable
 from ampq.builtin import cache_dir
 from ampq.data import Text, Windows, as_text
 from ampq.errors import AmpqError
+from ampq.models import fused_groups
 from ampq.pipeline.budget import Budget, parse_size
 from ampq.pipeline.plans import LayerPlan, Plan
 from ampq.pipeline.targets import target_candidates
@@ -33,13 +34,7 @@ from ampq.sensitivity import DEFAULT_CANDIDATES, Candidate, SensitivityTable, me
 
 def tie_groups(layers: list[str]) -> list[list[str]]:
     """q/k/v of one block share a format, and so do gate/up: engines that fuse them need it."""
-    groups: dict[tuple[str, str], list[str]] = {}
-    for name in layers:
-        prefix, _, leaf = name.rpartition(".")
-        kind = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}.get(leaf)
-        if kind:
-            groups.setdefault((prefix.rpartition(".")[0], kind), []).append(name)
-    return [g for g in groups.values() if len(g) > 1]
+    return fused_groups(layers)
 
 
 def table_key(source: str | None, candidates: list[str], calib: dict) -> str:
