@@ -107,9 +107,11 @@ def test_exact_export_loads_in_transformers_with_the_same_weights(tmp_path, spec
     assert _max_weight_change(loaded, model) == 0.0  # the same codes and scales: every weight bit for bit
 
 
-@pytest.mark.parametrize("spec", ["nvfp4", "mxfp4", {"*mlp*": "mxfp4", "*": "nvfp4"}])
-def test_fp4_export_decompresses_with_compressed_tensors_to_ampqs_weights(tmp_path, spec):
-    model = _quantized(tmp_path, spec)
+@pytest.mark.parametrize("spec,algorithm", [("nvfp4", "rtn"), ("mxfp4", "rtn"), ({"*mlp*": "mxfp4", "*": "nvfp4"}, "rtn"),
+                                            ("nvfp4", "gptq")])
+def test_fp4_export_decompresses_with_compressed_tensors_to_ampqs_weights(tmp_path, spec, algorithm):
+    calibration = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(2)) if algorithm == "gptq" else None
+    model = _quantized(tmp_path, spec, algorithm=algorithm, calibration=calibration)
     export_compressed_tensors(tmp_path / "ampq", tmp_path / "ct")
     qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     formats = {g["format"] for g in qc["config_groups"].values()}
