@@ -2,7 +2,7 @@
 
     import ampq
     model, tok = ampq.load_model("smollm2-135m")
-    ampq.quantize(model, ampq.Budget(bits=4.25), calibration="wiki", tokenizer=tok, output="smol-4.25")
+    ampq.quantize(model, ampq.Budget(bits=4.25), calibration="mix", tokenizer=tok, output="smol-4.25")
     model = ampq.load("smol-4.25")
     ampq.evaluate(model, ampq.load_model("smollm2-135m")[0], text="wiki", tokenizer=tok)
 
@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+from ampq.coverage import coverage
 from ampq.errors import AmpqError
 from ampq.formats import get_format
 from ampq.io.model import save
@@ -37,5 +38,5 @@ try:  # registers quant_method "ampq" so transformers' from_pretrained loads amp
 except Exception:  # noqa: BLE001 - a transformers without the quantizer API: ampq works without it
     _hf = None
 
-__all__ = ["AmpqError", "Budget", "Plan", "QuantLinear", "Scheme", "Text", "adapt", "evaluate", "export",
+__all__ = ["AmpqError", "Budget", "Plan", "QuantLinear", "Scheme", "Text", "adapt", "coverage", "evaluate", "export",
            "get_format", "get_scheme", "load", "load_model", "plan", "quantize", "save", "__version__"]

@@ -187,16 +187,20 @@ def cmd_inspect(args) -> int:
     manifest = verify_checkpoint(args.directory)
     layers = manifest.get("layers", {})
     rows = [[name, "+".join([e["format"]] + [r["format"] for r in (e.get("nested") or {}).get("residuals", [])]),
-             e["algorithm"], "x".join(map(str, e["shape"])), e["bytes"], e["bits_per_weight"]]
+             e["algorithm"], ("{} x ".format(e["experts"]) if "experts" in e else "") + "x".join(map(str, e["shape"])),
+             e["bytes"], e["bits_per_weight"]]
             for name, e in layers.items()]
     total_files = sum(f["bytes"] for n, f in manifest["files"].items() if n.endswith(".safetensors"))
     q_bytes = sum(e["bytes"] for e in layers.values())
-    q_weights = sum(e["shape"][0] * e["shape"][1] for e in layers.values())
-    rows.append(["all quantized linears", "", "", f"{q_weights:,} weights", q_bytes,
+    q_weights = sum(e.get("experts", 1) * e["shape"][0] * e["shape"][1] for e in layers.values())
+    rows.append(["all quantized layers", "", "", f"{q_weights:,} weights", q_bytes,
                  8 * q_bytes / q_weights if q_weights else None])
     print_table(f"{args.directory} (ampq {manifest.get('ampq_version')}, source {manifest.get('source')})",
                 ["layer", "format", "algorithm", "shape", "bytes", "bits/weight"], rows,
                 f"{len(manifest['tensors'])} tensors, {total_files:,} bytes of safetensors; every hash verified")
+    covered = manifest.get("coverage")
+    if isinstance(covered, dict) and isinstance(covered.get("line"), str):
+        print(covered["line"])
     return 0
 
 
@@ -439,10 +443,10 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
                    help="AMPQ: the engine that will serve the model; its candidates are the formats that engine runs as "
                    "stored, so `ampq export` changes no layer (vllm: --to compressed-tensors; llama.cpp: --to gguf; "
                    "default any: every format, for ampq and transformers)")
-    p.add_argument("--transform", default="none", choices=["none", "awq"],
+    p.add_argument("--transform", default="none", choices=["none", "awq", "auto"],
                    help="AMPQ: rescale the float model before measuring sensitivity (awq: AWQ's per-channel scales, "
                    "folded into the op before each group), so every candidate is measured on the weights it will "
-                   "quantize (default none)")
+                   "quantize; auto: measure without and with it, keep the plan of least estimated damage; default none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -454,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-s", "--scheme", default=None, help="technique: rtn (default; gptq with --adaptive), gptq, awq, eetq, llm-int8, "
                    "bnb-nf4, bnb-fp4, fp8, fp8-w8a8 ... (see `ampq schemes`; TGI's --quantize names work too)")
     q.add_argument("-f", "--format", default=None, help="number format (default: the scheme's, int4-g128 for rtn; see `ampq formats`)")
-    q.add_argument("--calib", default="wiki", help="calibration text: built-in corpus or file (default wiki, first half)")
+    q.add_argument("--calib", default="mix", help="calibration text: built-in corpus, a mix (default mix: wiki, code, technical and multilingual text, first halves) or a file")
     q.add_argument("--calib-windows", type=int, default=128, help="calibration windows (default 128)")
     q.add_argument("--calib-window", type=int, default=512, help="tokens per calibration window (default 512)")
     q.add_argument("--clip", action="store_true", help="search clipping ratios per group (needs calibration)")
@@ -487,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("model")
     pl.add_argument("-o", "--output", default="plan.json", help="plan file to write (default plan.json)")
     pl.add_argument("--dtype", default=None)
-    pl.add_argument("--calib", default="wiki")
+    pl.add_argument("--calib", default="mix")
     pl.add_argument("--calib-windows", type=int, default=128)
     pl.add_argument("--calib-window", type=int, default=512)
     pl.add_argument("--plan", default=None, help=argparse.SUPPRESS)

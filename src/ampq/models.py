@@ -51,7 +51,7 @@ def fused_groups(names: list[str]) -> list[list[str]]:
     for name in names:
         prefix, _, leaf = name.rpartition(".")
         kind = _FUSED.get(leaf)
-        if kind:
+        if kind and not prefix.endswith("experts"):  # an experts module's up_proj is no dense MLP's
             groups.setdefault((prefix.rpartition(".")[0], kind), []).append(name)
     return [g for g in groups.values() if len(g) > 1]
 

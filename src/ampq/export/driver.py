@@ -19,6 +19,7 @@ from ampq.errors import AmpqError
 from ampq.io.model import load
 from ampq.models import lm_head_name, tied_embeddings
 from ampq.nn import quantized_linears
+from ampq.quant_experts import quantized_projections
 from ampq.pipeline.targets import check_export
 
 
@@ -158,6 +159,11 @@ def run(target_class: type[Target], directory, out, nearest: bool = False, *, ov
         plan = {}  # load() below names what is wrong with the manifest
     check_export(plan.get("target"), target.export_name)
     model = load(directory)
+    experts = quantized_projections(model)
+    if experts:
+        raise AmpqError(f"{directory} holds quantized mixture-of-experts weights ({len(experts)} expert projections, "
+                        f"e.g. {next(iter(experts))}), which the {target.export_name} export cannot write yet; "
+                        "serve it with ampq (ampq.load or from_pretrained after import ampq)")
     target.start(model)
 
     layers = {}

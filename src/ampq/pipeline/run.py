@@ -4,7 +4,7 @@ per-module map, a :class:`~ampq.schemes.Scheme`, a :class:`~ampq.pipeline.plans.
 (resuming a killed run that wrote the same output), and save the checkpoint with what made it.
 
     model, tok = ampq.load_model("smollm2-135m")
-    ampq.quantize(model, ampq.Budget(bits=4.25), calibration="wiki", tokenizer=tok, output="smol-4.25")
+    ampq.quantize(model, ampq.Budget(bits=4.25), calibration="mix", tokenizer=tok, output="smol-4.25")
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ from torch import nn
 
 from ampq.version import __version__
 from ampq.algorithms import NEEDS_CALIBRATION
+from ampq.coverage import coverage
 from ampq.data import Text, Windows, windows_of
 from ampq.errors import AmpqError
+from ampq.experts import experts_modules
 from ampq.formats import get_format
 from ampq.io.lazy import weights_of
 from ampq.io.model import save
@@ -30,6 +32,7 @@ from ampq.memory import MemoryCap
 from ampq.models import decoder_blocks
 from ampq.nested import parse_levels
 from ampq.nn import quantized_linears
+from ampq.quant_experts import quantized_projections
 from ampq.pipeline.adaptive import level_table, nested_layers, quantize_adaptive, stored_range
 from ampq.pipeline.blockwise import quantize_blocks
 from ampq.pipeline.budget import Budget, parse_size
@@ -106,7 +109,8 @@ def quantize(model: nn.Module, spec: Spec | None, *, calibration: Text | str | W
     - a :class:`~ampq.pipeline.budget.Budget`: the plan of least estimated damage within it is
       made first (:func:`ampq.plan`), from the sensitivity measured on ``calibration``.
 
-    ``calibration``: a text's name (``"wiki"``, 128 windows of 512 tokens), an :class:`ampq.Text`
+    ``calibration``: a text's name (``"mix"``, the CLI's default: wiki, code, technical and
+    multilingual text; or one of them; 128 windows of 512 tokens), an :class:`ampq.Text`
     (read with ``tokenizer``), token windows, or an (n, T) tensor of token ids; needed by every
     method but plain round to nearest. ``device``: where to quantize (``"cpu"``, ``"cuda"``,
     ``"auto"``; default: where the model is). ``algorithm`` (``rtn``, ``gptq``), ``clip``,
@@ -128,7 +132,7 @@ def quantize(model: nn.Module, spec: Spec | None, *, calibration: Text | str | W
     target = resolve_device(device, model)
     if target is not None and weights_of(model) is None and next(model.parameters()).device != target:
         model.to(target)
-    done = quantized_linears(model)
+    done = {**quantized_linears(model), **quantized_projections(model)}
     if done:
         raise AmpqError(f"this model is already quantized ({len(done)} quantized layers); quantize from the "
                         "unquantized model (a float folder, a hub id or a built-in name)")
@@ -138,6 +142,9 @@ def quantize(model: nn.Module, spec: Spec | None, *, calibration: Text | str | W
     method["compute_dtype"] = compute_dtype
     if isinstance(memory, (str, int)):
         memory = MemoryCap(parse_size(memory), output.parent if output is not None else Path.cwd())
+    if levels and experts_modules(model):
+        raise AmpqError("--adaptive does not yet nest mixture-of-experts weights; quantize this model with a format, "
+                        "a scheme or a budget instead")
     if memory is not None and levels:
         raise AmpqError("--adaptive measures every level on the whole model; drop --adaptive or --max-memory")
     manifest: dict = {}
@@ -180,6 +187,8 @@ def quantize(model: nn.Module, spec: Spec | None, *, calibration: Text | str | W
                         sequential=sequential, on_layer=on_layer, progress=progress, resume=resume, memory=memory,
                         **method)
     model.ampq_manifest = manifest
+    if progress:
+        print(coverage(model).line(), file=sys.stderr)
     if output is not None:
         t_save = time.perf_counter()
         save(model, output, tokenizer, overwrite=overwrite, extra_manifest=manifest)
@@ -277,4 +286,4 @@ def summary(model: nn.Module, name: str, spec_label: str, seconds: float, output
     """The line that says what a run made."""
     where = f"; saved to {output}" if output is not None else ""
     return (f"quantized {name} with {spec_label} in {seconds:.1f} s: {linear_bits(model):.3f} bits per weight "
-            f"over the quantized linears, {model_bytes(model) / 1e6:.1f} MB in all{where}")
+            f"over the quantized layers, {model_bytes(model) / 1e6:.1f} MB in all{where}")
