@@ -53,6 +53,7 @@ class CompressedTensors(Target):
 
     def check(self, layers: dict[str, Layer]) -> None:
         writer.check_fused(layers, self.linears)
+        writer.check_global_scales(layers, self.linears)
         self.qconfig, self.groups = writer.quantization_config(layers, self.linears)
 
     def convert(self, layer: Layer) -> Conversion:
@@ -87,12 +88,16 @@ class CompressedTensors(Target):
         if head in layers and layers[head].kind is not None:
             self.warnings.append(f"the output head ({head}) is quantized: recent vLLM versions run a quantized head "
                                  "from compressed-tensors, older ones expect it unquantized")
-        scales = [it.tensors.get(f"{n}.weight_scale") for n, it in layers.items()]
+        scales = [it.tensors.get(f"{n}.weight_scale") for n, it in layers.items() if not (it.kind and it.kind.fp4)]
         wide = [s for s in scales if s is not None and s.dtype != dtype]
         if wide and dtype != torch.float32:
             self.warnings.append(f"{len(wide)} layers keep scales that {str(dtype).removeprefix('torch.')} cannot "
                                  "hold exactly (stored as they are); engines that hold scales in the model dtype "
                                  "round them (vLLM: --dtype float16 keeps fp16 scales exact)")
+        if dtype != torch.bfloat16 and any(s.fp4 for s in groups):
+            self.warnings.append(f"the model is {str(dtype).removeprefix('torch.')}: compressed-tensors decompresses "
+                                 "NVFP4/MXFP4 to bfloat16 weights, so load this export in transformers with "
+                                 "dtype=torch.bfloat16")
         if dtype == torch.float32 and any(s.type == "int" for s in groups):
             self.warnings.append("the model is float32: vLLM runs it in 16 bits; --dtype float16 keeps ampq's fp16 "
                                  "scales exact")

@@ -1,6 +1,7 @@
 """The tensors of one layer in a compressed-tensors scheme, made by compressed-tensors' own
 compressors (``PackedQuantizationCompressor``, pack-quantized, for integer weights;
-``FloatQuantizationCompressor``, float-quantized, for FP8) from the weight ampq decodes and the
+``FloatQuantizationCompressor``, float-quantized, for FP8; ``NVFP4PackedCompressor`` and
+``MXFP4PackedCompressor`` for ampq's ``nvfp4`` / ``mxfp4``, whose scales it keeps in E4M3 / E8M0) from the weight ampq decodes and the
 scales (and zero points) that reproduce ampq's codes, or, for a layer re-quantized with
 ``nearest``, scales fitted to that weight. The weight the library decompresses comes back too,
 for the driver's bit-for-bit check and the change it reports."""
@@ -8,12 +9,14 @@ for the driver's bit-for-bit check and the change it reports."""
 from __future__ import annotations
 
 import torch
-from compressed_tensors.compressors import FloatQuantizationCompressor, PackedQuantizationCompressor
+from compressed_tensors.compressors import (FloatQuantizationCompressor, MXFP4PackedCompressor,
+                                           NVFP4PackedCompressor, PackedQuantizationCompressor)
 from torch import nn
 
 from ampq.export.compressed_tensors.schemes import Scheme, int_params, per_group
 from ampq.export.driver import base_of, decoded_weight
 from ampq.formats.integer import IntegerFormat
+from ampq.formats.microscaled import E4M3, mx_scale
 
 
 def _grouped(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
@@ -70,17 +73,20 @@ def _fit(w: torch.Tensor, scheme: Scheme, model_dtype: torch.dtype, layer=None):
     return scale, (zero - half).to(torch.int8)
 
 
-def _compressor(scheme: Scheme):
-    return PackedQuantizationCompressor if scheme.type == "int" else FloatQuantizationCompressor
+_COMPRESSORS = {"int": PackedQuantizationCompressor, "float": FloatQuantizationCompressor,
+                "nvfp4": NVFP4PackedCompressor, "mxfp4": MXFP4PackedCompressor}
 
 
-def _compress(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: Scheme):
+def _compress(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: Scheme,
+              global_scale: torch.Tensor | None = None):
     """compressed-tensors' tensors for one layer (local names) and the weight it decompresses them to."""
     ct_scheme = scheme.build(["Linear"])
-    compressor = _compressor(scheme)
+    compressor = _COMPRESSORS[scheme.type]
     state = {"weight": w.float().contiguous(), "weight_scale": scale.float().contiguous()}
     if zero is not None:
         state["weight_zero_point"] = zero.contiguous()
+    if global_scale is not None:
+        state["weight_global_scale"] = global_scale.float().reshape(1)
     packed = dict(compressor.compress(state, ct_scheme))
     decoded = compressor.decompress(dict(packed), ct_scheme)["weight"].float()
     return packed, decoded
@@ -102,6 +108,14 @@ def layer_tensors(layer: nn.Module, scheme: Scheme | None, exact: bool, model_dt
     decoded = weight = None
     if scheme is None:
         tensors = {"weight": base.stored()["weight"].reshape(layer.shape)}
+    elif scheme.fp4:  # exact only (nothing is re-quantized to FP4): the format's own scales
+        weight = decoded_weight(layer)
+        stored = base.stored()
+        # the group scales as compressed-tensors holds them before compressing: E4M3 values (NVFP4,
+        # whose decoding divides them by the global scale) or powers of two (MXFP4)
+        codes = stored["scale"].reshape(base.out_features, -1)
+        scale = E4M3.decode(codes.to(torch.int32)) if scheme.type == "nvfp4" else mx_scale(codes)
+        tensors, decoded = _compress(weight, scale, None, scheme, stored.get("global_scale"))
     else:
         weight = decoded_weight(layer)
         if exact and scheme.type == "int":

@@ -17,8 +17,9 @@ from compressed_tensors.utils.match import match_name
 
 from ampq.errors import AmpqError
 from ampq.export.compressed_tensors.schemes import Scheme
-from ampq.export.driver import Layer
+from ampq.export.driver import Layer, base_of
 from ampq.io.checkpoint import write_shards
+from ampq.models import fused_groups
 
 # Layers vLLM fuses into one (qkv_proj, gate_up_proj): they must share one scheme.
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -49,6 +50,20 @@ def check_fused(items: dict[str, Layer], linears: list[str]) -> None:
                 raise AmpqError(f"{parent or 'the model'}: vLLM fuses {'/'.join(members)} into one layer with one "
                                 f"scheme, but {', '.join(show(c) for c in members)}; quantize them with one format "
                                 "(ampq ties them unless --untied) and export again")
+
+
+def check_global_scales(items: dict[str, Layer], linears: list[str]) -> None:
+    """vLLM decodes fused NVFP4 layers with the largest of their global scales (its W4A16 NVFP4
+    scheme takes ``weight_global_scale.max()``): every other member would decode wrong."""
+    for group in fused_groups([n for n in linears if n in items and items[n].kind is not None
+                               and items[n].kind.type == "nvfp4"]):
+        scales = {n: float(base_of(items[n].module).stored()["global_scale"].reshape(-1)[0]) for n in group}
+        if len(set(scales.values())) > 1:
+            parent = group[0].rpartition(".")[0].rpartition(".")[0]
+            raise AmpqError(f"{parent or 'the model'}: vLLM fuses {', '.join(n.rpartition('.')[2] for n in group)} into "
+                            f"one layer with one NVFP4 global scale, but they hold different ones "
+                            f"({', '.join(f'{v:.6g}' for v in scales.values())}); quantize them again with this ampq "
+                            "version (it gives fused layers one global scale) and export again")
 
 
 def _pattern(name: str) -> str:
