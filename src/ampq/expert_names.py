@@ -42,8 +42,8 @@ FAMILIES = {
 FUSED = {
     "gpt_oss": "gpt-oss checkpoints keep their experts fused, interleaved and transposed, with biases "
                "(vLLM reads them as MXFP4 or 16-bit 3D weights, not as per-expert compressed-tensors layers)",
-    "llama4": "Llama-4 checkpoints keep their experts fused and transposed, and ampq has not verified vLLM's "
-              "per-expert compressed-tensors path for them",
+    "llama4_text": "Llama-4 checkpoints keep their experts fused and transposed, and ampq has not verified vLLM's "
+                   "per-expert compressed-tensors path for them",
 }
 
 

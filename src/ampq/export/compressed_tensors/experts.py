@@ -40,7 +40,7 @@ class Experts:
             raise AmpqError(f"{directory} holds quantized experts ({next(iter(projections))}), which vLLM's "
                             f"compressed-tensors MoE path does not take from ampq: {why}; serve it with ampq "
                             "(ampq.load or from_pretrained after import ampq), or quantize the linears only "
-                            '({"*.experts.*": "bf16", "*": FORMAT})')
+                            '({"*.experts.*": None, "*": FORMAT})')
         # an expert's QuantLinear by its name in the model -> the hub names of the layers it becomes
         self.parts: dict[str, tuple[str, ...]] = {}
         self.layers: dict[str, nn.Module] = {}
