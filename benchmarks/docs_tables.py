@@ -276,6 +276,7 @@ TABLES: dict[str, Callable[[], str]] = {
                           keep=lambda r: r["M"] in ("1", "16", "128", "1024")),
     "bench-smollm2-135m": md_whole("bench/bench-smollm2-135m.md", "bench/bench-smollm2-135m-bf16.json"),
     "bench-qwen2.5-coder-0.5b": md_whole("bench/bench-qwen2.5-coder-0.5b.md", "bench/bench-qwen2.5-coder-0.5b-bf16.json"),
+    "moe-block": md_whole("moe_block/moe_block.md", "moe_block/moe_block.json"),
 }
 
 

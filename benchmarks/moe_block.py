@@ -82,8 +82,8 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     m = machine()
-    what = (f"one random Mixtral MoE block (hidden {args.hidden}, router included, {torch.get_num_threads()} torch "
-            f"threads); transformers' experts implementation: {implementation}")
+    what = (f"one random Mixtral MoE block (hidden {args.hidden}, router included); transformers' experts "
+            f"implementation: {implementation}")
     result = {"machine": m, "block": what, "rows": rows, "unit": "tokens per CPU second (median call, one thread)"}
     OUT.mkdir(parents=True, exist_ok=True)
     with atomic_file(OUT / "moe_block.json") as tmp:
