@@ -283,6 +283,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "bench-qwen2.5-coder-0.5b": md_whole("bench/bench-qwen2.5-coder-0.5b.md", "bench/bench-qwen2.5-coder-0.5b-bf16.json"),
     "bench-compiled-smollm2-135m": md_whole("bench/bench-smollm2-135m-compiled.md",
                                             "bench/bench-smollm2-135m-compiled-compiled:int4-g32-sym.json"),
+    "moe-block": md_whole("moe_block/moe_block.md", "moe_block/moe_block.json"),
 }
 
 

@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # above it; it may import from its own layer and those below, never above.
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["ampq.errors", "ampq.atomic", "ampq.version", "ampq.dtypes", "ampq.memory", "ampq.models", "ampq.builtin",
-                    "ampq.figures", "ampq.experts"]),
+                    "ampq.figures", "ampq.experts", "ampq.expert_names"]),
     ("formats", ["ampq.formats"]),
     ("algorithms and kernels", ["ampq.algorithms", "ampq.kernels"]),
     ("quantized modules", ["ampq.nn", "ampq.nested", "ampq.quant_experts"]),
