@@ -115,14 +115,22 @@ class QuantExperts(nn.Module):
         out = torch.zeros_like(hidden_states)
         k = top_k_index.shape[-1]
         flat = top_k_index.reshape(-1)
-        weights = top_k_weights.reshape(-1)
-        # experts hit at least once; an index past the last expert is expert parallelism's sentinel
-        for e in torch.unique(flat).tolist():
-            if e >= self.num_experts:
-                continue
-            slots = (flat == e).nonzero().squeeze(-1)
-            tokens = slots // k
-            y = self._expert(e, hidden_states[tokens]) * weights[slots, None]
+        # the routed slots grouped by expert (token order kept within each), so that each expert runs
+        # once on all its tokens, gathered in one step and added back in one; an index past the last
+        # expert (expert parallelism's sentinel) sorts last and is left out
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts)[: self.num_experts].tolist()
+        routed = sum(counts)
+        order = order[:routed]
+        tokens = order // k
+        x = hidden_states[tokens]
+        outputs, start = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                outputs.append(self._expert(e, x[start:start + n]))
+            start += n
+        if outputs:
+            y = torch.cat(outputs) * top_k_weights.reshape(-1)[order, None]
             out.index_add_(0, tokens, y.to(out.dtype))
         return out
 

@@ -39,11 +39,18 @@ from ampq.pipeline.expert_damage import expert_projection_names, measure_experts
 from ampq.report import block_linear_names
 from ampq.ranks import merge_by_name, owned_linears
 
-# One per family, each with the algorithm that serves it best (issue #5's default set).
+# Decided by benchmarks/quality.py across models (docs/mixed-precision.md, "Across models"): the
+# integer layouts with a minimum (GGUF's) and with an exact zero (symmetric, or integer zero points:
+# what vLLM and GPTQ/AWQ checkpoints store), side by side, so the allocator measures which one each
+# layer takes instead of assuming; NF4, FP8, int8 both ways, 16 bits. No 2-bit candidate: the summed
+# estimate under-rates 2-bit layers most (the errors compound), and no plan at 3.5 bits or more
+# gained from them.
 DEFAULT_CANDIDATES = [
-    "int2-g64:gptq", "int3-g128:gptq", "int3-g64:gptq", "int4-g128:gptq", "int4-g64:gptq", "int4-g32:gptq",
-    "nf4-b64-dq:gptq",
-    "int5-g128:gptq", "int6-g128:gptq", "fp8-e4m3-ch:rtn", "int8-ch:rtn", "bf16",
+    "int3-g128:gptq", "int3-g128-zp:gptq", "int3-g64:gptq", "int3-g64-zp:gptq",
+    "int4-g128:gptq", "int4-g128-zp:gptq", "int4-g128-sym:gptq", "int4-g64:gptq", "int4-g64-zp:gptq",
+    "int4-g32:gptq", "int4-g32-sym:gptq", "nf4-b64-dq:gptq",
+    "int5-g128:gptq", "int5-g128-zp:gptq", "int6-g128:gptq", "int6-g128-sym:gptq",
+    "fp8-e4m3-ch:rtn", "int8-ch:rtn", "int8-ch-sym:rtn", "bf16",
 ]
 
 

@@ -87,7 +87,7 @@ class Conversion:
 
 class Target(ABC):
     """One format ampq checkpoints export to. The driver calls, in order: :meth:`check_source`
-    (before loading), :meth:`start` (the loaded model), :meth:`decide` (each layer),
+    (before loading), :meth:`start` (the loaded model), :meth:`expert_layers`, :meth:`decide` (each layer),
     :meth:`nearest` (inexact layers, with ``nearest``), :meth:`check` (all layers decided),
     :meth:`convert` (each layer), :meth:`plain` (each other tensor), :meth:`write` (into a
     temporary file or folder) and :meth:`summary`. One instance per export."""
@@ -119,6 +119,16 @@ class Target(ABC):
 
     def describe(self, kind: object) -> str:
         return str(kind)
+
+    def expert_layers(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The quantized experts, each expert's projection one layer by the name of its QuantLinear
+        (``model.layers.0.mlp.experts.gate_up_proj.3``); a target that cannot write them refuses here."""
+        experts = quantized_projections(model)
+        if experts:
+            raise AmpqError(f"{self.directory} holds quantized mixture-of-experts weights ({len(experts)} expert "
+                            f"projections, e.g. {next(iter(experts))}), which the {self.export_name} export cannot "
+                            "write yet; serve it with ampq (ampq.load or from_pretrained after import ampq)")
+        return {}
 
     def check(self, layers: dict[str, Layer]) -> None:
         """Refuse combinations of layers the target cannot hold (each layer decided)."""
@@ -159,15 +169,10 @@ def run(target_class: type[Target], directory, out, nearest: bool = False, *, ov
         plan = {}  # load() below names what is wrong with the manifest
     check_export(plan.get("target"), target.export_name)
     model = load(directory)
-    experts = quantized_projections(model)
-    if experts:
-        raise AmpqError(f"{directory} holds quantized mixture-of-experts weights ({len(experts)} expert projections, "
-                        f"e.g. {next(iter(experts))}), which the {target.export_name} export cannot write yet; "
-                        "serve it with ampq (ampq.load or from_pretrained after import ampq)")
     target.start(model)
 
     layers = {}
-    for name, module in quantized_linears(model).items():
+    for name, module in {**quantized_linears(model), **target.expert_layers(model)}.items():
         d = target.decide(module)
         layers[name] = Layer(name, module, source_of(module), d.kind, d.exact, d.why, d.widened)
     inexact = [it for it in layers.values() if not it.exact]

@@ -23,7 +23,7 @@ from ampq.errors import AmpqError
 from ampq.formats import get_format
 from ampq.io.lazy import weights_of
 from ampq.memory import MemoryCap, return_freed_memory, working_set
-from ampq.models import decoder_blocks, lm_head_name, replace_module, tied_embeddings
+from ampq.models import decoder_blocks, fused_groups, lm_head_name, replace_module, tied_embeddings
 from ampq.nn import QuantLinear
 from ampq.pipeline.moe import ExpertCounts, keeps_router, quantize_experts
 from ampq.pipeline.plans import Plan
@@ -63,7 +63,7 @@ def _finite_weight(name: str, linear: nn.Linear) -> torch.Tensor:
 
 
 def _shared_gptq(prefix: str, block: nn.Module, group: list[str], targets: dict[str, str], formats, algorithm: str,
-                 clip: bool, options: dict | None, stats) -> dict[str, tuple]:
+                 clip: bool, options: dict | None, stats, fused: dict) -> dict[str, tuple]:
     """(codes, params) of the group's GPTQ linears from one column sweep over all of them
     (:func:`ampq.algorithms.gptq.gptq_many`: the same codes as one call per linear, in a fraction
     of the time). Only act-order GPTQ shares a sweep; other layers are left to quantize_linear."""
@@ -76,6 +76,8 @@ def _shared_gptq(prefix: str, block: nn.Module, group: list[str], targets: dict[
             continue
         weight = _finite_weight(name, block.get_submodule(sub))
         fmt = get_format(targets[sub])
+        if sub in fused:
+            fmt = fmt.shared_over(fused[sub])
         try:
             ratios = search_clip(weight, fmt, stats) if layer_clip else 1.0
         except ValueError as e:
@@ -113,11 +115,15 @@ def quantize_matrix(name: str, weight: torch.Tensor, fmt_name: str, algorithm: s
 def quantize_linear(name: str, linear: nn.Linear, fmt_name: str, algorithm: str = "rtn", stats=None, *,
                     clip: bool = False, bias_correction: bool = False, activation: str | None = None,
                     compute_dtype: str | None = None, options: dict | None = None,
-                    solved: tuple | None = None) -> QuantLinear:
+                    solved: tuple | None = None, fused_with: list[torch.Tensor] | None = None) -> QuantLinear:
     """One linear in one format: clip search, the algorithm's codes, then bias correction.
-    ``solved``: (codes, params) already chosen by a GPTQ sweep shared with other linears."""
+    ``solved``: (codes, params) already chosen by a GPTQ sweep shared with other linears.
+    ``fused_with``: the weights of the layers engines fuse it with (itself included), in the same
+    format, which share what the format holds once per fused layer (NVFP4's global scale)."""
     weight = _finite_weight(name, linear)
     fmt = get_format(fmt_name)
+    if fused_with:
+        fmt = fmt.shared_over(fused_with)
     if solved is not None:
         codes, params = solved
     else:
@@ -289,6 +295,19 @@ def _quantized_bytes(blocks, formats) -> int:
     return total
 
 
+def _fused_weights(block, targets: dict[str, str]) -> dict[str, list[torch.Tensor]]:
+    """For each linear that engines fuse with others of the same format (q/k/v, gate/up), the
+    float weights of all of them, taken before any is replaced."""
+    fused = {}
+    for group in fused_groups(list(targets)):
+        for fmt in {targets[s] for s in group}:
+            members = [s for s in group if targets[s] == fmt]
+            if len(members) > 1:
+                weights = [block.get_submodule(s).weight for s in members]
+                fused.update({s: weights for s in members})
+    return fused
+
+
 def _quantize_block(prefix, block, formats, algorithm, clip, bias_correction, awq, options, layer_kwargs,
                     on_layer, cal, sequential, counts: ExpertCounts, ranks: Ranks) -> None:
     """One decoder block's linears and experts; with calibration (``cal``), the inputs then move
@@ -297,6 +316,7 @@ def _quantize_block(prefix, block, formats, algorithm, clip, bias_correction, aw
     targets = {sub: format_for(f"{prefix}.{sub}", formats) for sub, m in block.named_modules()
                if isinstance(m, nn.Linear) and not keeps_router(block, prefix, sub, formats)}
     targets = {sub: f for sub, f in targets.items() if f is not None}
+    fused = _fused_weights(block, targets)
 
     def choose(name: str):  # an expert projection's format and method
         algo, layer_clip = _layer_method(name, formats, algorithm, clip)
@@ -311,7 +331,7 @@ def _quantize_block(prefix, block, formats, algorithm, clip, bias_correction, aw
             algo, _ = _layer_method(name, formats, algorithm, clip)
             linear = block.get_submodule(sub)
             layer = quantize_linear(name, linear, fmt, algo, options=options if algo == algorithm else None,
-                                    **layer_kwargs)
+                                    fused_with=fused.get(sub), **layer_kwargs)
             replace_module(block, sub, on_layer(name, linear, layer, None) if on_layer else layer)
         quantize_experts(prefix, block, choose, make, None, counts)
         return
@@ -328,7 +348,7 @@ def _quantize_block(prefix, block, formats, algorithm, clip, bias_correction, aw
         owners = owned_linears(block, [group], ranks)  # a group's linears wait for the same statistics
         stats = cal.stats(block, group) if shared is None else shared[whole[0]]
         solved = _shared_gptq(prefix, block, [sub for sub in group if owners[sub] == ranks.rank], targets, formats,
-                              algorithm, clip, options, stats)
+                              algorithm, clip, options, stats, fused)
         done = {}
         for sub in group:
             if owners[sub] != ranks.rank:
@@ -339,7 +359,7 @@ def _quantize_block(prefix, block, formats, algorithm, clip, bias_correction, aw
             layer = quantize_linear(name, linear, targets[sub], algo, stats, clip=layer_clip,
                                     bias_correction=bias_correction,
                                     options=options if algo == algorithm else None, solved=solved.get(sub),
-                                    **layer_kwargs)
+                                    fused_with=fused.get(sub), **layer_kwargs)
             done[sub] = on_layer(name, linear, layer, stats) if on_layer else layer
         for sub in group:
             if ranks.world > 1:  # travels on the CPU, comes back to this rank's device

@@ -23,7 +23,7 @@ from ampq.allocate import allocate, reachable
 from ampq.builtin import cache_dir
 from ampq.data import Text, Windows, as_text
 from ampq.errors import AmpqError
-from ampq.models import decoder_blocks, replace_module
+from ampq.models import decoder_blocks, fused_groups, replace_module
 from ampq.pipeline.budget import Budget, parse_size
 from ampq.pipeline.expert_damage import expert_projection_names, expert_weight_bytes
 from ampq.placement import Placement
@@ -38,13 +38,7 @@ from ampq.sensitivity import DEFAULT_CANDIDATES, Candidate, SensitivityTable, me
 
 def tie_groups(layers: list[str]) -> list[list[str]]:
     """q/k/v of one block share a format, and so do gate/up: engines that fuse them need it."""
-    groups: dict[tuple[str, str], list[str]] = {}
-    for name in layers:
-        prefix, _, leaf = name.rpartition(".")
-        kind = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}.get(leaf)
-        if kind and not prefix.endswith("experts"):  # an experts module's up_proj is no dense MLP's
-            groups.setdefault((prefix.rpartition(".")[0], kind), []).append(name)
-    return [g for g in groups.values() if len(g) > 1]
+    return fused_groups(layers)
 
 
 def table_key(source: str | None, candidates: list[str], calib: dict) -> str:
