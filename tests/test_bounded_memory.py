@@ -126,7 +126,7 @@ def _cli(*args, env=None):
 
 
 def test_cap_below_the_work_is_refused_with_the_least_that_works(tmp_path, model_dir):  # noqa: F811
-    r = _cli(str(model_dir), "-s", "gptq", "--calib-windows", "2", "--calib-window", "64", "--max-memory", "200MB",
+    r = _cli(str(model_dir), "-s", "gptq", "--calib-windows", "4", "--calib-window", "64", "--max-memory", "200MB",
              "-o", str(tmp_path / "o"))
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "--max-memory 0.20 GB is below what quantizing one block at a time needs" in r.stderr

@@ -135,7 +135,7 @@ def test_adaptive_checkpoint_switches_while_generating(tmp_path, smol_dir):
     out = tmp_path / "adaptive"
     # int4-g64: SmolLM2's 576-wide layers then run the packed CPU kernel, not decode-then-matmul
     r = run("quantize", "smollm2-135m", "--adaptive", "4:8", "--scheme", "rtn", "-f", "int4-g64",
-            "--calib-windows", "2", "--calib-window", "64", "-o", str(out))
+            "--calib-windows", "4", "--calib-window", "64", "-o", str(out))
     assert "plans from 4.500 to 8.750 bits per weight" in r.stderr
     manifest = json.loads((out / "ampq.json").read_text())
     assert manifest["adaptive"]["levels"] == [4, 8] and manifest["sensitivity"]["candidates"] == ["L0", "L1"]

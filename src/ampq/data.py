@@ -118,7 +118,8 @@ def make_windows(tokenizer, spec: str, split: str = "eval", window: int = 512, n
 def _mixed_windows(tokenizer, specs: list[str], split: str, window: int, n: int, stride: int | None) -> Windows:
     specs = [t.strip() for t in specs if t.strip()]
     if not specs or n < len(specs):
-        raise AmpqError(f"a mix of {len(specs)} texts needs at least {len(specs)} windows, not {n}")
+        raise AmpqError(f"a mix of {len(specs)} texts needs at least {len(specs)} windows, not {n}: give "
+                        f"--calib-windows {len(specs)} or more, or one text (--calib wiki)")
     parts = [make_windows(tokenizer, t, split, window, n // len(specs) + (i < n % len(specs)), stride)
              for i, t in enumerate(specs)]
     return Windows(torch.cat([w.tokens for w in parts]), [f for w in parts for f in w.first_scored], window,
