@@ -10,6 +10,11 @@ weight error dW of one linear with input Hessian H = 2 X^T X / n,
 
 an estimate in nats per token, the same unit in every layer (the plain Hessian estimate is in each
 layer's own output units, which differ from layer to layer).
+
+An encoder has no next-token distribution; its output is the last hidden state h. The loss r . h
+with r drawn from N(0, I) has E[g g^T] = J^T J (J: the Jacobian of h at a linear's output), the
+Gauss-Newton Hessian of |dh|^2 / 2, so the same formula estimates half the squared change of the
+final hidden state per token: again one unit in every layer, which is what the allocation needs.
 """
 
 from __future__ import annotations
@@ -52,12 +57,8 @@ def output_fisher(model: nn.Module, tokens: torch.Tensor, names: list[str], *, b
                 x = embed(ids)
             x.requires_grad_(True)
             with torch.enable_grad():
-                logits = model(inputs_embeds=x, use_cache=False).logits.float()
-                with torch.no_grad():
-                    probs = torch.softmax(logits.reshape(-1, logits.shape[-1]), -1)
-                    labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-                    del probs
-                loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels, reduction="sum")
+                out = model(inputs_embeds=x, use_cache=False)
+                loss = _sampled_loss(out, generator)
                 loss.backward()
             count += ids.numel()
     finally:
@@ -66,6 +67,20 @@ def output_fisher(model: nn.Module, tokens: torch.Tensor, names: list[str], *, b
         for p in trainable:
             p.requires_grad_(True)
     return {n: (s / count).float() for n, s in sums.items()}
+
+
+def _sampled_loss(out, generator: torch.Generator) -> torch.Tensor:
+    """The loss whose squared gradients estimate the Fisher weights: the cross-entropy of labels
+    sampled from the model's own next-token distribution, or, for an encoder (no logits), a random
+    projection of its last hidden state."""
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        hidden = out.last_hidden_state.float()
+        return (hidden * torch.randn(hidden.shape, generator=generator, device=hidden.device)).sum()
+    logits = logits.float().reshape(-1, logits.shape[-1])
+    with torch.no_grad():
+        labels = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
+    return nn.functional.cross_entropy(logits, labels, reduction="sum")
 
 
 def fisher_damage(rowwise: torch.Tensor, fisher: torch.Tensor) -> float:
