@@ -27,7 +27,7 @@ from ampq.formats import get_format
 from ampq.io.lazy import weights_of
 from ampq.io.model import save
 from ampq.memory import MemoryCap
-from ampq.models import decoder_blocks
+from ampq.models import decoder_blocks, kept_towers
 from ampq.nested import parse_levels
 from ampq.nn import quantized_linears
 from ampq.pipeline.adaptive import level_table, nested_layers, quantize_adaptive, stored_range
@@ -179,6 +179,12 @@ def quantize(model: nn.Module, spec: Spec | None, *, calibration: Text | str | W
         quantize_blocks(model, formats, calibration=tokens, lm_head=lm_head, batch_size=batch_size,
                         sequential=sequential, on_layer=on_layer, progress=progress, resume=resume, memory=memory,
                         **method)
+    towers = {t: sum(p.numel() for p in model.get_submodule(t).parameters()) for t in kept_towers(model)}
+    if towers:  # a vision-language model: only its language model was quantized
+        manifest["kept_towers"] = towers
+        if progress:
+            print("kept as they were, outside the language model: " + ", ".join(
+                f"{t} ({n / 1e6:.2f}M parameters)" for t, n in towers.items()), file=sys.stderr)
     model.ampq_manifest = manifest
     if output is not None:
         t_save = time.perf_counter()
