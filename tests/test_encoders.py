@@ -211,10 +211,14 @@ def test_cli_quantize_eval_and_eval_pick_the_embedding_measure(tmp_path, tokeniz
     assert "cosine" in capsys.readouterr().out
 
 
-def test_cli_refuses_an_encoder_eval_without_an_original(tmp_path, tokenizer, corpus, capsys):
+def test_cli_refuses_what_an_encoder_cannot_do(tmp_path, tokenizer, corpus, capsys):
     ampq.save(ampq.quantize(tiny_bert(), "int8-ch", progress=False), tmp_path / "q", tokenizer)
     assert main(["eval", str(tmp_path / "q"), "--corpus", corpus]) == 2
     assert "against its original" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "q"), "--prompt", "the river"]) == 2
+    assert "is an encoder (BertModel)" in capsys.readouterr().err
+    assert main(["bench", str(tmp_path / "q")]) == 2
+    assert "does not generate" in capsys.readouterr().err
 
 
 # ---- block structures ----------------------------------------------------------------------------

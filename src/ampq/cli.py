@@ -364,7 +364,12 @@ def cmd_generate(args) -> int:
 
     import ampq
 
+    from ampq.models import is_encoder
+
     model, tok = ampq.load_model(args.model, keep_quantized=True)
+    if is_encoder(model):
+        raise AmpqError(f"{args.model} is an encoder ({type(model).__name__}): it makes embeddings, not text; "
+                        f"score it with `ampq eval {args.model}`")
     if tok is None:
         raise AmpqError(f"{args.model} has no tokenizer to read the prompt with; re-save it with its tokenizer")
     messages = [{"role": "user", "content": args.prompt}]
