@@ -215,6 +215,21 @@ def full_run() -> str:
                       *(row([c, num(v["perplexity"]), num(v["kl"], 4), num(v["top1"])]) for c, v in q.items())])
 
 
+def sensitivity_speed(model: str) -> Callable[[], str]:
+    def table() -> str:
+        rel = f"sensitivity_speed/{model}.json"
+        data = load(rel)
+        lines = [source(rel), "", f"Load average {data['load_average'][0]:.1f} at the end of the run (the ratio, not the seconds, is what to read).", "",
+                 row(["block", "linears", "one by one s", "sweep s", "speed-up", "max damage difference"]), "|---|---|---|---|---|---|"]
+        for g in data["groups"]:
+            lines.append(row([g["block"], "+".join(s.split(".")[-1] for s in g["linears"]), f"{g['seconds']['one by one']:.2f}",
+                              f"{g['seconds']['sweep']:.2f}", f"{g['speedup']:.2f}x", f"{g['max_relative_damage_difference']:.1e}"]))
+        t = data["total_seconds"]
+        lines.append(row(["all", "", f"{t['one by one']:.1f}", f"{t['sweep']:.1f}", f"{data['speedup']:.2f}x", ""]))
+        return "\n".join(lines)
+    return table
+
+
 def quality() -> str:
     """Every row of benchmarks/quality.py, per model: size, perplexity increase over the original on
     each text, KL to the original."""
@@ -247,6 +262,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "gptq-qwen-eval32": gptq_qwen_eval32,
     "sensitivity": md_whole("sensitivity/sensitivity.md", "sensitivity/sensitivity.json"),
     "allocate": allocate,
+    "sensitivity-speed-smollm2-135m": sensitivity_speed("smollm2-135m"),
     "full-run": full_run,
     "memory-cap": memory_cap,
     "adapt-smollm2-135m": md_section("adapt/adapt.md", "adapt/adapt.json", "**smollm2-135m**"),

@@ -51,6 +51,8 @@ NO2 = [c for c in BOTH if not c.startswith("int2")]
 VARIANTS = {
     "v0.1": {"candidates": V01, "transform": "none", "calib": "wiki"},
     "v0.1+mix": {"candidates": V01, "transform": "none"},
+    "both": {"candidates": BOTH, "transform": "none"},
+    "both-no-int2": {"candidates": NO2, "transform": "none"},
     "awq": {"candidates": V01, "transform": "awq"},
     "awq+zero": {"candidates": ZERO, "transform": "awq"},
     "awq+both": {"candidates": BOTH, "transform": "awq"},
@@ -101,7 +103,8 @@ class Scorer:
 
 def run_ampq(original, tok, calib, variant: str, budgets: list[float], scorer: Scorer, args) -> list[dict]:
     spec = VARIANTS[variant]
-    model = copy.deepcopy(original)
+    # sensitivity leaves the model as it was: only a transform needs a copy of its own
+    model = copy.deepcopy(original) if spec["transform"] != "none" else original
     names = block_linear_names(model)
     fixed = planner.fixed_bytes(model, names)
     t0 = time.perf_counter()
@@ -110,9 +113,10 @@ def run_ampq(original, tok, calib, variant: str, budgets: list[float], scorer: S
     table = measure(model, calib, spec["candidates"], progress=False)
     t2 = time.perf_counter()
     rows = []
-    for budget in budgets:
+    for k, budget in enumerate(budgets):
         plan = planner.plan_for_budget(table, bits_per_weight=budget, fixed=fixed)
-        quantized = copy.deepcopy(model)
+        # the last budget quantizes the transformed copy itself: one float copy fewer at the peak
+        quantized = copy.deepcopy(model) if k < len(budgets) - 1 or model is original else model
         t3 = time.perf_counter()
         ampq.quantize(quantized, plan, calibration=calib, progress=False)
         rows.append({"kind": "ampq", "name": f"AMPQ {variant}", "variant": variant, "budget": budget,

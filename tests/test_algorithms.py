@@ -7,7 +7,7 @@ import torch
 import ampq
 from ampq.algorithms.bias_correction import corrected_bias
 from ampq.algorithms.clip import search_clip
-from ampq.algorithms.gptq import gptq
+from ampq.algorithms.gptq import gptq, gptq_many
 from ampq.algorithms.rtn import rtn
 from ampq.calibrate import Calibration, LayerStats
 from ampq.data import make_windows
@@ -127,3 +127,50 @@ def test_gptq_matches_the_paper_in_float64(real_layers, fmt_name):
     ours = deq(fmt, codes, params).double()
     ref = gptq_paper(w, stats.hessian, fmt)
     assert (ours - ref).abs().max().item() < 1e-5
+
+
+def test_gptq_many_equals_gptq_job_by_job(real_layers):
+    """One sweep over the stacked rows of every layer sharing an input x several formats (integer
+    ones rounded together, NF4 and FP8 on their own rows) gives each job the result of gptq alone."""
+    by_stats = {}
+    for sub, w, stats, _ in real_layers:
+        by_stats.setdefault(id(stats), (stats, []))[1].append(w[:96])
+    stats, weights = next(iter(by_stats.values()))
+    formats = ["int2-g64", "int3-g128", "int4-g64-sym", "int4-g32-zp", "nf4-b64-dq", "fp8-e4m3-ch", "int8-ch"]
+    jobs = [(w, get_format(f), 1.0) for w in weights for f in formats]
+    jobs.append((weights[0], get_format("int4-g64"), search_clip(weights[0], get_format("int4-g64"), stats)))
+    many = gptq_many(jobs, stats, dtype=torch.float64, codes=True)
+    for (w, fmt, clip), solved in zip(jobs, many):
+        codes, params = gptq(w, fmt, stats, clip, dtype=torch.float64)
+        ref = deq(fmt, codes, params)
+        got = solved.dequantized
+        assert got.shape == w.shape
+        assert torch.equal(deq(fmt, solved.codes, solved.params), got), fmt.name  # codes and values agree
+        assert (solved.codes != codes).float().mean().item() < 1e-3, fmt.name
+        # the same arithmetic but for the summation order of the error feedback's products
+        assert (got != ref).float().mean().item() < 1e-3, fmt.name
+        assert torch.allclose(got.double(), ref.double(), atol=1e-6) or \
+            ((w - got) ** 2).sum() <= ((w - ref) ** 2).sum() * 1.01, fmt.name
+
+
+def test_gptq_many_gives_none_to_a_format_that_cannot_take_the_weight(real_layers):
+    sub, w, stats, _ = real_layers[0]
+    huge = w[:8] * 1e6  # beyond fp16 scales
+    out = gptq_many([(huge, get_format("int4-g64"), 1.0), (w[:8], get_format("int4-g64"), 1.0)], stats)
+    assert out[0] is None and out[1] is not None
+
+
+def test_gptq_many_equals_gptq_for_gguf_block_formats():
+    """K-quants and IQ4 (searched parameters, importance-weighted fit) go through the sweep's
+    per-format path and give gptq's own codes."""
+    torch.manual_seed(0)
+    x = torch.randn(2048, 512) * torch.rand(512) * 3
+    stats = LayerStats.empty(512, "cpu")
+    stats.add(x)
+    w = torch.randn(32, 512)
+    jobs = [(w, get_format(f), 1.0) for f in ("q4_k", "q6_k", "iq4_nl", "int4-g128")]
+    for (w, fmt, _), solved in zip(jobs, gptq_many(jobs, stats, codes=True)):
+        codes, params = gptq(w, fmt, stats)
+        assert (solved.codes != codes).float().mean().item() < 1e-3, fmt.name
+        assert torch.allclose(solved.dequantized, deq(fmt, codes, params), atol=1e-5) or \
+            (solved.dequantized != deq(fmt, codes, params)).float().mean().item() < 1e-3, fmt.name

@@ -2,7 +2,7 @@
 
     import ampq
     model, tok = ampq.load_model("smollm2-135m")
-    ampq.quantize(model, ampq.Budget(bits=4.25), calibration="wiki", tokenizer=tok, output="smol-4.25")
+    ampq.quantize(model, ampq.Budget(bits=4.25), calibration="mix", tokenizer=tok, output="smol-4.25")
     model = ampq.load("smol-4.25")
     ampq.evaluate(model, ampq.load_model("smollm2-135m")[0], text="wiki", tokenizer=tok)
 

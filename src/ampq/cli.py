@@ -465,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-s", "--scheme", default=None, help="technique: rtn (default; gptq with --adaptive), gptq, awq, eetq, llm-int8, "
                    "bnb-nf4, bnb-fp4, fp8, fp8-w8a8 ... (see `ampq schemes`; TGI's --quantize names work too)")
     q.add_argument("-f", "--format", default=None, help="number format (default: the scheme's, int4-g128 for rtn; see `ampq formats`)")
-    q.add_argument("--calib", default="wiki", help="calibration text: built-in corpus or file (default wiki, first half)")
+    q.add_argument("--calib", default="mix", help="calibration text: built-in corpus, a mix (default mix: wiki, code, technical and multilingual text, first halves) or a file")
     q.add_argument("--calib-windows", type=int, default=128, help="calibration windows (default 128)")
     q.add_argument("--calib-window", type=int, default=512, help="tokens per calibration window (default 512)")
     q.add_argument("--clip", action="store_true", help="search clipping ratios per group (needs calibration)")
@@ -498,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("model")
     pl.add_argument("-o", "--output", default="plan.json", help="plan file to write (default plan.json)")
     pl.add_argument("--dtype", default=None)
-    pl.add_argument("--calib", default="wiki")
+    pl.add_argument("--calib", default="mix")
     pl.add_argument("--calib-windows", type=int, default=128)
     pl.add_argument("--calib-window", type=int, default=512)
     pl.add_argument("--plan", default=None, help=argparse.SUPPRESS)

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ampq.algorithms import get_algorithm
+from ampq.algorithms.gptq import SWEEP_BYTES, gptq_many
 from ampq.algorithms.clip import search_clip
 from ampq.calibrate import Calibration
 from ampq.errors import AmpqError
@@ -110,6 +111,33 @@ def hessian_damage(weight: torch.Tensor, dequantized: torch.Tensor, hessian: tor
 ESTIMATORS = ("fisher", "hessian")
 
 
+def _dequantized_candidates(weights: dict[str, torch.Tensor], cands: list[Candidate], stats):
+    """(layer, candidate, dequantized weight) for the layers sharing ``stats`` x every candidate
+    that can take them. The GPTQ candidates of all these layers run in shared column sweeps
+    (:func:`ampq.algorithms.gptq.gptq_many`)."""
+    sweep = []
+    for name, weight in weights.items():
+        for cand in cands:
+            fmt = get_format(cand.format)
+            if cand.algorithm == "gptq" and fmt.name not in ("bf16", "fp16"):
+                sweep.append((name, cand, fmt))
+                continue
+            try:
+                yield name, cand, cand.dequantized(weight, stats)
+            except ValueError:
+                continue  # a format this layer cannot take is simply not a choice for it
+    while sweep:  # one sweep's worth at a time, so only its results are held
+        size, chunk = 0, []
+        while sweep and (not chunk or size + weights[sweep[0][0]].numel() * 4 <= SWEEP_BYTES):
+            chunk.append(sweep.pop(0))
+            size += weights[chunk[-1][0]].numel() * 4
+        jobs = [(weights[name], fmt, search_clip(weights[name], fmt, stats) if cand.clip else 1.0)
+                for name, cand, fmt in chunk]
+        for (name, cand, _), solved in zip(chunk, gptq_many(jobs, stats)):
+            if solved is not None:
+                yield name, cand, solved.dequantized
+
+
 @torch.inference_mode()
 def measure(model: nn.Module, calibration, candidates: list[str] | None = None, *, estimator: str = "fisher",
             gradient_windows: int = 8, batch_size: int = 8, progress: bool = True,
@@ -155,27 +183,22 @@ def measure(model: nn.Module, calibration, candidates: list[str] | None = None, 
         all_stats = cal.stats_and_advance(block, groups)
         for group in groups:
             stats = all_stats[group[0]]
-            hessian = stats.hessian
+            weights = {}
             for sub in group:
                 name = f"{prefix}.{sub}"
-                weight = block.get_submodule(sub).weight.detach().float()
-                shape = (weight.shape[0], weight.shape[1])
-                shapes[name] = list(shape)
+                weights[name] = block.get_submodule(sub).weight.detach().float()
+                shapes[name] = list(weights[name].shape)
                 nbytes[name] = {}
                 for table in estimates.values():
                     table[name] = {}
-                for cand in cands:
-                    try:
-                        deq = cand.dequantized(weight, stats)
-                    except ValueError:
-                        continue  # a format this layer cannot take is simply not a choice for it
-                    rows = row_errors(weight, deq, hessian)
-                    estimates["hessian"][name][cand.name] = float(rows.sum())
-                    if fisher is not None:
-                        estimates["fisher"][name][cand.name] = fisher_damage(rows, fisher[name])
-                    nbytes[name][cand.name] = cand.nbytes(shape)
-                    if on_candidate is not None:
-                        on_candidate(name, cand, deq)
+            for name, cand, deq in _dequantized_candidates(weights, cands, stats):
+                rows = row_errors(weights[name], deq, stats.hessian)
+                estimates["hessian"][name][cand.name] = float(rows.sum())
+                if fisher is not None:
+                    estimates["fisher"][name][cand.name] = fisher_damage(rows, fisher[name])
+                nbytes[name][cand.name] = cand.nbytes(tuple(shapes[name]))
+                if on_candidate is not None:
+                    on_candidate(name, cand, deq)
         if resume is not None and on_candidate is None:
             mine = [n for n in shapes if n not in names_before]
             resume.save(i, None, cal.inputs, {"estimates": {e: {n: t[n] for n in mine} for e, t in estimates.items()},

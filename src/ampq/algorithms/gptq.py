@@ -14,8 +14,11 @@ groups cannot be fitted one by one (double quantization, per channel, per tensor
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
+from ampq.algorithms.rtn import input_importance
 from ampq.formats import Format, Params
 
 
@@ -69,7 +72,7 @@ def gptq(weight: torch.Tensor, fmt: Format, stats, clip: float | torch.Tensor = 
     gs = fmt.group_size
     static = act_order or not gs or not fmt.groupwise_params
     if static:
-        params = fmt.fit(w.float(), clip)
+        params = fmt.fit_importance(w.float(), clip, input_importance(stats))
         column_values = {k: v[:, perm].to(dtype) for k, v in fmt.expand(params.values, (out_features, cols)).items()}
     else:
         parts: list[Params] = []
@@ -103,3 +106,118 @@ def gptq(weight: torch.Tensor, fmt: Format, stats, clip: float | torch.Tensor = 
 
     codes = codes[:, torch.argsort(perm)]
     return codes, (params if static else fmt.join_params(parts))
+
+
+def _group_index(fmt: Format, cols: int, perm: torch.Tensor) -> torch.Tensor:
+    """For each visited column, which of its row's parameter groups holds it."""
+    if not fmt.group_size:
+        return torch.zeros(cols, dtype=torch.long)
+    return perm // fmt.group_width(cols)
+
+
+SWEEP_BYTES = 256 * 2**20  # the stacked rows of one sweep; more jobs run in several
+
+
+class Solved(NamedTuple):
+    dequantized: torch.Tensor  # float32, (out, in)
+    codes: torch.Tensor | None  # int32, (out, in), where asked for
+    params: Params
+
+
+def gptq_many(jobs: list[tuple[torch.Tensor, Format, float | torch.Tensor]], stats, *, damp: float = 0.01,
+              block_size: int = 128, act_order: bool = True, dtype: torch.dtype = torch.float32,
+              codes: bool = False, max_bytes: int = SWEEP_BYTES) -> list[Solved | None]:
+    """What :func:`gptq` gives for several (weight, format, clip) jobs whose layers share one
+    input, from a single column sweep: each job's dequantized weight and parameters, and its codes
+    with ``codes=True``.
+
+    GPTQ's rows are independent given the Hessian, so the jobs' rows are stacked and the
+    per-column work (round, error, feedback) runs once for all of them instead of once per job:
+    what makes measuring every candidate format of every linear affordable. Integer formats round
+    together in one expression (``IntegerFormat.affine_terms``); any other format rounds its own
+    rows. Each job's result is that of :func:`gptq` on it alone, up to the summation order of the
+    matrix products. A job whose format cannot take its weight (``fit`` raises ValueError) gets
+    None. Static groups only (act-order, or formats fitted whole). Jobs whose stacked rows would
+    take more than ``max_bytes`` run in several sweeps."""
+    sizes = [j[0].numel() * 4 for j in jobs]
+    if len(jobs) > 1 and sum(sizes) > max_bytes:
+        cut, total = 1, sizes[0]
+        while cut < len(jobs) and total + sizes[cut] <= max_bytes:
+            total += sizes[cut]
+            cut += 1
+        kw = dict(damp=damp, block_size=block_size, act_order=act_order, dtype=dtype, codes=codes, max_bytes=max_bytes)
+        return gptq_many(jobs[:cut], stats, **kw) + gptq_many(jobs[cut:], stats, **kw)
+    for _, fmt, _ in jobs:
+        if not (act_order or not fmt.group_size or not fmt.groupwise_params):
+            raise ValueError("gptq_many needs static groups: act_order, or formats fitted whole")
+    cols = jobs[0][0].shape[1]
+    dead, perm, hinv = _prepared_hessian(stats, damp, act_order, dtype)
+    # integer jobs first, so their rows are one slice [0, n_affine) rounded in one expression
+    order = sorted(range(len(jobs)), key=lambda j: not hasattr(jobs[j][1], "affine_terms"))
+    importance = input_importance(stats)
+    rows, fitted, spans, params, start = [], [], {}, {}, 0
+    for j in order:
+        weight, fmt, clip = jobs[j]
+        w = weight.to(dtype).clone()
+        w[:, dead] = 0
+        try:
+            p = fmt.fit_importance(w.float(), torch.as_tensor(clip, dtype=torch.float32), importance)
+        except ValueError:
+            continue
+        params[j] = p
+        n = w.shape[0]
+        # parameter values transposed, (groups, rows): a block's columns gather into contiguous rows
+        values_t = {k: (v if v.shape[0] == n else v.expand(n, -1)).t().to(dtype) for k, v in p.values.items()}
+        fitted.append((slice(start, start + n), fmt, values_t, _group_index(fmt, cols, perm)))
+        spans[j] = fitted[-1][0]
+        rows.append(w.t()[perm])
+        start += n
+    if not rows:
+        return [None] * len(jobs)
+    # transposed, (columns, rows): a column is one contiguous row and its feedback one rank-1 update
+    w = torch.cat(rows, dim=1)
+    del rows
+    affine = [f for f in fitted if hasattr(f[1], "affine_terms")]
+    others = [f for f in fitted if not hasattr(f[1], "affine_terms")]
+    n_affine = affine[-1][0].stop if affine else 0
+    codes_t = torch.empty(w.shape, dtype=torch.int32) if codes else None
+
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        terms = None
+        if affine:
+            parts = []
+            for span, fmt, values_t, gidx in affine:
+                off, inv, scale, lo, hi = fmt.affine_terms({k: v[gidx[i1:i2]] for k, v in values_t.items()})
+                parts.append((off, inv, scale, torch.full_like(scale, float(lo)), torch.full_like(scale, float(hi))))
+            terms = [torch.cat(t, dim=1) for t in zip(*parts)]
+        other_values = [{k: v[gidx[i1:i2]].float() for k, v in values_t.items()} for _, _, values_t, gidx in others]
+        w1 = w[i1:i2]
+        err1 = torch.empty_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            x = w1[i]
+            q = torch.empty_like(x)
+            if terms is not None:
+                off, inv, scale, lo, hi = (t[i] for t in terms)
+                r = torch.minimum(torch.maximum(torch.round((x[:n_affine] - off) * inv), lo), hi)
+                q[:n_affine] = r * scale + off
+                if codes_t is not None:
+                    codes_t[i1 + i, :n_affine] = r - lo  # the code: the rounded step counted from the lowest
+            for (span, fmt, _, _), vals in zip(others, other_values):
+                col = {k: v[i, :, None] for k, v in vals.items()}
+                c = fmt.encode(x[span, None].float(), col)
+                q[span] = fmt.decode(c, col)[:, 0].to(dtype)
+                if codes_t is not None:
+                    codes_t[i1 + i, span] = c[:, 0]
+            e = torch.div(x - q, hinv1[i, i], out=err1[i])
+            w1[i + 1:].addr_(hinv1[i, i + 1:], e, alpha=-1)
+            w1[i] = q
+        w[i2:] -= hinv[i1:i2, i2:].t() @ err1
+
+    back = torch.argsort(perm)
+    w = w[back].t()
+    if codes_t is not None:
+        codes_t = codes_t[back].t()
+    return [Solved(w[spans[j]].float().contiguous(), codes_t[spans[j]].contiguous() if codes else None, params[j])
+            if j in spans else None for j in range(len(jobs))]

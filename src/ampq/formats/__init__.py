@@ -1,7 +1,8 @@
 """Number formats by name.
 
 Names are data users type: ``int4-g128``, ``int4-g128-sym``, ``int4-g128-zp`` (integer zero points), ``int8-ch``, ``nf4-b64-dq``,
-``fp8-e4m3-ch``, ``e2m1-g32``, and ``bf16``/``fp16`` (unquantized). Granularity suffixes: ``-gN`` (or ``-bN``) a group of N inputs,
+``fp8-e4m3-ch``, ``e2m1-g32``, llama.cpp's block types by their GGUF names (``q4_k``, ``q6_k``, ``iq4_xs``, ...),
+and ``bf16``/``fp16`` (unquantized). Granularity suffixes: ``-gN`` (or ``-bN``) a group of N inputs,
 ``-ch`` one group per output channel, ``-t`` (or nothing, for minifloats) one for the whole tensor.
 Adding a family is one file in this package plus one entry in ``_FAMILIES``.
 """
@@ -15,11 +16,13 @@ from functools import lru_cache
 from ampq.errors import AmpqError
 from ampq.formats.base import Format, Params
 from ampq.formats.integer import IntegerFormat
+from ampq.formats.iq4 import IQ4Format
+from ampq.formats.kquants import KQuantFormat
 from ampq.formats.minifloat import MinifloatFormat
 from ampq.formats.normal_float import NormalFloatFormat
 from ampq.formats.plain import PlainFloatFormat
 
-__all__ = ["Format", "Params", "get_format", "known_formats", "STANDARD_FORMATS"]
+__all__ = ["Format", "Params", "get_format", "known_formats", "STANDARD_FORMATS", "GGUF_TYPES"]
 
 # The usual settings of each family: what `ampq formats` lists and the uniform benchmark runs.
 STANDARD_FORMATS = [
@@ -52,9 +55,17 @@ def _group(gran: str | None, default: int | None) -> int | None:
     return size
 
 
+# llama.cpp's block types, each bit for bit as llama.cpp decodes it
+GGUF_TYPES = [*KQuantFormat.TYPES, "iq4_nl", "iq4_xs"]
+
+
 def _build(name: str) -> Format | None:
     if name in ("bf16", "fp16"):
         return PlainFloatFormat(name)
+    if name in KQuantFormat.TYPES:
+        return KQuantFormat(name)
+    if name in ("iq4_nl", "iq4_xs"):
+        return IQ4Format(name)
     for pattern, family in _FAMILIES:
         m = pattern.fullmatch(name)
         if not m:
@@ -92,4 +103,4 @@ def get_format(name: str) -> Format:
 
 def known_formats() -> list[str]:
     return list(STANDARD_FORMATS) + ["bf16", "fp16", "int4-ch", "int8-g128", "int4-g128-zp", "int3-ch", "nf4-b128", "fp8-e4m3-g128",
-                                     "fp8-e5m2", "e2m1-b32", "e3m2-ch", "e2m3-ch"]
+                                     "fp8-e5m2", "e2m1-b32", "e3m2-ch", "e2m3-ch", *GGUF_TYPES]

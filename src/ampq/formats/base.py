@@ -63,6 +63,13 @@ class Format(ABC):
     def param_nbytes(self, shape: tuple[int, int]) -> int:
         """Bytes that the stored parameters of a (out, in) tensor take."""
 
+    def fit_importance(self, w: torch.Tensor, clip: float | torch.Tensor = 1.0,
+                       importance: torch.Tensor | None = None) -> Params:
+        """:meth:`fit`, weighting each input's error by ``importance`` (one non-negative value per input
+        column: the mean of x^2 calibration saw there, llama.cpp's importance matrix). Formats that
+        search their parameters (the GGUF K-quants) use it; the others fit as :meth:`fit` does."""
+        return self.fit(w, clip)
+
     # ---- shared machinery -----------------------------------------------------------------------
     def n_groups(self, in_features: int) -> int:
         if not self.group_size:
@@ -104,9 +111,10 @@ class Format(ABC):
         result = fn(grouped, {k: v.reshape(out, -1, 1) for k, v in values.items()}).reshape(out, -1)
         return result[:, :cols] if result.shape[1] != cols else result
 
-    def quantize_codes(self, w: torch.Tensor, clip: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, Params]:
+    def quantize_codes(self, w: torch.Tensor, clip: float | torch.Tensor = 1.0,
+                       importance: torch.Tensor | None = None) -> tuple[torch.Tensor, Params]:
         w = w.detach().float()
-        params = self.fit(w, clip)
+        params = self.fit_importance(w, clip, importance)
         codes = self._apply_grouped(self.encode, w, params.values)
         return codes, params
 

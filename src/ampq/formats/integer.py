@@ -71,6 +71,16 @@ class IntegerFormat(Format):
             return (codes - self.half).float() * values["scale"]
         return codes.float() * values["scale"] + values["min"]
 
+    def affine_terms(self, values: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """(offset, inverse scale, scale, lowest, highest) such that decode(encode(w)) equals
+        clamp(round((w - offset) * inverse), lowest, highest) * scale + offset, bit for bit: the one
+        expression every integer format shares, so GPTQ can round many of them in one operation."""
+        scale = values["scale"]
+        inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+        if self.symmetric:
+            return torch.zeros_like(scale), inv, scale, -self.half, self.qmax - self.half
+        return values["min"], inv, scale, 0, self.qmax
+
     @staticmethod
     def _zp_values(scale: torch.Tensor, zero: torch.Tensor) -> dict[str, torch.Tensor]:
         s = scale.float()

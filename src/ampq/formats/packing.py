@@ -58,3 +58,21 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     shifts = torch.arange(8, dtype=torch.int64) * bits
     codes = (words.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
     return codes.reshape(-1)[:n].to(torch.int32)
+
+
+def pack_fields(values: torch.Tensor, chunk: int, bits: int) -> torch.Tensor:
+    """llama.cpp's way of filling bytes with ``bits``-bit fields (uint8, last dim): within each run of
+    ``chunk * 8 / bits`` values, byte i holds value i in its lowest bits, value i + chunk in the next
+    ``bits``, and so on. Q4_K's nibbles are ``chunk=32, bits=4``; Q2_K's crumbs ``chunk=32, bits=2``."""
+    per = 8 // bits
+    v = values.to(torch.int32).reshape(*values.shape[:-1], -1, per, chunk) & ((1 << bits) - 1)
+    shifts = (torch.arange(per, dtype=torch.int32) * bits).reshape(per, 1)
+    return (v << shifts).sum(dim=-2).to(torch.uint8).reshape(*values.shape[:-1], -1)
+
+
+def unpack_fields(packed: torch.Tensor, chunk: int, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_fields`: the fields as int32, in value order."""
+    per = 8 // bits
+    p = packed.to(torch.int32).reshape(*packed.shape[:-1], -1, 1, chunk)
+    shifts = (torch.arange(per, dtype=torch.int32) * bits).reshape(per, 1)
+    return ((p >> shifts) & ((1 << bits) - 1)).reshape(*packed.shape[:-1], -1)

@@ -13,10 +13,12 @@ Q4_1       ``int4-g32``       d, m (fp16), nibbles: w = d * q + m
 Q5_0       ``int5-g32-sym``   d, 4 bytes of 5th bits, nibbles: w = d * (q - 16)
 Q5_1       ``int5-g32``       d, m, 5th bits, nibbles: w = d * q + m
 Q8_0       ``int8-g32-sym``   d, 32 int8: w = d * q
+Q2_K..Q6_K ``q2_k``..``q6_k``  llama.cpp's blocks of 256, kept as they are
+IQ4_NL/XS  ``iq4_nl``/``_xs``  the same (blocks of 32 / 256)
 =========  =================  =============================================
 
 Every replaced layer is checked: its decoded weight must equal transformers' dequantized one bit
-for bit, or the layer stays as transformers loaded it. Other types (K-quants, IQ) stay dequantized.
+for bit, or the layer stays as transformers loaded it. Other types (IQ1-IQ3, TQ, MXFP4) stay dequantized.
 llama.cpp's q/k row order for the llama architecture is undone row by row (exact).
 """
 
@@ -28,8 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ampq.formats import GGUF_TYPES
 from ampq.importers.common import quant_linear
 from ampq.models import decoder_blocks, replace_module
+from ampq.nn import QuantLinear
 
 BLOCK = 32
 # type name -> (ampq format, bytes of fp16 parameters, has minimum, bits)
@@ -92,20 +96,28 @@ def keep_quantized(model: nn.Module, path: str | Path) -> list[str]:
         mapped = name_map.get_type_and_name(f"{name}.weight", try_suffixes=(".weight",))
         t = tensors.get(mapped[1]) if mapped else None
         kind = t.tensor_type.name if t is not None else None
-        if kind not in TYPES:
+        block_type = kind is not None and kind.lower() in GGUF_TYPES
+        if kind not in TYPES and not block_type:
             if kind not in (None, "F32", "F16", "BF16"):  # float layers were never quantized
                 other[kind] = other.get(kind, 0) + 1
             continue
         out, cols = linear.out_features, linear.in_features
-        codes, scale, minimum = _decode_blocks(np.asarray(t.data), kind, out, cols)
         leaf = name.rpartition(".")[2]
+        order = None
         if arch == "llama" and leaf in ("q_proj", "k_proj"):
             order = _row_order(out, heads if leaf == "q_proj" else kv_heads)
-            codes, scale = codes[order], scale[order]
-            minimum = minimum[order] if minimum is not None else None
-        params = {"scale": scale} if minimum is None else {"scale": scale, "min": minimum}
         bias = linear.bias.detach().clone() if linear.bias is not None else None
-        layer = quant_linear(linear, TYPES[kind][0], codes, params, bias, f"gguf-{kind.lower()}")
+        if block_type:  # ampq stores llama.cpp's blocks as they are: whole rows move
+            blocks = torch.from_numpy(np.asarray(t.data).reshape(out, -1).copy())
+            blocks = blocks[order] if order is not None else blocks
+            layer = QuantLinear(cols, out, kind.lower(), {"blocks": blocks.contiguous()}, bias, f"gguf-{kind.lower()}")
+        else:
+            codes, scale, minimum = _decode_blocks(np.asarray(t.data), kind, out, cols)
+            if order is not None:
+                codes, scale = codes[order], scale[order]
+                minimum = minimum[order] if minimum is not None else None
+            params = {"scale": scale} if minimum is None else {"scale": scale, "min": minimum}
+            layer = quant_linear(linear, TYPES[kind][0], codes, params, bias, f"gguf-{kind.lower()}")
         if not torch.equal(layer.dequantize(torch.float32).to(linear.weight.dtype), linear.weight.detach()):
             mismatched.append(name)
             continue

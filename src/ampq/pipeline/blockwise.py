@@ -15,6 +15,7 @@ from ampq.algorithms import NEEDS_CALIBRATION, get_algorithm
 from ampq.algorithms.awq import awq_block
 from ampq.algorithms.bias_correction import corrected_bias
 from ampq.algorithms.clip import search_clip
+from ampq.algorithms.gptq import gptq_many
 from ampq.calibrate import Calibration
 from ampq.dtypes import parse_dtype
 from ampq.errors import AmpqError
@@ -50,20 +51,60 @@ def _layer_method(name: str, spec: FormatSpec, algorithm: str, clip: bool) -> tu
     return algorithm, clip
 
 
-def quantize_linear(name: str, linear: nn.Linear, fmt_name: str, algorithm: str = "rtn", stats=None, *,
-                    clip: bool = False, bias_correction: bool = False, activation: str | None = None,
-                    compute_dtype: str | None = None, options: dict | None = None) -> QuantLinear:
-    """One linear in one format: clip search, the algorithm's codes, then bias correction."""
+def _finite_weight(name: str, linear: nn.Linear) -> torch.Tensor:
     weight = linear.weight.detach().float()
     if not bool(torch.isfinite(weight).all()):
         bad = int((~torch.isfinite(weight)).sum())
         raise AmpqError(f"layer {name} has {bad} NaN/Inf weights; repair or re-export the checkpoint before quantizing")
+    return weight
+
+
+def _shared_gptq(prefix: str, block: nn.Module, group: list[str], targets: dict[str, str], formats, algorithm: str,
+                 clip: bool, options: dict | None, stats) -> dict[str, tuple]:
+    """(codes, params) of the group's GPTQ linears from one column sweep over all of them
+    (:func:`ampq.algorithms.gptq.gptq_many`: the same codes as one call per linear, in a fraction
+    of the time). Only act-order GPTQ shares a sweep; other layers are left to quantize_linear."""
+    jobs, subs = [], []
+    for sub in group:
+        name = f"{prefix}.{sub}"
+        algo, layer_clip = _layer_method(name, formats, algorithm, clip)
+        opts = (options or {}) if algo == algorithm else {}
+        if algo != "gptq" or not opts.get("act_order", True) or set(opts) - {"act_order", "damp", "block_size"}:
+            continue
+        weight = _finite_weight(name, block.get_submodule(sub))
+        fmt = get_format(targets[sub])
+        try:
+            ratios = search_clip(weight, fmt, stats) if layer_clip else 1.0
+        except ValueError as e:
+            raise AmpqError(f"layer {name} cannot be stored as {targets[sub]}: {e}") from None
+        jobs.append((weight, fmt, ratios))
+        subs.append((sub, {k: v for k, v in opts.items() if k != "act_order"}))
+    solved = {}
+    # one sweep per set of options (the same for every layer but under a plan mixing schemes)
+    for kw in {tuple(sorted(o.items())) for _, o in subs}:
+        mine = [i for i, (_, o) in enumerate(subs) if tuple(sorted(o.items())) == kw]
+        for i, result in zip(mine, gptq_many([jobs[i] for i in mine], stats, codes=True, **dict(kw))):
+            if result is not None:  # otherwise quantize_linear runs it alone and says why it fails
+                solved[subs[i][0]] = (result.codes, result.params)
+    return solved
+
+
+def quantize_linear(name: str, linear: nn.Linear, fmt_name: str, algorithm: str = "rtn", stats=None, *,
+                    clip: bool = False, bias_correction: bool = False, activation: str | None = None,
+                    compute_dtype: str | None = None, options: dict | None = None,
+                    solved: tuple | None = None) -> QuantLinear:
+    """One linear in one format: clip search, the algorithm's codes, then bias correction.
+    ``solved``: (codes, params) already chosen by a GPTQ sweep shared with other linears."""
+    weight = _finite_weight(name, linear)
     fmt = get_format(fmt_name)
-    try:
-        ratios = search_clip(weight, fmt, stats) if clip else 1.0
-        codes, params = get_algorithm(algorithm)(weight, fmt, stats, ratios, **(options or {}))
-    except ValueError as e:
-        raise AmpqError(f"layer {name} cannot be stored as {fmt_name}: {e}") from None
+    if solved is not None:
+        codes, params = solved
+    else:
+        try:
+            ratios = search_clip(weight, fmt, stats) if clip else 1.0
+            codes, params = get_algorithm(algorithm)(weight, fmt, stats, ratios, **(options or {}))
+        except ValueError as e:
+            raise AmpqError(f"layer {name} cannot be stored as {fmt_name}: {e}") from None
     label = algorithm + ("+clip" if clip else "") + ("+bias" if bias_correction else "")
     layer = QuantLinear.from_linear(linear, fmt_name, codes, params, label, activation, compute_dtype)
     if bias_correction:
@@ -234,13 +275,15 @@ def _quantize_block(prefix, block, formats, algorithm, clip, bias_correction, aw
         if not group:
             continue
         stats = cal.stats(block, group) if shared is None else shared[whole[0]]
+        solved = _shared_gptq(prefix, block, group, targets, formats, algorithm, clip, options, stats)
         for sub in group:
             name = f"{prefix}.{sub}"
             algo, layer_clip = _layer_method(name, formats, algorithm, clip)
             linear = block.get_submodule(sub)
             layer = quantize_linear(name, linear, targets[sub], algo, stats, clip=layer_clip,
                                     bias_correction=bias_correction,
-                                    options=options if algo == algorithm else None, **layer_kwargs)
+                                    options=options if algo == algorithm else None, solved=solved.get(sub),
+                                    **layer_kwargs)
             replace_module(block, sub, on_layer(name, linear, layer, stats) if on_layer else layer)
     cal.advance(block)
 

@@ -47,7 +47,7 @@ def table_key(source: str | None, candidates: list[str], calib: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def sensitivity(model: nn.Module, tokenizer, candidates: list[str] | None = None, *, calib: str = "wiki",
+def sensitivity(model: nn.Module, tokenizer, candidates: list[str] | None = None, *, calib: str = "mix",
                 windows: int = 128, window: int = 512, estimator: str = "fisher", table_path=None,
                 progress: bool = True, may_measure: bool = True, tokens: Windows | torch.Tensor | None = None,
                 transform: str = "none") -> SensitivityTable:
@@ -100,7 +100,7 @@ def _token_hash(tokens: Windows | torch.Tensor) -> str:
     return hashlib.sha256(getattr(tokens, "tokens", tokens).numpy().tobytes()).hexdigest()
 
 
-def plan(model: nn.Module, budget: Budget | float, *, calibration: Text | str | Windows | torch.Tensor = "wiki",
+def plan(model: nn.Module, budget: Budget | float, *, calibration: Text | str | Windows | torch.Tensor = "mix",
          tokenizer=None, progress: bool = True) -> Plan:
     """The plan of least estimated damage for ``model`` within ``budget`` (a :class:`Budget`, or bits
     per weight): the sensitivity table is read from the cache or measured on ``calibration`` (a text

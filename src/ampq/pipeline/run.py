@@ -4,7 +4,7 @@ per-module map, a :class:`~ampq.schemes.Scheme`, a :class:`~ampq.pipeline.plans.
 (resuming a killed run that wrote the same output), and save the checkpoint with what made it.
 
     model, tok = ampq.load_model("smollm2-135m")
-    ampq.quantize(model, ampq.Budget(bits=4.25), calibration="wiki", tokenizer=tok, output="smol-4.25")
+    ampq.quantize(model, ampq.Budget(bits=4.25), calibration="mix", tokenizer=tok, output="smol-4.25")
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ def quantize(model: nn.Module, spec: Spec | None, *, calibration: Text | str | W
     - a :class:`~ampq.pipeline.budget.Budget`: the plan of least estimated damage within it is
       made first (:func:`ampq.plan`), from the sensitivity measured on ``calibration``.
 
-    ``calibration``: a text's name (``"wiki"``, 128 windows of 512 tokens), an :class:`ampq.Text`
+    ``calibration``: a text's name (``"mix"``, the CLI's default: wiki, code, technical and
+    multilingual text; or one of them; 128 windows of 512 tokens), an :class:`ampq.Text`
     (read with ``tokenizer``), token windows, or an (n, T) tensor of token ids; needed by every
     method but plain round to nearest. ``device``: where to quantize (``"cpu"``, ``"cuda"``,
     ``"auto"``; default: where the model is). ``algorithm`` (``rtn``, ``gptq``), ``clip``,

@@ -5,8 +5,11 @@ The formats each engine holds exactly are the rows marked exact in the README's 
 checked layer by layer by the exporters): vLLM's compressed-tensors runs int4 weight-only with
 symmetric groups or integer zero points, int8 symmetric per channel, FP8 E4M3 per channel and 16-bit
 layers; llama.cpp's GGUF runs Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 (ampq's int4/int5 in groups of 32,
-symmetric or min-and-scale, and int8-g32-sym) and 16-bit tensors. Integer formats take GPTQ, the
-8-bit ones round to nearest (GPTQ gains nothing measurable there).
+symmetric or min-and-scale, and int8-g32-sym), its own K-quants and IQ4 types (ampq's ``q2_k`` ..
+``q6_k``, ``iq4_nl``, ``iq4_xs``: a layer whose inputs are not whole blocks of 256, or 32 for
+IQ4_NL, simply lacks them as choices, as llama.cpp's own quantizer falls back there) and 16-bit
+tensors. Integer and block formats take GPTQ (the block formats' parameters searched against the
+calibration's importance first), the 8-bit ones round to nearest (GPTQ gains nothing measurable there).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ TARGETS: dict[str, tuple[str | None, list[str]]] = {
     "vllm": ("compressed-tensors", ["int4-g128-sym:gptq", "int4-g64-sym:gptq", "int4-g32-sym:gptq",
                                     "int4-g128-zp:gptq", "int4-g64-zp:gptq", "fp8-e4m3-ch:rtn", "int8-ch-sym:rtn",
                                     "bf16"]),
-    "llama.cpp": ("gguf", ["int4-g32-sym:gptq", "int4-g32:gptq", "int5-g32-sym:gptq", "int5-g32:gptq",
+    "llama.cpp": ("gguf", ["q2_k:gptq", "q3_k:gptq", "iq4_xs:gptq", "q4_k:gptq", "iq4_nl:gptq", "q5_k:gptq",
+                           "q6_k:gptq", "int4-g32-sym:gptq", "int4-g32:gptq", "int5-g32-sym:gptq", "int5-g32:gptq",
                            "int8-g32-sym:rtn", "bf16"]),
     "transformers": (None, DEFAULT_CANDIDATES),  # ampq's own layers: every format runs
     "any": (None, DEFAULT_CANDIDATES),

@@ -45,11 +45,18 @@ class Gguf(Target):
     export_name = "gguf"
     folder = False
     holds = (f"GGUF holds int4/int5 (asymmetric or -sym) and int8-sym with groups of a multiple of {BLOCK} "
-             "exactly (Q4_1/Q4_0, Q5_1/Q5_0, Q8_0). ")
+             "exactly (Q4_1/Q4_0, Q5_1/Q5_0, Q8_0), and llama.cpp's own q2_k..q6_k, iq4_nl, iq4_xs. ")
     nearest_how = "with gguf-py to the types it writes, per layer whichever moves the weights least"
 
     def check_source(self) -> None:
-        self.arch = writer.check_architecture(self.directory, AutoConfig.from_pretrained(self.directory))
+        config = AutoConfig.from_pretrained(self.directory)
+        self.arch_enum, self.permutes = writer.check_architecture(self.directory, config)
+        self.arch = gguf.MODEL_ARCH_NAMES[self.arch_enum]
+        window = getattr(config, "sliding_window", None)
+        if self.arch == "llama" and window and window < config.max_position_embeddings:
+            self.warnings.append(f"the model attends within a sliding window of {window} tokens; llama.cpp's llama "
+                                 "architecture (as its converter writes Mistral) attends to the whole context, so "
+                                 f"beyond {window} tokens the two differ")
 
     def start(self, model: nn.Module) -> None:
         self.model = model
@@ -57,8 +64,7 @@ class Gguf(Target):
         self.vocab_size = int(getattr(config, "vocab_size", 0) or model.get_input_embeddings().weight.shape[0])
         # refused here, before the work of converting, when it cannot be written
         self.tokenizer = read_tokenizer(self.directory, self.vocab_size, self.warnings)
-        arch = gguf.MODEL_ARCH.LLAMA if self.arch == "llama" else gguf.MODEL_ARCH.QWEN2
-        self.name_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+        self.name_map = gguf.get_tensor_name_map(self.arch_enum, config.num_hidden_layers)
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
 
@@ -74,7 +80,7 @@ class Gguf(Target):
 
     def _heads_to_permute(self, module_name: str) -> int | None:
         """The head count llama.cpp permutes the rows of ``module_name`` by, or None."""
-        if self.arch != "llama":
+        if not self.permutes:
             return None
         leaf = module_name.rpartition(".")[2]
         return self.heads if leaf == "q_proj" else self.kv_heads if leaf == "k_proj" else None
@@ -121,7 +127,7 @@ class Gguf(Target):
     def write(self, tmp: Path, tensors: dict, layers: dict[str, Layer]) -> None:
         self.file_type = writer.file_type([it.kind for it in layers.values()])
         name = (self.config.to_dict().get("_model_name_or_path") or "").strip() or self.directory.name
-        self.tokenizer_summary = writer.write(tmp, self.arch, self.config, self.vocab_size, name, self.file_type,
+        self.tokenizer_summary = writer.write(tmp, self.arch_enum, self.config, self.vocab_size, name, self.file_type,
                                               self.tokenizer, tensors)
 
     def summary(self, summary: dict, layers: dict[str, Layer], tensors: dict) -> dict:
@@ -150,7 +156,7 @@ class Gguf(Target):
 
 
 def export_gguf(directory, out, nearest: bool = False, *, overwrite: bool = False) -> dict:
-    """Write the ampq checkpoint ``directory`` as the GGUF file ``out`` (llama and qwen2 models).
+    """Write the ampq checkpoint ``directory`` as the GGUF file ``out`` (llama, mistral, qwen2, qwen3).
 
     Quantized layers whose format has an exact GGUF counterpart are repacked block by block and
     checked bit for bit against ampq's decoding (see :mod:`.qtypes` for the table); the others are

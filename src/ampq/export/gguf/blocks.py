@@ -11,6 +11,7 @@ from gguf import GGMLQuantizationType as T
 from torch import nn
 
 from ampq.export.gguf.qtypes import BLOCK
+from ampq.formats.gguf_block import GgufBlockFormat
 
 
 def _f16_bytes(x: torch.Tensor) -> np.ndarray:
@@ -35,6 +36,8 @@ def exact_blocks(layer: nn.Module, qtype: T) -> np.ndarray:
     """(out, bytes per row) uint8: ``layer``'s codes and fp16 parameters as GGUF blocks of ``qtype``."""
     fmt = layer.format
     out, cols = layer.shape
+    if isinstance(fmt, GgufBlockFormat):  # ampq stores these as llama.cpp's blocks already
+        return np.ascontiguousarray(layer.stored()["blocks"].reshape(out, -1).numpy())
     codes, params = fmt.unpack(layer.stored(), layer.shape)
     per_block = {k: v[:, ::BLOCK].contiguous() for k, v in fmt.expand(params.values, layer.shape).items()}
     nb = cols // BLOCK

@@ -14,6 +14,8 @@ ampq format                         GGUF    why it is the same number
 ``int2/3-gN-sym``                   Q4_0    the same d; code q - 2^(k-1) + 8 (widened)
 ``int6/7-gN-sym``                   Q8_0    the same d; code q - 2^(k-1) (widened)
 ``bf16`` / ``fp16`` layers          BF16 / F16, as stored
+``q2_k`` ... ``q6_k``               Q2_K..  llama.cpp's own blocks, stored as ampq holds them
+``iq4_nl``, ``iq4_xs``              IQ4_*   the same
 ==================================  ======  ===================================================
 
 for N = 32 or any multiple of 32, per channel (``-ch``) or per tensor (``-t``): a GGUF block is
@@ -42,6 +44,7 @@ from gguf import GGMLQuantizationType as T
 from torch import nn
 
 from ampq.export.driver import base_of
+from ampq.formats.gguf_block import GgufBlockFormat
 from ampq.formats.integer import IntegerFormat
 from ampq.formats.minifloat import MinifloatFormat
 from ampq.formats.normal_float import NormalFloatFormat
@@ -66,6 +69,8 @@ def exact_type(layer: nn.Module) -> tuple[T | None, bool, str]:
                              "activations its own way)")
     if isinstance(fmt, PlainFloatFormat):
         return (T.BF16 if fmt.name == "bf16" else T.F16), False, ""
+    if isinstance(fmt, GgufBlockFormat):  # llama.cpp's own blocks: written as stored
+        return T[fmt.name.upper()], False, ""
     if base.in_features % BLOCK:
         return None, False, (f"{base.in_features} inputs, not a multiple of {BLOCK} "
                              f"(GGUF rows are whole blocks of {BLOCK})")
