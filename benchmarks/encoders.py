@@ -2,7 +2,7 @@
 nearest and GPTQ) and by AMPQ budgets: cosine similarity of each text's embedding to the original's,
 nearest-neighbour agreement, bits per weight and bytes.
 
-    python benchmarks/encoders.py [--model all-minilm-l6-v2] [--texts 256] [--budgets 4.5,5,6]
+    python benchmarks/encoders.py [--model all-minilm-l6-v2] [--texts 128] [--budgets 4.5,5,6]
 
 Writes benchmarks/results/encoders/encoders.json and encoders.md.
 """
@@ -25,18 +25,18 @@ from ampq import atomic  # noqa: E402
 from ampq.comparison import size_of  # noqa: E402
 from ampq.report import print_table  # noqa: E402
 
-UNIFORM = [("rtn", "int8-ch"), ("rtn", "int8-ch-sym"), ("rtn", "int4-g128"), ("rtn", "int4-g64"),
+UNIFORM = [("rtn", "int8-ch"), ("rtn", "int4-g128"), ("rtn", "int4-g64"),
            ("gptq", "int4-g128"), ("gptq", "int4-g64")]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="all-minilm-l6-v2")
-    p.add_argument("--texts", type=int, default=256, help="pieces of each evaluation text")
+    p.add_argument("--texts", type=int, default=128, help="pieces of each evaluation text")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--corpus", default="wiki,c4")
-    p.add_argument("--calib-windows", type=int, default=64)
-    p.add_argument("--calib-window", type=int, default=128)
+    p.add_argument("--calib-windows", type=int, default=32)
+    p.add_argument("--calib-window", type=int, default=512)
     p.add_argument("--budgets", default="4.5,5,6")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "encoders"))
     args = p.parse_args()
