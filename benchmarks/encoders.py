@@ -4,7 +4,7 @@ nearest-neighbour agreement, bits per weight and bytes.
 
     python benchmarks/encoders.py [--model all-minilm-l6-v2] [--texts 128] [--budgets 4.5,5,6]
 
-Writes benchmarks/results/encoders/encoders.json and encoders.md.
+Writes benchmarks/results/encoders/encoders.json and encoders.md (``--render``: the .md again from the .json).
 """
 
 from __future__ import annotations
@@ -39,7 +39,12 @@ def main() -> None:
     p.add_argument("--calib-window", type=int, default=512)
     p.add_argument("--budgets", default="4.5,5,6")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "encoders"))
+    p.add_argument("--render", action="store_true", help="only rewrite encoders.md from encoders.json")
     args = p.parse_args()
+    if args.render:
+        out = Path(args.out)
+        atomic.write_text(out / "encoders.md", markdown(json.loads((out / "encoders.json").read_text())))
+        return
     original, tok = ampq.load_model(args.model)
     calibration = ampq.Text("wiki", args.calib_windows, args.calib_window)
     models, seconds, kinds = {}, {}, {}
@@ -65,35 +70,43 @@ def main() -> None:
         formats = sorted({m.format_name for m in model.modules() if isinstance(m, ampq.QuantLinear)})
         rows.append({"model": name, "kind": kinds[name], "bits_per_weight": bits, "model_bytes": nbytes,
                      "seconds": seconds[name], "formats": formats, **{r.text: r.models[name].as_dict() for r in results}})
-    info = machine()
-    names = [r.text for r in results]
-    head = ["model", "bits/weight", "model MB"] + [f"cosine {n}" for n in names] + [
-        "min cosine", "same nearest", "top-10 overlap", "quantize s"]
-    table = [[r["model"], r["bits_per_weight"], r["model_bytes"] / 1e6] + [r[n]["cosine"] for n in names]
-             + [min(r[n]["cosine_min"] for n in names), sum(r[n]["neighbours"] for n in names) / len(names),
-                sum(r[n]["overlap"] for n in names) / len(names), r["seconds"]] for r in rows]
-    note = (f"{args.model}: {results[0].reference.texts} texts of at most {args.max_tokens} tokens per corpus "
-            f"({', '.join(names)}; held-out halves); embeddings mean-pooled over tokens; 'same nearest' and "
-            f"'top-10 overlap' averaged over the corpora; calibration {args.calib_windows} windows of "
-            f"{args.calib_window} wiki tokens (first half); bits/weight over the quantized linears, model MB "
-            "the whole model (the float32 word embeddings are most of it)")
-    print_table(f"{args.model}: quantized against the original", head, table, describe(info))
+    data = {"machine": machine(), "model": args.model, "texts": results[0].reference.texts,
+            "max_tokens": args.max_tokens, "corpora": [r.text for r in results],
+            "calibration": {"text": "wiki", "windows": args.calib_windows, "window": args.calib_window}, "rows": rows}
+    head, table = columns(data)
+    print_table(f"{args.model}: quantized against the original", head, table, describe(data["machine"]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = {"machine": info, "model": args.model, "texts": args.texts, "max_tokens": args.max_tokens,
-            "corpora": names, "calibration": {"text": "wiki", "windows": args.calib_windows,
-                                              "window": args.calib_window}, "rows": rows}
     atomic.write_text(out / "encoders.json", json.dumps(data, indent=1))
-    atomic.write_text(out / "encoders.md", markdown(head, table, note, info))
+    atomic.write_text(out / "encoders.md", markdown(data))
 
 
-def markdown(head: list[str], table: list[list], note: str, info: dict) -> str:
-    digits = {"bits/weight": 3, "model MB": 2, "quantize s": 1}
+def columns(data: dict) -> tuple[list[str], list[list]]:
+    names = data["corpora"]
+    head = ["model", "bits/weight", "model MB"] + [f"cosine {n}" for n in names] + [
+        "min cosine", "same nearest", "top-10 overlap"]
+    table = [[r["model"], r["bits_per_weight"], r["model_bytes"] / 1e6] + [r[n]["cosine"] for n in names]
+             + [min(r[n]["cosine_min"] for n in names), sum(r[n]["neighbours"] for n in names) / len(names),
+                sum(r[n]["overlap"] for n in names) / len(names)] for r in data["rows"]]
+    return head, table
+
+
+def markdown(data: dict) -> str:
+    """The table of a result; quantization seconds stay in the JSON only: on a shared machine under
+    other jobs' load they measure the load, not ampq."""
+    head, table = columns(data)
+    cal = data["calibration"]
+    note = (f"{data['model']}: {data['texts']} texts of at most {data['max_tokens']} tokens per corpus "
+            f"({', '.join(data['corpora'])}; held-out halves); embeddings mean-pooled over tokens; 'same nearest' and "
+            f"'top-10 overlap' averaged over the corpora; calibration {cal['windows']} windows of {cal['window']} "
+            f"{cal['text']} tokens (first half); bits/weight over the quantized linears, model MB the whole model "
+            "(the float32 word embeddings are most of it)")
+    digits = {"bits/weight": 3, "model MB": 2}
 
     def cell(column: str, v) -> str:
         return f"{v:.{digits.get(column, 4)}f}" if isinstance(v, float) else str(v)
 
-    lines = [f"Measured on {describe(info)}.", "", note + ".", "", "| " + " | ".join(head) + " |",
+    lines = [f"Measured on {describe(data['machine'])}.", "", note + ".", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(cell(c, v) for c, v in zip(head, row)) + " |" for row in table]
     return "\n".join(lines) + "\n"
