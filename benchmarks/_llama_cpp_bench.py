@@ -21,10 +21,11 @@ def rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def generate(llm, prompt: list[int], new_tokens: int) -> tuple[float, list[float]]:
+def generate(llm, prompt: list[int], new_tokens: int, by_token: bool = False) -> tuple[float, list[float]]:
     llm.reset()
     t0 = time.perf_counter()
-    llm.eval(prompt)
+    for part in ([[t] for t in prompt] if by_token else [prompt]):
+        llm.eval(part)
     prefill = time.perf_counter() - t0
     steps = []
     for _ in range(new_tokens):
@@ -44,6 +45,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--bits-per-weight", type=float, default=None)
+    p.add_argument("--prefill-by-token", action="store_true",
+                   help="feed the prompt one token at a time (for a llama.cpp build that fails on multi-token "
+                        "batches; the decode figures are unaffected, the prefill ones are then not comparable)")
     args = p.parse_args()
     from llama_cpp import Llama
 
@@ -52,10 +56,10 @@ def main() -> None:
                 n_threads=args.threads, logits_all=True, verbose=False)
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, llm.n_vocab(), args.prompt_tokens).tolist()
-    generate(llm, prompt, min(4, args.new_tokens))  # warm-up
+    generate(llm, prompt, min(4, args.new_tokens), args.prefill_by_token)  # warm-up
     prefills, steps = [], []
     for _ in range(args.repeats):
-        pre, st = generate(llm, prompt, args.new_tokens)
+        pre, st = generate(llm, prompt, args.new_tokens, args.prefill_by_token)
         prefills.append(pre)
         steps += st
     step = statistics.median(steps)
@@ -65,7 +69,7 @@ def main() -> None:
            "decode_tokens_per_s": 1 / step, "latency_p50_ms": 1e3 * step,
            "latency_p99_ms": 1e3 * sorted(steps)[min(len(steps) - 1, int(0.99 * len(steps)))],
            "weight_bytes_per_step": size, "bandwidth_gb_s": size / step / 1e9,
-           "predicted_bytes": size, "measured_bytes": rss() - before}
+           "predicted_bytes": size, "measured_bytes": rss() - before, "prefill_by_token": args.prefill_by_token}
     out = {"model": args.gguf, "engine": "llama.cpp", "bits_per_weight": args.bits_per_weight, "device": "cpu",
            "threads": args.threads, "rows": [row]}
     with open(args.json, "w") as f:

@@ -244,11 +244,16 @@ def quality() -> str:
         out += [f"**{model}**: calibration `{first['calib']}` ({first['calib_windows']} windows of 512 tokens; AMPQ "
                 f"v0.1 on its own `wiki`), {first['eval_windows']} held-out windows of 512 tokens per text; original "
                 + ", ".join(f"ppl {t} {num(first[t + '_original'])}" for t in texts) + ".", "",
-                row(["scheme", "bits/weight", *(f"ppl {t} (increase)" for t in texts), *(f"KL {t}" for t in texts)]),
-                "|" + "---|" * (2 + 2 * len(texts))]
+                row(["scheme", "bits/weight", *(f"ppl {t} (increase)" for t in texts), *(f"KL {t}" for t in texts),
+                     f"predicted KL (x under {texts[0]})"]),
+                "|" + "---|" * (3 + 2 * len(texts))]
         for r in mine:
             ppl = [f"{num(r[t]['perplexity'])} (+{100 * (r[t]['perplexity'] / r[t + '_original'] - 1):.1f}%)" for t in texts]
-            out.append(row([r["name"], num(r["bits_per_weight"]), *ppl, *(num(r[t]["kl"], 4) for t in texts)]))
+            # the allocator's own estimate beside what was measured: how far the damage model under-predicts
+            predicted = (f"{num(r['predicted_kl'], 4)} (x{r[texts[0]]['kl'] / r['predicted_kl']:.1f})"
+                         if r.get("predicted_kl") else "")
+            name = f"{r['name']} @ {r['budget']}" if r["kind"] == "ampq" else r["name"]
+            out.append(row([name, num(r["bits_per_weight"]), *ppl, *(num(r[t]["kl"], 4) for t in texts), predicted]))
         out.append("")
     return "\n".join(out).rstrip()
 
@@ -277,6 +282,9 @@ TABLES: dict[str, Callable[[], str]] = {
                           keep=lambda r: r["M"] in ("1", "16", "128", "1024")),
     "bench-smollm2-135m": md_whole("bench/bench-smollm2-135m.md", "bench/bench-smollm2-135m-bf16.json"),
     "bench-qwen2.5-coder-0.5b": md_whole("bench/bench-qwen2.5-coder-0.5b.md", "bench/bench-qwen2.5-coder-0.5b-bf16.json"),
+    "bench-compiled-smollm2-135m": md_whole("bench/bench-smollm2-135m-compiled.md",
+                                            "bench/bench-smollm2-135m-compiled-compiled:int4-g32-sym.json"),
+    "moe-block": md_whole("moe_block/moe_block.md", "moe_block/moe_block.json"),
 }
 
 

@@ -35,7 +35,7 @@ def run_model(name: str, formats: list[str], corpora: list[str], windows: int, w
     model, tok = ampq.load_model(name)
     names = block_linear_names(model)
     texts = {c: make_windows(tok, c, "eval", window, windows) for c in corpora}
-    refs = {c: Reference(model, w, cache_bytes=6 << 30) for c, w in texts.items()}
+    refs = {c: Reference(model, w) for c, w in texts.items()}
     rows = []
     for fmt in formats:
         print(f"[{name}] {fmt}", file=sys.stderr, flush=True)

@@ -10,7 +10,7 @@ from ampq.kernels.triton.lut_gemm import CONFIGS, lut_form, lut_linear
 from ampq.pipeline.blockwise import quantize_linear
 
 FORMATS = ["int4-g32", "int4-g64-sym", "int4-g128", "int4-ch", "int8-ch", "int8-ch-sym", "int8-g64", "nf4-b64",
-           "nf4-b64-dq", "fp4-b64-dq", "fp8-e4m3-ch", "fp8-e5m2", "e2m1-g32"]
+           "nf4-b64-dq", "fp4-b64-dq", "fp8-e4m3-ch", "fp8-e5m2", "e2m1-g32", "mxfp4"]
 failures = []
 for fmt in FORMATS:
     for n, k, rows, bias in [(80, 96, 5, True), (64, 256, 1, False), (33, 130, 17, True)]:

@@ -55,7 +55,7 @@ def deq(fmt, codes, params):
     return fmt.dequantize_codes(codes, params.values)
 
 
-@pytest.mark.parametrize("fmt_name", ["int4-g64", "int3-g64", "nf4-b64", "int4-ch"])
+@pytest.mark.parametrize("fmt_name", ["int4-g64", "int3-g64", "nf4-b64", "int4-ch", "nvfp4", "mxfp4"])
 def test_gptq_beats_rtn_on_held_out_inputs(real_layers, fmt_name):
     fmt = get_format(fmt_name)
     for sub, w, stats, x in real_layers:
@@ -64,8 +64,9 @@ def test_gptq_beats_rtn_on_held_out_inputs(real_layers, fmt_name):
         assert e_gptq < e_rtn, (sub, e_gptq, e_rtn)
 
 
-def test_gptq_in_order_with_dynamic_groups_beats_rtn(real_layers):
-    fmt = get_format("int3-g64")
+@pytest.mark.parametrize("fmt_name", ["int3-g64", "mxfp4"])
+def test_gptq_in_order_with_dynamic_groups_beats_rtn(real_layers, fmt_name):
+    fmt = get_format(fmt_name)
     for sub, w, stats, x in real_layers:
         codes, params = gptq(w, fmt, stats, act_order=False)
         assert output_error(w, deq(fmt, codes, params), x) < output_error(w, deq(fmt, *rtn(w, fmt)), x), sub

@@ -285,6 +285,9 @@ def test_a_vision_language_model_quantizes_its_language_model_and_keeps_the_visi
     assert all(isinstance(m, nn.Linear) for m in model.get_submodule(tower).modules() if hasattr(m, "in_features"))
     assert isinstance(model.lm_head, nn.Linear)
     assert tower in model.ampq_manifest["kept_towers"]
+    from ampq.coverage import coverage
+
+    assert tower.rpartition(".")[2] in coverage(model).kept  # the summary line names the tower it kept
     ampq.save(model, tmp_path / "q")
     loaded = ampq.load(tmp_path / "q")
     assert type(loaded) is type(model)

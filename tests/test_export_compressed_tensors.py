@@ -75,7 +75,8 @@ def _decompress_with_compressed_tensors(out):
 
 # int4-g64-sym: 96 and 160 inputs end in a partial group of 32, written as groups of 32 (gcd)
 @pytest.mark.parametrize("spec", ["int4-g32-sym", "int4-g64-sym", "int8-ch-sym",
-                                  {"*mlp*": "int8-ch-sym", "*": "int4-g32-sym"}, "fp8-e4m3-ch", "fp8-e4m3"])
+                                  {"*mlp*": "int8-ch-sym", "*": "int4-g32-sym"}, "fp8-e4m3-ch", "fp8-e4m3",
+                                  "nvfp4", "mxfp4"])
 def test_exact_export_loads_in_transformers_with_the_same_weights(tmp_path, spec):
     model = _quantized(tmp_path, spec)
     summary = export_compressed_tensors(tmp_path / "ampq", tmp_path / "ct")
@@ -93,11 +94,50 @@ def test_exact_export_loads_in_transformers_with_the_same_weights(tmp_path, spec
                                          "symmetric": True}
     assert not list(tmp_path.glob(".ct*"))  # no temporary folder left
 
+    if spec in ("nvfp4", "mxfp4"):  # compressed-tensors decompresses FP4 to bf16 weights, so run in bf16
+        assert any("bfloat16" in w for w in summary["warnings"])
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.bfloat16)
+        logits(loaded)
+        assert _max_weight_change(loaded, model) == 0.0
+        return
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
     got = logits(loaded)  # the first forward pass decompresses the weights
     ref = _reference_logits(model)
     assert (got - ref).abs().max() <= EXACT_ATOL
     assert _max_weight_change(loaded, model) == 0.0  # the same codes and scales: every weight bit for bit
+
+
+@pytest.mark.parametrize("spec,algorithm", [("nvfp4", "rtn"), ("mxfp4", "rtn"), ({"*mlp*": "mxfp4", "*": "nvfp4"}, "rtn"),
+                                            ("nvfp4", "gptq")])
+def test_fp4_export_decompresses_with_compressed_tensors_to_ampqs_weights(tmp_path, spec, algorithm):
+    calibration = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(2)) if algorithm == "gptq" else None
+    model = _quantized(tmp_path, spec, algorithm=algorithm, calibration=calibration)
+    export_compressed_tensors(tmp_path / "ampq", tmp_path / "ct")
+    qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    formats = {g["format"] for g in qc["config_groups"].values()}
+    assert formats == ({f"{spec}-pack-quantized"} if isinstance(spec, str) else {"nvfp4-pack-quantized",
+                                                                                 "mxfp4-pack-quantized"})
+    assert qc["format"] == (formats.pop() if len(formats) == 1 else "mixed-precision")
+    plain = _decompress_with_compressed_tensors(tmp_path / "ct")
+    for name, layer in quantized_linears(model).items():
+        assert torch.equal(plain.get_submodule(name).weight.detach().float(), layer.dequantize()), name
+    from safetensors.torch import load_file
+    tensors = load_file(tmp_path / "ct" / "model.safetensors")
+    for block in ("model.layers.0", "model.layers.1"):  # vLLM fuses q/k/v: one NVFP4 global scale for the three
+        scales = [tensors.get(f"{block}.self_attn.{p}.weight_global_scale") for p in ("q_proj", "k_proj", "v_proj")]
+        if scales[0] is not None:
+            assert torch.equal(scales[0], scales[1]) and torch.equal(scales[0], scales[2])
+
+
+def test_fused_layers_with_different_nvfp4_global_scales_are_refused(tmp_path):
+    from ampq.nn import QuantLinear
+    model = ampq.quantize(tiny_llama(), "nvfp4", progress=False)
+    k = model.model.layers[0].self_attn.k_proj  # as quantized alone (older checkpoints, --untied runs)
+    alone = ampq.formats.get_format("nvfp4").quantize(k.dequantize() * 3)
+    model.model.layers[0].self_attn.k_proj = QuantLinear(k.in_features, k.out_features, "nvfp4", alone)
+    ampq.save(model, tmp_path / "ampq")
+    with pytest.raises(AmpqError, match="one NVFP4 global scale"):
+        export_compressed_tensors(tmp_path / "ampq", tmp_path / "ct")
 
 
 def test_a_resaved_checkpoint_exports_in_the_dtype_of_its_weights(tmp_path):

@@ -521,8 +521,9 @@ def test_smollm2_int4_g32_perplexity_survives_the_export(tmp_path):
 def test_llama_cpp_runs_the_export_within_one_percent(tmp_path):
     """llama.cpp itself (llama-cpp-python, a benchmark extra that compiles llama.cpp: skipped where it
     is not installed) scores the exported file on the same tokens as ampq."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     from ampq.data import make_windows
+    from _llama_cpp import llama_cpp_logits
 
     model, tok = ampq.load_model("smollm2-135m")
     ampq.quantize(model, "int4-g64-sym", progress=False)  # Q4_0 in GGUF
@@ -532,13 +533,9 @@ def test_llama_cpp_runs_the_export_within_one_percent(tmp_path):
     ids = make_windows(tok, "wiki", "eval", 256, 2).tokens
     with ampq.kernels.use("reference"), torch.no_grad():
         ours = torch.log_softmax(model(ids).logits.float(), -1)
-    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=256, n_batch=256, logits_all=True, n_threads=2,
-                          verbose=False)
     nll_ours = nll_theirs = 0.0
     for i, window in enumerate(ids.tolist()):
-        llm.reset()
-        llm.eval(window)
-        theirs = torch.log_softmax(torch.tensor(np.asarray(llm.scores[:256], dtype=np.float32)), -1)
+        theirs = torch.log_softmax(llama_cpp_logits(tmp_path / "m.gguf", window), -1)
         target = torch.tensor(window[1:])[:, None]
         nll_ours -= ours[i, :-1].gather(-1, target).sum().item()
         nll_theirs -= theirs[:-1].gather(-1, target).sum().item()

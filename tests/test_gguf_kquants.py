@@ -127,12 +127,73 @@ def test_more_architectures_round_trip_through_transformers(tmp_path, arch, gguf
     assert diff <= 1e-5
 
 
-def test_architectures_not_yet_written_are_refused_saying_why(tmp_path):
-    from transformers import Gemma2Config, Gemma2ForCausalLM
+def _gemma_phi_export(tmp_path, arch, **overrides):
+    from _tiny_models import VOCAB, tiny_model, tiny_tokenizer
 
+    model = ampq.quantize(tiny_model(arch, **overrides), "q4_k", progress=False)
+    ampq.save(model, tmp_path / "ckpt", tiny_tokenizer(VOCAB))
+    summary = export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    tensors = {t.name: t for t in reader.tensors}
+    return model, summary, {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.")}, tensors
+
+
+def test_gemma2_file_carries_what_llama_cpp_reads(tmp_path):
+    """As llama.cpp's Gemma2Model converter writes it: soft-capping and window keys, head size, norms
+    plus one (transformers scales by 1 + w), no output tensor (the embeddings are the head)."""
+    model, summary, keys, tensors = _gemma_phi_export(tmp_path, "gemma2")
+    assert summary["architecture"] == "gemma2" and summary["exact"] == summary["layers"] == 14
+    assert {k: keys[f"gemma2.{k}"] for k in ("attn_logit_softcapping", "final_logit_softcapping",
+                                             "attention.sliding_window", "attention.key_length")} == \
+        {"attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0, "attention.sliding_window": 16,
+         "attention.key_length": 64}
+    layer = model.model.layers[1]
+    for name, norm in [("blk.1.attn_norm", layer.input_layernorm), ("blk.1.post_attention_norm",
+                       layer.post_attention_layernorm), ("blk.1.ffn_norm", layer.pre_feedforward_layernorm),
+                       ("blk.1.post_ffw_norm", layer.post_feedforward_layernorm), ("output_norm", model.model.norm)]:
+        assert np.array_equal(np.asarray(tensors[f"{name}.weight"].data), (norm.weight.detach() + 1).numpy()), name
+    assert "output.weight" not in tensors
+
+
+def test_gemma3_file_carries_what_llama_cpp_reads(tmp_path):
+    model, summary, keys, tensors = _gemma_phi_export(tmp_path, "gemma3-linear")
+    assert summary["architecture"] == "gemma3" and summary["exact"] == summary["layers"] == 42
+    assert keys["gemma3.rope.freq_base"] == 1e6 and keys["gemma3.attention.sliding_window"] == 16
+    assert keys["gemma3.rope.scaling.type"] == "linear" and keys["gemma3.rope.scaling.factor"] == 8.0
+    q_norm = model.model.layers[0].self_attn.q_norm.weight.detach()  # per-head q/k norms are shifted too
+    assert np.array_equal(np.asarray(tensors["blk.0.attn_q_norm.weight"].data), (q_norm + 1).numpy())
+    assert "output.weight" in tensors  # gemma3 has one: this head is untied
+
+
+def test_phi3_file_carries_what_llama_cpp_reads(tmp_path):
+    """Phi-3's fused q/k/v and gate/up linears are llama.cpp's attn_qkv and ffn_up as they are (llama.cpp
+    splits them), and a quarter of each head is left unrotated."""
+    model, summary, keys, tensors = _gemma_phi_export(tmp_path, "phi3")
+    assert summary["architecture"] == "phi3" and summary["exact"] == summary["layers"] == 8
+    assert keys["phi3.rope.dimension_count"] == 48 and keys["phi3.attention.sliding_window"] == 0
+    assert keys["phi3.rope.scaling.original_context_length"] == 4096
+    assert list(tensors["blk.0.attn_qkv.weight"].shape) == [256, 512]  # gguf-py lists (inputs, outputs)
+    assert list(tensors["blk.0.ffn_up.weight"].shape) == [256, 1024]
+    decoded = gguf.quants.dequantize(np.asarray(tensors["blk.1.ffn_up.weight"].data), T.Q4_K)
+    assert torch.equal(torch.from_numpy(decoded.copy()), model.model.layers[1].mlp.gate_up_proj.dequantize())
+
+
+@pytest.mark.parametrize("arch, overrides, match", [
+    ("gemma2", {"tie_word_embeddings": False}, "output head is not the embedding table"),
+    ("gemma2", {"query_pre_attn_scalar": 256}, "query_pre_attn_scalar 256.*uses 64"),
+    ("gemma3", {"layer_types": ["sliding_attention", "full_attention"] * 3}, "every 6th layer global"),
+    ("gemma3", {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 5e4}}},
+     "base 50000.*uses 10000"),
+    ("phi3", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 24,
+                                  "long_factor": [2.0] * 24, "original_max_position_embeddings": 64}},
+     r"rope scaling \(longrope\)"),
+])
+def test_what_llama_cpp_would_run_differently_is_refused(tmp_path, arch, overrides, match):
     from ampq import AmpqError
+    from _tiny_models import tiny_model
 
-    model = _tiny(Gemma2ForCausalLM, Gemma2Config, head_dim=64)
-    ampq.save(ampq.quantize(model, "q4_k", progress=False), tmp_path / "ckpt")
-    with pytest.raises(AmpqError, match="Gemma2ForCausalLM.*norm weights stored plus one"):
+    ampq.save(ampq.quantize(tiny_model(arch, **overrides), "q4_k", progress=False), tmp_path / "ckpt")
+    with pytest.raises(AmpqError, match=match):
         export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()

@@ -14,7 +14,7 @@ from ampq.pipeline.adaptive import adapt, nested_layers, quantize_adaptive
 from ampq.nested import NestedLinear
 from test_model_io import IDS, logits, tiny_llama
 
-FORMATS = ["int4-g32", "nf4-b32-dq", "fp8-e4m3-ch", "int8-ch", {"*mlp*": "int8-ch", "*": "int4-g32"}]
+FORMATS = ["int4-g32", "nf4-b32-dq", "fp8-e4m3-ch", "int8-ch", "nvfp4", "mxfp4", {"*mlp*": "int8-ch", "*": "int4-g32"}]
 
 
 def from_pretrained(path, **kwargs):

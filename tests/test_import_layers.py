@@ -18,17 +18,16 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # above it; it may import from its own layer and those below, never above.
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["ampq.errors", "ampq.atomic", "ampq.version", "ampq.dtypes", "ampq.memory", "ampq.models", "ampq.builtin",
-                    "ampq.figures"]),
+                    "ampq.figures", "ampq.experts", "ampq.expert_names"]),
     ("formats", ["ampq.formats"]),
     ("algorithms and kernels", ["ampq.algorithms", "ampq.kernels"]),
-    ("quantized modules", ["ampq.nn", "ampq.nested"]),
-    ("layer table", ["ampq.layer_table"]),
+    ("quantized modules", ["ampq.nn", "ampq.nested", "ampq.quant_experts"]),
+    ("layer table", ["ampq.layer_table", "ampq.coverage"]),
     ("io", ["ampq.io"]),
     # AWQ's scaling runs a block on calibration data: a pipeline step that lives beside the algorithms
     ("pipeline", ["ampq.calibrate", "ampq.spill", "ampq.fisher", "ampq.sensitivity",
                   "ampq.allocate", "ampq.schemes", "ampq.pipeline", "ampq.decode_once",
-                  "ampq.report", "ampq.resume", "ampq.data", "ampq.evaluate", "ampq.similarity", "ampq.bench",
-                  "ampq.algorithms.awq"]),
+                  "ampq.report", "ampq.resume", "ampq.data", "ampq.evaluate", "ampq.similarity", "ampq.compiled", "ampq.bench", "ampq.algorithms.awq"]),
     ("loading", ["ampq.loading", "ampq.importers", "ampq.hf"]),
     ("public API", ["ampq", "ampq.export", "ampq.exporting", "ampq.comparison"]),
     ("command line", ["ampq.cli", "ampq.__main__"]),

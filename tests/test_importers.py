@@ -235,3 +235,63 @@ def test_act_order_import_loads_with_from_pretrained(tmp_path):
     assert layer.input_perm is not None
     with torch.no_grad(), kernels.use("reference"):
         assert torch.equal(again(ref["input_ids"]).logits, model(ref["input_ids"]).logits)
+
+
+def _compressed_by_compressed_tensors(folder: Path, preset_name: str):
+    """A tiny random Llama quantized (round to nearest, with compressed-tensors' own scale
+    arithmetic: generate_gparam, calculate_qparams) and compressed by compressed-tensors itself."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, apply_quantization_config
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+
+    from test_model_io import tiny_llama
+
+    model = tiny_llama(tie=False)
+    qconfig = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"],
+                                                                              **PRESET_SCHEMES[preset_name])},
+                                 ignore=["lm_head"])
+    apply_quantization_config(model, qconfig)
+    original = {}
+    for name, m in model.named_modules():
+        scheme = getattr(m, "quantization_scheme", None)
+        if scheme is None:
+            continue
+        w = m.weight.detach()
+        original[name] = w.clone()
+        groups = w.reshape(w.shape[0], -1, scheme.weights.group_size)
+        glob = generate_gparam(w.amin().reshape(1), w.amax().reshape(1)) if hasattr(m, "weight_global_scale") else None
+        scale, _ = calculate_qparams(groups.amin(-1), groups.amax(-1), scheme.weights, global_scale=glob)
+        m.weight_scale.data.copy_(scale)
+        if glob is not None:
+            m.weight_global_scale.data.copy_(glob)
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.compress_model(model)
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    model.config.save_pretrained(folder)
+    compressor.update_config(str(folder))
+    return original
+
+
+@pytest.mark.parametrize("preset,fmt", [("NVFP4A16", "nvfp4"), ("MXFP4A16", "mxfp4")])
+def test_fp4_checkpoint_compressed_by_compressed_tensors_imports_identically(tmp_path, preset, fmt):
+    from transformers import AutoModelForCausalLM
+
+    original = _compressed_by_compressed_tensors(tmp_path / "ct", preset)
+    model, notes = load_foreign(tmp_path / "ct")
+    assert not notes
+    from test_model_io import logits
+
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.bfloat16)
+    logits(theirs)  # the first forward pass decompresses the weights, by the library's own code
+    layers = quantized_linears(model)
+    assert len(layers) == 14
+    for name, layer in layers.items():
+        assert layer.format_name == fmt
+        assert torch.equal(layer.dequantize(), theirs.get_submodule(name).weight.detach().float()), name
+        # and ampq's own round to nearest of the same float32 weight stores the same bytes (q/k/v and
+        # gate/up aside for NVFP4: ampq gives fused layers one global scale, as llm-compressor does)
+        if fmt == "mxfp4" or name.endswith(("o_proj", "down_proj")):
+            ours = ampq.formats.get_format(fmt).quantize(original[name])
+            assert all(torch.equal(ours[k], v) for k, v in layer.stored().items()), name

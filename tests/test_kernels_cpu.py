@@ -79,7 +79,7 @@ def test_dispatch_by_rows_mode_and_format():
 
 
 @pytest.mark.parametrize("fmt", ["nf4-b64", "nf4-b64-dq", "fp4-b64", "fp8-e4m3-ch", "fp8-e5m2-ch", "fp8-e4m3",
-                                 "e2m1-g32", "int8-g32-sym", "int8-ch", "int4-g128", "int4-g64-zp", "bf16", "fp16"])
+                                 "e2m1-g32", "int8-g32-sym", "int8-ch", "int4-g128", "int4-g64-zp", "bf16", "fp16", "mxfp4"])
 @pytest.mark.parametrize("shape", [(96, 256), (1536, 512)])
 @pytest.mark.parametrize("rows", [1, 5, 300])
 def test_slab_kernel_matches_the_reference(fmt, shape, rows):
@@ -109,7 +109,7 @@ def test_slab_and_planes_kernels_follow_an_input_permutation():
 
 @pytest.mark.parametrize("fmt", ["nf4-b64", "nf4-b64-dq", "fp4-b64", "nf4-b128", "fp8-e4m3-ch", "fp8-e5m2-ch",
                                  "fp8-e4m3", "e2m1-g32", "int8-g32-sym", "int8-g128", "int5-g128", "int6-g128",
-                                 "e3m2-g32", "e2m3-ch", "int4-ch"])
+                                 "e3m2-g32", "e2m3-ch", "int4-ch", "nvfp4", "mxfp4"])
 @pytest.mark.parametrize("shape", [(96, 256), (1536, 512), (64, 96)])
 @pytest.mark.parametrize("rows", [1, 5, 16])
 def test_planes_kernel_matches_the_reference(fmt, shape, rows):

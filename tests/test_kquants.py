@@ -147,6 +147,48 @@ def test_algorithms_pass_the_importance_and_gptq_lowers_the_output_error(name):
     assert out_err(*gptq(w, fmt, stats)) < weighted
 
 
+def _make_qkx3_quants(x, w, nmax, rmin=-0.9, rdelta=0.05, nstep=36):
+    """llama.cpp's make_qkx3_quants (ggml-quants.c) for one sub-block, one element at a time, in
+    float64: (scale, the minimum subtracted). Each trial of the fan starts from the best minimum so far."""
+    lo, hi = min(min(x), 0.0), max(x)
+    if hi <= lo:
+        return 0.0, -lo
+    sum_w, sum_x = sum(w), sum(wi * xi for wi, xi in zip(w, x))
+    scale, m = (hi - lo) / nmax, lo
+    q = [max(0, min(nmax, round((xi - lo) * nmax / (hi - lo)))) for xi in x]
+    best = sum(wi * (scale * qi + m - xi) ** 2 for wi, qi, xi in zip(w, q, x))
+    for step in range(nstep + 1):
+        iscale = (rmin + rdelta * step + nmax) / (hi - m) if hi > m else float("inf")
+        q = [round(min(v, nmax)) if v > 0 else 0 for v in ((xi - m) * iscale for xi in x)]
+        sl, sl2 = sum(wi * qi for wi, qi in zip(w, q)), sum(wi * qi * qi for wi, qi in zip(w, q))
+        sxl = sum(wi * qi * xi for wi, qi, xi in zip(w, q, x))
+        det = sum_w * sl2 - sl * sl
+        if det > 0:
+            this_scale, this_min = (sum_w * sxl - sum_x * sl) / det, (sl2 * sum_x - sl * sxl) / det
+            if this_min > 0:
+                this_scale, this_min = sxl / sl2, 0.0
+            err = sum(wi * (this_scale * qi + this_min - xi) ** 2 for wi, qi, xi in zip(w, q, x))
+            if err < best:
+                best, scale, m = err, this_scale, this_min
+    return scale, -m
+
+
+@pytest.mark.parametrize("nmax, n", [(3, 16), (15, 32), (31, 32)])
+def test_scale_and_min_is_llama_cpp_s_search(nmax, n):
+    from ampq.formats.kquant_search import scale_and_min
+
+    g = torch.Generator().manual_seed(nmax)
+    x = torch.randn(64, n, generator=g, dtype=torch.float64) * 0.1 + torch.rand(64, 1, generator=g, dtype=torch.float64) * 0.1
+    x[0] = -0.3  # flat and negative: no grid to fit
+    w = torch.rand(64, n, generator=g, dtype=torch.float64) + 0.01
+    # llama.cpp's fan (-0.9 + 0.05 k) puts the largest weight exactly half-way between two codes at
+    # k = 8, where float rounding alone decides; a fan that never lands on a tie compares the search
+    scale, m = scale_and_min(x, w, nmax, rdelta=0.047)
+    for i in range(x.shape[0]):
+        ref = _make_qkx3_quants(x[i].tolist(), w[i].tolist(), nmax, rdelta=0.047)
+        assert (float(scale[i]), float(m[i])) == pytest.approx(ref, rel=1e-9, abs=1e-12), i
+
+
 # ---- against llama.cpp's own quantizer (ggml_quantize_chunk), where llama-cpp-python is installed ----
 
 def _ggml():
@@ -175,12 +217,7 @@ def _llama_cpp_quantize(lib, w: np.ndarray, qtype, imatrix: np.ndarray | None) -
     return out
 
 
-# q2_k and q4_k are measured 5.7% and 2.7% worse than llama.cpp's here: a known gap, not yet found
-_BEHIND = {"q2_k", "q4_k"}
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason="behind llama.cpp's encoder, see _BEHIND"))
-                                  if n in _BEHIND else n for n in GGUF_TYPES])
+@pytest.mark.parametrize("name", GGUF_TYPES)
 def test_as_good_as_llama_cpp_s_quantizer_with_an_importance_matrix(name):
     lib = _ggml()
     fmt = get_format(name)
@@ -194,5 +231,7 @@ def test_as_good_as_llama_cpp_s_quantizer_with_an_importance_matrix(name):
     def err(q):
         return float(((torch.as_tensor(q).reshape(w.shape) - w) ** 2 * imp).sum())
 
-    # the same searches in float64 rather than float32: never more than a hair worse
-    assert err(ours) <= 1.02 * err(theirs), (err(ours), err(theirs))
+    # the same searches in float64 rather than float32: they differ only where a rounding tips a
+    # near tie (measured: within 0.11% either way on every type; before the fan of make_qkx3_quants
+    # followed its running minimum, q2_k was 5.7% and q4_k 2.7% worse here)
+    assert err(ours) <= 1.005 * err(theirs), (err(ours), err(theirs))

@@ -27,7 +27,8 @@ def logits(model):
         return model(IDS).logits
 
 
-@pytest.mark.parametrize("fmt", ["int4-g32", "int3-g64-sym", "nf4-b32-dq", "fp8-e4m3-ch", "e2m1-g32", "int8-ch"])
+@pytest.mark.parametrize("fmt", ["int4-g32", "int3-g64-sym", "nf4-b32-dq", "fp8-e4m3-ch", "e2m1-g32", "int8-ch",
+                                 "nvfp4", "mxfp4"])
 def test_save_load_gives_identical_logits(tmp_path, fmt):
     model = ampq.quantize(tiny_llama(), fmt, progress=False)
     before = logits(model)

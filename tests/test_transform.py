@@ -146,3 +146,27 @@ def test_a_plan_for_an_engine_weighs_only_what_that_engine_serves_and_exports_on
                   calibration=calib, progress=False)
     with pytest.raises(AmpqError, match="unknown serving target 'tgi'"):
         ampq.Budget(bits=4, target="tgi")
+
+
+@torch.no_grad()
+def test_transform_auto_keeps_the_plan_of_least_estimated_damage(tmp_path, monkeypatch):
+    import ampq
+
+    monkeypatch.setenv("AMPQ_CACHE", str(tmp_path))  # the sensitivity tables go to a cache of this test's own
+    model = tiny_llama()
+    held_out = tokens(4, seed=2)
+    before = model(held_out).logits
+    budget = ampq.Budget(bits=4.5, candidates=("int3-g32:gptq", "int4-g32:gptq", "bf16"), transform="auto",
+                         estimator="hessian")
+    plan = ampq.plan(model, budget, calibration=tokens(), progress=False)
+    compared = plan.transform["compared"]
+    assert set(compared) == {"none", "awq"}
+    kept = plan.transform["name"]
+    assert compared[kept] == min(compared.values())
+    assert sum(p.damage for p in plan.layers.values()) == pytest.approx(compared[kept])
+    # the salient channels make AWQ's rescaling worth more than the allocation: it wins here, and
+    # the model now holds the transformed blocks, computing what it did
+    assert kept == "awq" and getattr(model.config, "ampq_transform")["name"] == "awq"
+    assert torch.allclose(model(held_out).logits, before, atol=1e-3 * before.abs().max().item())
+    with pytest.raises(AmpqError, match="already transformed"):
+        ampq.plan(model, budget, calibration=tokens(), progress=False)

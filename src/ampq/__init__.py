@@ -9,11 +9,13 @@
 ``ampq.quantize`` also takes a format name ("int4-g128"), a per-module map, a scheme
 (``ampq.get_scheme("gptq")``) or a plan (``ampq.plan(model, ampq.Budget(bits=4.25), ...)``);
 ``ampq.adapt(model, budget=5.0)`` switches the precision of an adaptive checkpoint
-(``ampq.quantize(..., adaptive="4:8")``); ``ampq.export`` writes a checkpoint for vLLM or llama.cpp.
+(``ampq.quantize(..., adaptive="4:8")``); ``ampq.export`` writes a checkpoint for vLLM or llama.cpp;
+``ampq.compile(model).generate(ids, 40)`` decodes with a static KV cache and a compiled step.
 """
 
 from __future__ import annotations
 
+from ampq.coverage import coverage
 from ampq.errors import AmpqError
 from ampq.formats import get_format
 from ampq.io.model import save
@@ -29,6 +31,7 @@ from ampq.pipeline.run import quantize
 # after the modules ampq.evaluate and ampq.export were imported (by these), so that the functions
 # keep the names: importing a submodule later does not rebind its name on the package
 from ampq.comparison import evaluate
+from ampq.compiled import compile
 from ampq.exporting import export
 from ampq.version import __version__
 
@@ -37,5 +40,5 @@ try:  # registers quant_method "ampq" so transformers' from_pretrained loads amp
 except Exception:  # noqa: BLE001 - a transformers without the quantizer API: ampq works without it
     _hf = None
 
-__all__ = ["AmpqError", "Budget", "Plan", "QuantLinear", "Scheme", "Text", "adapt", "evaluate", "export",
+__all__ = ["AmpqError", "Budget", "Plan", "QuantLinear", "Scheme", "Text", "adapt", "compile", "coverage", "evaluate", "export",
            "get_format", "get_scheme", "load", "load_model", "plan", "quantize", "save", "__version__"]

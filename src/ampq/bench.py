@@ -5,6 +5,10 @@ Timings exclude a warm-up run and are medians over repeats. Decoding runs step b
 cache, as generation does; each step reads every weight once, so the achieved bandwidth is the
 bytes of weights read per step divided by the step's time.
 
+With ``compiled=True`` decoding runs as :func:`ampq.compile` runs it (a static KV cache of prompt +
+new tokens, the step compiled once per batch size, the prompt eager); the first (warm-up) run
+includes the capture, whose seconds the row reports.
+
 Memory predicted: M = P x B / Q summed per tensor kind, P parameters, B bits per parameter as
 stored (B = 4.25 for int4-g128 with its scales), Q = 8 bits per byte; plus the KV cache
 (2 x layers x batch x tokens x KV heads x head size x bytes). Memory measured: resident memory at the
@@ -25,6 +29,7 @@ from torch import nn
 from ampq.figures import pyplot
 from ampq.atomic import atomic_file
 from ampq.errors import AmpqError
+from ampq.compiled import CompiledDecoder
 from ampq.memory import resident, return_freed_memory
 from ampq.models import is_encoder
 from ampq.nn import QuantLinear
@@ -44,6 +49,7 @@ class BenchRow:
     bandwidth_gb_s: float
     predicted_bytes: int
     measured_bytes: int | None
+    compile_seconds: float | None = None  # capture of the compiled step (compiled=True), not in the timings
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -110,8 +116,26 @@ def _run(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[float, l
     return prefill, steps, resident_bytes()
 
 
+def _run_compiled(decoder: CompiledDecoder, ids: torch.Tensor, new_tokens: int) -> tuple[float, list[float], int]:
+    """:func:`_run` through a compiled decoder."""
+    device = ids.device
+    _sync(device)
+    t0 = time.perf_counter()
+    token = decoder.prefill(ids).argmax(-1, keepdim=True)
+    _sync(device)
+    prefill = time.perf_counter() - t0
+    steps = []
+    for _ in range(new_tokens):
+        t0 = time.perf_counter()
+        token = decoder.step(token).argmax(-1, keepdim=True)
+        _sync(device)
+        steps.append(time.perf_counter() - t0)
+    return prefill, steps, resident_bytes()
+
+
 def bench(model: nn.Module, *, batches: tuple[int, ...] = (1, 4, 16), prompt_tokens: int = 128,
-          new_tokens: int = 32, repeats: int = 3, baseline_rss: int | None = None, seed: int = 0) -> list[BenchRow]:
+          new_tokens: int = 32, repeats: int = 3, baseline_rss: int | None = None, seed: int = 0,
+          compiled: bool = False) -> list[BenchRow]:
     if is_encoder(model):
         raise AmpqError(f"bench times generation (prefill and decoding); {type(model).__name__} is an encoder, "
                         "which does not generate")
@@ -124,10 +148,16 @@ def bench(model: nn.Module, *, batches: tuple[int, ...] = (1, 4, 16), prompt_tok
         ids = torch.randint(0, vocab, (batch, prompt_tokens), generator=gen).to(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        _run(model, ids, min(new_tokens, 4))  # warm-up: allocator, kernel caches, packed weights
+        run, compile_seconds = (lambda i, n: _run(model, i, n)), None
+        if compiled:
+            decoder = CompiledDecoder(model, max_len=prompt_tokens + new_tokens, batch=batch)
+            run = lambda i, n: _run_compiled(decoder, i, n)  # noqa: E731
+        run(ids, min(new_tokens, 4))  # warm-up: allocator, kernel caches, packed weights, the compiled step
+        if compiled:
+            compile_seconds = decoder.capture_seconds[0]
         prefills, steps, resident = [], [], 0
         for _ in range(repeats):
-            p, s, r = _run(model, ids, new_tokens)
+            p, s, r = run(ids, new_tokens)
             prefills.append(p)
             steps += s
             resident = max(resident, r)
@@ -147,7 +177,7 @@ def bench(model: nn.Module, *, batches: tuple[int, ...] = (1, 4, 16), prompt_tok
             weight_bytes_per_step=step_bytes,
             bandwidth_gb_s=step_bytes / step / 1e9,
             predicted_bytes=predicted_bytes(model, batch, prompt_tokens + new_tokens),
-            measured_bytes=measured))
+            measured_bytes=measured, compile_seconds=compile_seconds))
     return rows
 
 

@@ -54,6 +54,11 @@ class LayerStats:
                    torch.zeros(features, device=device), 0)
 
 
+# an expert the router sent fewer calibration tokens is rounded to nearest rather than given GPTQ
+# or clip search: a Hessian of a handful of tokens fits the error feedback to those tokens alone
+MIN_EXPERT_TOKENS = 32
+
+
 class _Stop(Exception):
     """Raised from a hook to end a forward pass once the wanted inputs were seen."""
 
@@ -168,6 +173,37 @@ class Calibration:
         finally:
             for h in handles:
                 h.remove()
+        return acc
+
+    @torch.inference_mode()
+    @dequantized_weights_cached()
+    def expert_stats(self, block: nn.Module, name: str, projection: str) -> dict[int, LayerStats]:
+        """Input statistics of each expert's ``projection`` in the experts module ``name`` (a
+        :class:`ampq.quant_experts.QuantExperts`), from the tokens routed to it, by expert index;
+        an expert no token reached is absent. Each pass stops after the experts module."""
+        experts = block.get_submodule(name)
+        acc: dict[int, LayerStats] = {}
+
+        def observe(proj: str, e: int, x: torch.Tensor) -> None:
+            if proj == projection:
+                if e not in acc:
+                    acc[e] = LayerStats.empty(x.shape[-1], self.device)
+                acc[e].add(x)
+
+        def stop(module, args, output):
+            raise _Stop
+
+        experts.observer = observe
+        handle = experts.register_forward_hook(stop)
+        try:
+            for i in range(len(self.inputs)):
+                try:
+                    self._run(block, i)
+                except _Stop:
+                    pass
+        finally:
+            experts.observer = None
+            handle.remove()
         return acc
 
     def restore_inputs(self, tensors) -> None:

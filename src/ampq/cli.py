@@ -193,16 +193,20 @@ def cmd_inspect(args) -> int:
     manifest = verify_checkpoint(args.directory)
     layers = manifest.get("layers", {})
     rows = [[name, "+".join([e["format"]] + [r["format"] for r in (e.get("nested") or {}).get("residuals", [])]),
-             e["algorithm"], "x".join(map(str, e["shape"])), e["bytes"], e["bits_per_weight"]]
+             e["algorithm"], ("{} x ".format(e["experts"]) if "experts" in e else "") + "x".join(map(str, e["shape"])),
+             e["bytes"], e["bits_per_weight"]]
             for name, e in layers.items()]
     total_files = sum(f["bytes"] for n, f in manifest["files"].items() if n.endswith(".safetensors"))
     q_bytes = sum(e["bytes"] for e in layers.values())
-    q_weights = sum(e["shape"][0] * e["shape"][1] for e in layers.values())
-    rows.append(["all quantized linears", "", "", f"{q_weights:,} weights", q_bytes,
+    q_weights = sum(e.get("experts", 1) * e["shape"][0] * e["shape"][1] for e in layers.values())
+    rows.append(["all quantized layers", "", "", f"{q_weights:,} weights", q_bytes,
                  8 * q_bytes / q_weights if q_weights else None])
     print_table(f"{args.directory} (ampq {manifest.get('ampq_version')}, source {manifest.get('source')})",
                 ["layer", "format", "algorithm", "shape", "bytes", "bits/weight"], rows,
                 f"{len(manifest['tensors'])} tensors, {total_files:,} bytes of safetensors; every hash verified")
+    covered = manifest.get("coverage")
+    if isinstance(covered, dict) and isinstance(covered.get("line"), str):
+        print(covered["line"])
     return 0
 
 
@@ -223,7 +227,7 @@ def cmd_bench(args) -> int:
     except ValueError:
         raise AmpqError(f"--batch takes comma-separated integers, like 1,4,16; got {args.batch!r}") from None
     rows = bench.bench(model, batches=batches, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                       repeats=args.repeats, baseline_rss=baseline)
+                       repeats=args.repeats, baseline_rss=baseline, compiled=args.compile)
     bits = linear_bits(model)
     table = [[r.batch, r.prefill_tokens_per_s, r.decode_tokens_per_s, r.latency_p50_ms, r.latency_p99_ms,
               r.bandwidth_gb_s, r.predicted_bytes / 1e6, r.measured_bytes / 1e6 if r.measured_bytes else None]
@@ -233,9 +237,11 @@ def cmd_bench(args) -> int:
                  "measured MB"], table,
                 f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new, medians of {args.repeats} runs after a "
                 "warm-up; weights GB/s = bytes of weights read per decoding step / step time; predicted = weights + "
-                "KV cache; measured = resident memory at the end of decoding minus before loading (CPU) or peak allocated (GPU)")
+                "KV cache; measured = resident memory at the end of decoding minus before loading (CPU) or peak allocated (GPU)"
+                + ("; decoding compiled (ampq.compile), capture took "
+                   + ", ".join(f"{r.compile_seconds:.1f} s" for r in rows) if args.compile else ""))
     result = {"model": args.model, "bits_per_weight": bits, "device": args.device, "threads": torch.get_num_threads(),
-              "dtype": str(next(model.parameters()).dtype), "rows": [r.as_dict() for r in rows]}
+              "dtype": str(next(model.parameters()).dtype), "compiled": args.compile, "rows": [r.as_dict() for r in rows]}
     if args.json_out:
         _write_json(args.json_out, result)
     if args.plot:
@@ -377,16 +383,22 @@ def cmd_generate(args) -> int:
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tok(args.prompt, return_tensors="pt").input_ids
+    decoder = ampq.compile(model, max_len=ids.shape[1] + args.max_new_tokens) if args.compile else None
     if args.adapt_memory or args.adapt_budget is not None:
-        return _generate_adaptive(model, tok, ids, args)
-    with torch.inference_mode():
-        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
-    print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        return _generate_adaptive(model, tok, ids, args, decoder)
+    if decoder is not None:
+        new = decoder.generate(ids, args.max_new_tokens, tok.eos_token_id)[0]
+        print(f"compiled the decoding step in {decoder.capture_seconds[0]:.1f} s", file=sys.stderr)
+    else:
+        with torch.inference_mode():
+            new = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)[0, ids.shape[1]:]
+    print(tok.decode(new, skip_special_tokens=True))
     return 0
 
 
-def _generate_adaptive(model, tok, ids, args) -> int:
-    """Greedy decoding one token at a time, the memory policy consulted before every step."""
+def _generate_adaptive(model, tok, ids, args, decoder=None) -> int:
+    """Greedy decoding one token at a time, the memory policy consulted before every step; with a
+    compiled ``decoder``, each switch is followed by a new capture of the step, and its time told."""
     import torch
 
     from ampq.pipeline.adaptive import MemoryTarget, adapt, stored_range
@@ -409,11 +421,19 @@ def _generate_adaptive(model, tok, ids, args) -> int:
                     if model_bytes(model) > policy.target(model):
                         print(f"  {model_bytes(model) / 1e6:.1f} MB is the smallest this checkpoint stores, above "
                               f"the {policy.target(model) / 1e6:.1f} MB target", file=sys.stderr)
-            out = model(input_ids=step_ids, use_cache=True, **past)
-            # transformers 5 calls the KV cache `cache`; earlier versions `past_key_values`
-            past = {"cache": out.cache} if getattr(out, "cache", None) is not None else {
-                "past_key_values": out.past_key_values}
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            if decoder is not None:
+                captures = len(decoder.capture_seconds)
+                logits = decoder.prefill(step_ids) if step == 0 else decoder.step(step_ids)
+                if step and len(decoder.capture_seconds) > captures:
+                    print(f"step {step}: captured the compiled step again in {decoder.capture_seconds[-1]:.1f} s",
+                          file=sys.stderr)
+            else:
+                out = model(input_ids=step_ids, use_cache=True, **past)
+                # transformers 5 calls the KV cache `cache`; earlier versions `past_key_values`
+                past = {"cache": out.cache} if getattr(out, "cache", None) is not None else {
+                    "past_key_values": out.past_key_values}
+                logits = out.logits
+            token = logits.reshape(logits.shape[0], -1, logits.shape[-1])[:, -1].argmax(-1, keepdim=True)
             if eos is not None and int(token) == eos:
                 break
             new.append(int(token))
@@ -439,7 +459,7 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
                    help="AMPQ: average bits per weight over the quantized linears, everything stored counted")
     p.add_argument("--max-size", default=None, help="AMPQ: size of the whole model on disk, e.g. 90MB")
     p.add_argument("--candidates", default=None, help="AMPQ: comma-separated FORMAT[:ALGORITHM[+clip]] "
-                   "candidates (default: int2-g64:gptq, int3-g128:gptq ... int8-ch:rtn, bf16)")
+                   "candidates (default: 3- to 6-bit integer layouts with a minimum and with an exact zero, NF4, FP8, int8, bf16; `python -c \"import ampq.sensitivity as s; print(s.DEFAULT_CANDIDATES)\"` lists them)")
     p.add_argument("--sensitivity", default=None, help="AMPQ: sensitivity table to reuse or write "
                    "(default: cached per model, candidates and calibration)")
     p.add_argument("--estimator", default="fisher", choices=["fisher", "hessian"],
@@ -450,10 +470,10 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
                    help="AMPQ: the engine that will serve the model; its candidates are the formats that engine runs as "
                    "stored, so `ampq export` changes no layer (vllm: --to compressed-tensors; llama.cpp: --to gguf; "
                    "default any: every format, for ampq and transformers)")
-    p.add_argument("--transform", default="none", choices=["none", "awq"],
+    p.add_argument("--transform", default="none", choices=["none", "awq", "auto"],
                    help="AMPQ: rescale the float model before measuring sensitivity (awq: AWQ's per-channel scales, "
                    "folded into the op before each group), so every candidate is measured on the weights it will "
-                   "quantize (default none)")
+                   "quantize; auto: measure without and with it, keep the plan of least estimated damage; default none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -527,6 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--json", dest="json_out", default=None, help="write the results as JSON")
     b.add_argument("--plot", default=None, help="write a PNG of throughput and latency against batch size")
+    b.add_argument("--compile", action="store_true", help="decode with a static KV cache and the step compiled "
+                   "(ampq.compile); the capture is timed apart")
     b.set_defaults(func=cmd_bench)
     v = sub.add_parser("verify", help="check a checkpoint's files, hashes and layer table without loading the model")
     v.add_argument("directory")
@@ -563,6 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(e.g. 60MB) and within free memory, switching layers between steps")
     g.add_argument("--adapt-budget", type=float, default=None,
                    help="adaptive checkpoints: switch to this many bits per weight before generating")
+    g.add_argument("--compile", action="store_true", help="decode with a static KV cache and the step compiled "
+                   "(ampq.compile): the first token waits for the compilation, the others run faster")
     g.set_defaults(func=cmd_generate)
     return parser
 

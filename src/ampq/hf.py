@@ -12,7 +12,8 @@ It is all the loader needs, so a hub repo id works as well as a local folder: th
 dtypes of the stored tensors come from the safetensors headers transformers has already fetched.
 
 Before the weights load, :class:`AmpqHfQuantizer` replaces each listed ``nn.Linear`` (still on the
-meta device) with a :class:`ampq.nn.QuantLinear` (or :class:`ampq.nested.NestedLinear`) whose
+meta device) with a :class:`ampq.nn.QuantLinear` (or :class:`ampq.nested.NestedLinear`), and each
+experts module with quantized projections with a :class:`ampq.quant_experts.QuantExperts`, whose
 buffers are placeholders of exactly the stored shapes and dtypes, so that transformers' own loader
 fills ``...q_proj.codes``, ``...q_proj.scale``, ... as they are on disk, with no cast. The model
 then computes exactly what :func:`ampq.load` gives.
@@ -37,9 +38,10 @@ import torch
 from torch import nn
 
 from ampq.io.safetensors_file import read_header
-from ampq.layer_table import CONFIG_VERSION, QUANT_METHOD, build_layer, check_entry, quantization_config
+from ampq.layer_table import CONFIG_VERSION, EXPERTS, QUANT_METHOD, check_entry, install_layer, quantization_config
 from ampq.models import replace_module
 from ampq.nn import quantized_linears
+from ampq.quant_experts import quantized_projections
 
 
 def _check_config(version, layers, dtype) -> None:
@@ -112,26 +114,32 @@ def _header_specs(checkpoint_files) -> dict[str, tuple[torch.dtype, tuple[int, .
 
 
 def replace_linears(model: nn.Module, layers: dict[str, dict], specs) -> None:
-    """Put a QuantLinear / NestedLinear on the meta device in place of each listed linear of
-    ``model``, its buffers placeholders of the stored shapes and dtypes (``specs``)."""
+    """Put a QuantLinear / NestedLinear / QuantExperts on the meta device in place of each listed
+    linear or expert projection of ``model``, its buffers placeholders of the stored shapes and
+    dtypes (``specs``)."""
     for name, entry in layers.items():
+        experts = entry.get("kind") == EXPERTS
         try:
-            linear = model.get_submodule(name)
+            module = model.get_submodule(name.rpartition(".")[0] if experts else name)
         except AttributeError:
             raise ValueError(f"ampq quantization_config lists layer {name!r}, which this model has not") from None
-        if not isinstance(linear, nn.Linear) or tuple(linear.weight.shape) != tuple(entry["shape"]):
+        if not experts and (not isinstance(module, nn.Linear) or tuple(module.weight.shape) != tuple(entry["shape"])):
             raise ValueError(f"ampq quantization_config: {name!r} is not a {entry['shape'][0]}x{entry['shape'][1]} "
                              "linear in this model; config.json does not match its quantization_config")
 
-        def placeholder(key: str, linear=linear) -> torch.Tensor:
+        def placeholder(key: str, module=module) -> torch.Tensor:
             if key.endswith(".bias"):  # unquantized: it loads in the model's dtype like the other such tensors
-                return torch.empty(linear.out_features, dtype=linear.weight.dtype, device="meta")
+                return torch.empty(module.out_features, dtype=module.weight.dtype, device="meta")
             if key not in specs:
                 raise ValueError(f"the checkpoint holds no tensor {key}")
             dtype, shape = specs[key]
             return torch.empty(shape, dtype=dtype, device="meta")
 
-        replace_module(model, name, build_layer(name, entry, linear, placeholder))
+        try:
+            install_layer(model, name, entry, placeholder)
+        except ValueError as e:
+            raise ValueError(f"ampq quantization_config: {name!r}: {e}; config.json does not match its "
+                             "quantization_config") from None
 
 
 def _quantizer_class() -> type:
@@ -185,6 +193,10 @@ def _quantizer_class() -> type:
                     linear.bias.data.copy_(layer.bias)
                 linear.requires_grad_(False)
                 replace_module(model, name, linear)
+            for name, (experts, projection) in quantized_projections(model).items():
+                weight = torch.stack([experts.expert_weight(projection, e, dtype or torch.float32)
+                                      for e in range(experts.num_experts)])
+                experts.set_float(projection, weight)
             return model
 
         def is_serializable(self, *args, **kwargs):

@@ -3,7 +3,10 @@
 A record is a JSON object: the format, the algorithm, the shape (out, in), the names of the stored
 tensors, whether there is a bias, the activation treatment, AWQ's input scale, the act-order input
 permutation, the compute dtype and, for an adaptive layer (:class:`ampq.nested.NestedLinear`), its
-residual levels under ``nested``. The same record is the entry of ``ampq.json``'s ``layers``, of
+residual levels under ``nested``. A mixture-of-experts projection (``mlp.experts.gate_up_proj``,
+one 3D weight) is one record of ``kind`` "experts": the same keys describe each expert's (out, in)
+matrix, ``experts`` says how many there are, and ``expert_algorithms`` the algorithm of each where
+they differ (GPTQ with a fallback to RTN for experts calibration reached too little). The same record is the entry of ``ampq.json``'s ``layers``, of
 config.json's ``quantization_config`` (which transformers' loader reads, :mod:`ampq.hf`) and of a
 resumable run's block files (:mod:`ampq.resume`). This module writes records from modules, checks
 them, and builds modules from them, given a way to take each stored tensor by name; where the
@@ -19,15 +22,19 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from ampq.experts import is_experts
 from ampq.formats import get_format
+from ampq.models import replace_module
 from ampq.nested import NestedLinear, ResidualSource
 from ampq.nn import QuantLinear, quantized_linears
+from ampq.quant_experts import QuantExperts, quantized_projections
 
 QUANT_METHOD = "ampq"  # config.json's quantization_config.quant_method for ampq checkpoints
 CONFIG_VERSION = 1
 # what a record carries that a loader needs (bytes and bits_per_weight are reports)
 LOADER_KEYS = ("format", "algorithm", "shape", "tensors", "bias", "activation", "input_scale", "compute_dtype",
-               "input_perm")
+               "input_perm", "kind", "experts", "expert_algorithms")
+EXPERTS = "experts"  # the kind of a record that describes a stack of expert matrices
 
 Take = Callable[[str], torch.Tensor]  # a stored tensor by its full name (model.layers.0.mlp.up_proj.codes)
 
@@ -63,9 +70,23 @@ def _residual_entry(r: QuantLinear) -> dict:
     return {"format": r.format_name, "tensors": list(r.stored_names)}
 
 
+def experts_entry(experts: QuantExperts, name: str) -> dict:
+    """The record of one quantized expert projection: its first expert's, for all of them."""
+    layers = experts.quantized(name)
+    algorithms = [m.algorithm for m in layers]
+    nbytes, weights = experts.nbytes(name), len(layers) * layers[0].shape[0] * layers[0].shape[1]
+    entry = {**_plain_entry(layers[0]), "kind": EXPERTS, "experts": len(layers),
+             "bytes": nbytes, "bits_per_weight": 8 * nbytes / weights}
+    if len(set(algorithms)) > 1:
+        entry["expert_algorithms"] = algorithms
+    return entry
+
+
 def layer_entries(model: nn.Module, keep_spare: bool = False) -> dict[str, dict]:
-    """The record of every quantized linear of ``model``, by module name."""
-    return {name: layer_entry(m, keep_spare) for name, m in quantized_linears(model).items()}
+    """The record of every quantized linear and expert projection of ``model``, by name."""
+    entries = {name: layer_entry(m, keep_spare) for name, m in quantized_linears(model).items()}
+    entries.update({name: experts_entry(m, p) for name, (m, p) in quantized_projections(model).items()})
+    return entries
 
 
 def loader_entries(entries: dict[str, dict]) -> dict[str, dict]:
@@ -128,6 +149,14 @@ def check_entry(entry) -> None:
             and _are_names(entry.get("tensors"))):
         raise ValueError("malformed entry")
     nested = entry.get("nested")
+    if entry.get("kind", EXPERTS) != EXPERTS:
+        raise ValueError(f"unknown kind of layer {entry['kind']!r}")
+    if "kind" in entry:
+        count = entry.get("experts")
+        algorithms = entry.get("expert_algorithms")
+        if type(count) is not int or count <= 0 or nested is not None or not (
+                algorithms is None or (_are_names(algorithms) and len(algorithms) == count)):
+            raise ValueError("malformed experts entry")
     if nested is None:
         return
     if not isinstance(nested, dict) or not isinstance(nested.get("residuals"), list):
@@ -163,6 +192,29 @@ def _is_residual(r) -> bool:
 
 
 # ---- building ----------------------------------------------------------------------------------
+def install_layer(root: nn.Module, name: str, entry: dict, take: Take, source: ResidualSource | None = None) -> None:
+    """Put the module ``entry`` describes in ``root`` at ``name`` (see :func:`build_layer`); an
+    experts record makes its experts module a :class:`QuantExperts` (once, for all its projections)
+    and stores that projection quantized."""
+    if entry.get("kind") != EXPERTS:
+        replace_module(root, name, build_layer(name, entry, root.get_submodule(name), take, source))
+        return
+    check_entry(entry)
+    owner, _, projection = name.rpartition(".")
+    experts = root.get_submodule(owner)
+    if not getattr(experts, "is_quantized_experts", False):
+        if not is_experts(experts):
+            raise ValueError("the model has no experts module there")
+        experts = QuantExperts(experts)
+        replace_module(root, owner, experts)
+    shape = tuple(entry["shape"])
+    if projection not in experts.names or experts.shapes[projection] != shape or experts.num_experts != entry["experts"]:
+        raise ValueError(f"the model has no {entry['experts']} experts of {shape[0]}x{shape[1]} there")
+    algorithms = entry.get("expert_algorithms") or [entry.get("algorithm") or "rtn"] * entry["experts"]
+    experts.set_quantized(projection, [_quant_linear(f"{name}.{e}", {**entry, "algorithm": a}, take)
+                                       for e, a in enumerate(algorithms)])
+
+
 def build_layer(name: str, entry: dict, linear: nn.Module, take: Take,
                 source: ResidualSource | None = None) -> nn.Module:
     """The module ``entry`` describes, to take the place of ``linear`` (module ``name``), with each

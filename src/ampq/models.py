@@ -104,6 +104,21 @@ def lm_head_name(model: nn.Module, required: bool = True) -> str | None:
     raise AmpqError(f"{type(model).__name__} has no output head (lm_head) to quantize")
 
 
+_FUSED = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+
+
+def fused_groups(names: list[str]) -> list[list[str]]:
+    """The linears that serving engines fuse into one (q/k/v of a block, gate/up), among ``names``
+    (module names, full or relative to a block): groups of two or more."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name in names:
+        prefix, _, leaf = name.rpartition(".")
+        kind = _FUSED.get(leaf)
+        if kind and not prefix.endswith("experts"):  # an experts module's up_proj is no dense MLP's
+            groups.setdefault((prefix.rpartition(".")[0], kind), []).append(name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
 def tied_embeddings(model: nn.Module) -> bool:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None

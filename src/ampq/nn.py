@@ -102,7 +102,7 @@ class QuantLinear(nn.Module):
 
 def quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
     """Every quantized linear by name, QuantLinear or :class:`ampq.nested.NestedLinear`, without
-    the QuantLinears a NestedLinear holds inside."""
+    the QuantLinears a NestedLinear or a :class:`ampq.quant_experts.QuantExperts` holds inside."""
     found: dict[str, nn.Module] = {}
 
     def walk(module: nn.Module, prefix: str) -> None:
@@ -110,7 +110,7 @@ def quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
             name = f"{prefix}.{child_name}" if prefix else child_name
             if getattr(child, "is_quantized_linear", False):
                 found[name] = child
-            else:
+            elif not getattr(child, "is_quantized_experts", False):
                 walk(child, name)
 
     if getattr(model, "is_quantized_linear", False):

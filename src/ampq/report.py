@@ -6,8 +6,10 @@ import sys
 
 from torch import nn
 
+from ampq.experts import is_router
 from ampq.models import decoder_blocks
 from ampq.nn import quantized_linears
+from ampq.quant_experts import quantized_projections
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -28,13 +30,20 @@ def _persistent(model: nn.Module, name: str) -> bool:
 
 
 def linear_bits(model: nn.Module, names: list[str] | None = None) -> float:
-    """Average stored bits per weight over the linears ``names`` (default: every QuantLinear, or
-    the decoder blocks' linears of an unquantized model), each in the bytes it actually stores."""
+    """Average stored bits per weight over the linears ``names`` (default: every QuantLinear and
+    quantized expert projection, or the decoder blocks' linears of an unquantized model), each in
+    the bytes it actually stores."""
     quantized = quantized_linears(model)
+    experts = quantized_projections(model)
     if names is None:
-        names = list(quantized) or block_linear_names(model)
+        names = list(quantized) + list(experts) or block_linear_names(model)
     bits = weights = 0
     for name in names:
+        if name in experts:
+            module, projection = experts[name]
+            bits += 8 * module.nbytes(projection)
+            weights += module.num_experts * module.shapes[projection][0] * module.shapes[projection][1]
+            continue
         m = quantized.get(name) or model.get_submodule(name)
         if name in quantized:
             bits += 8 * m.nbytes()
@@ -50,8 +59,8 @@ def block_linear_names(model: nn.Module) -> list[str]:
     for prefix, block in decoder_blocks(model):
         quantized = quantized_linears(block)
         inside = tuple(f"{n}." for n in quantized)
-        names += [f"{prefix}.{n}" for n, m in block.named_modules()
-                  if n in quantized or (isinstance(m, nn.Linear) and not n.startswith(inside))]
+        names += [f"{prefix}.{n}" for n, m in block.named_modules() if n in quantized or (
+            isinstance(m, nn.Linear) and not n.startswith(inside) and not is_router(block, n))]
     return names
 
 

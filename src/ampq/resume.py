@@ -26,8 +26,7 @@ from ampq import atomic
 from ampq.io import safetensors_file
 from ampq.io.lazy import sample as stored_sample
 from ampq.io.lazy import weights_of
-from ampq.layer_table import build_layer, layer_entries
-from ampq.models import replace_module
+from ampq.layer_table import install_layer, layer_entries
 
 RUN, STATE, INPUTS = "run.json", "state.json", "inputs.safetensors"
 
@@ -122,7 +121,7 @@ class Resume:
                 return state.pop(key) if ".spare." in key else state[key]
 
             for name, entry in layers.items():
-                replace_module(block, name, build_layer(name, entry, block.get_submodule(name), take))
+                install_layer(block, name, entry, take)
             # assign: a lazily loaded model's block is still empty (meta) and takes the tensors as they are
             block.load_state_dict(state, strict=True, assign=True)
         except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as e:

@@ -1,5 +1,6 @@
 """Sensitivity: for every linear x candidate (format + algorithm), an estimate of the damage that
-quantizing that linear alone in that candidate does to the model.
+quantizing that linear alone in that candidate does to the model. A mixture-of-experts block's
+3D expert weights are one row each (:mod:`ampq.pipeline.expert_damage`); routers are not measured.
 
 Two estimators, computed in the same pass:
 
@@ -29,16 +30,25 @@ from ampq.algorithms.gptq import SWEEP_BYTES, gptq_many
 from ampq.algorithms.clip import search_clip
 from ampq.calibrate import Calibration
 from ampq.errors import AmpqError
+from ampq.experts import is_router
 from ampq.fisher import fisher_damage, output_fisher
 from ampq.formats import get_format
 from ampq import atomic
+from ampq.pipeline.expert_damage import expert_projection_names, measure_experts
 from ampq.report import block_linear_names
 
-# One per family, each with the algorithm that serves it best (issue #5's default set).
+# Decided by benchmarks/quality.py across models (docs/mixed-precision.md, "Across models"): the
+# integer layouts with a minimum (GGUF's) and with an exact zero (symmetric, or integer zero points:
+# what vLLM and GPTQ/AWQ checkpoints store), side by side, so the allocator measures which one each
+# layer takes instead of assuming; NF4, FP8, int8 both ways, 16 bits. No 2-bit candidate: the summed
+# estimate under-rates 2-bit layers most (the errors compound), and no plan at 3.5 bits or more
+# gained from them.
 DEFAULT_CANDIDATES = [
-    "int2-g64:gptq", "int3-g128:gptq", "int3-g64:gptq", "int4-g128:gptq", "int4-g64:gptq", "int4-g32:gptq",
-    "nf4-b64-dq:gptq",
-    "int5-g128:gptq", "int6-g128:gptq", "fp8-e4m3-ch:rtn", "int8-ch:rtn", "bf16",
+    "int3-g128:gptq", "int3-g128-zp:gptq", "int3-g64:gptq", "int3-g64-zp:gptq",
+    "int4-g128:gptq", "int4-g128-zp:gptq", "int4-g128-sym:gptq", "int4-g64:gptq", "int4-g64-zp:gptq",
+    "int4-g32:gptq", "int4-g32-sym:gptq", "nf4-b64-dq:gptq",
+    "int5-g128:gptq", "int5-g128-zp:gptq", "int6-g128:gptq", "int6-g128-sym:gptq",
+    "fp8-e4m3-ch:rtn", "int8-ch:rtn", "int8-ch-sym:rtn", "bf16",
 ]
 
 
@@ -159,8 +169,8 @@ def measure(model: nn.Module, calibration, candidates: list[str] | None = None, 
         fisher = resume.tensors("fisher") if resume is not None else None
         if fisher is None:
             with torch.inference_mode(False):
-                fisher = output_fisher(model, tokens[:gradient_windows].clone(), block_linear_names(model),
-                                       progress=progress)
+                fisher = output_fisher(model, tokens[:gradient_windows].clone(),
+                                       block_linear_names(model) + expert_projection_names(model), progress=progress)
             if resume is not None:
                 resume.save_tensors("fisher", fisher)
     cal = Calibration(model, tokens, batch_size)
@@ -180,11 +190,14 @@ def measure(model: nn.Module, calibration, candidates: list[str] | None = None, 
             continue
         names_before = set(shapes)
         groups = cal.groups(block)
+        measure_experts(prefix, block, cal, cands, fisher, estimates, nbytes, shapes)  # before the inputs advance
         all_stats = cal.stats_and_advance(block, groups)
         for group in groups:
             stats = all_stats[group[0]]
             weights = {}
             for sub in group:
+                if is_router(block, sub):
+                    continue  # routers stay in 16 bits
                 name = f"{prefix}.{sub}"
                 weights[name] = block.get_submodule(sub).weight.detach().float()
                 shapes[name] = list(weights[name].shape)

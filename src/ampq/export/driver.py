@@ -19,6 +19,7 @@ from ampq.errors import AmpqError
 from ampq.io.model import load
 from ampq.models import lm_head_name, tied_embeddings
 from ampq.nn import quantized_linears
+from ampq.quant_experts import quantized_projections
 from ampq.pipeline.targets import check_export
 
 
@@ -86,7 +87,7 @@ class Conversion:
 
 class Target(ABC):
     """One format ampq checkpoints export to. The driver calls, in order: :meth:`check_source`
-    (before loading), :meth:`start` (the loaded model), :meth:`decide` (each layer),
+    (before loading), :meth:`start` (the loaded model), :meth:`expert_layers`, :meth:`decide` (each layer),
     :meth:`nearest` (inexact layers, with ``nearest``), :meth:`check` (all layers decided),
     :meth:`convert` (each layer), :meth:`plain` (each other tensor), :meth:`write` (into a
     temporary file or folder) and :meth:`summary`. One instance per export."""
@@ -118,6 +119,16 @@ class Target(ABC):
 
     def describe(self, kind: object) -> str:
         return str(kind)
+
+    def expert_layers(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The quantized experts, each expert's projection one layer by the name of its QuantLinear
+        (``model.layers.0.mlp.experts.gate_up_proj.3``); a target that cannot write them refuses here."""
+        experts = quantized_projections(model)
+        if experts:
+            raise AmpqError(f"{self.directory} holds quantized mixture-of-experts weights ({len(experts)} expert "
+                            f"projections, e.g. {next(iter(experts))}), which the {self.export_name} export cannot "
+                            "write yet; serve it with ampq (ampq.load or from_pretrained after import ampq)")
+        return {}
 
     def check(self, layers: dict[str, Layer]) -> None:
         """Refuse combinations of layers the target cannot hold (each layer decided)."""
@@ -161,7 +172,7 @@ def run(target_class: type[Target], directory, out, nearest: bool = False, *, ov
     target.start(model)
 
     layers = {}
-    for name, module in quantized_linears(model).items():
+    for name, module in {**quantized_linears(model), **target.expert_layers(model)}.items():
         d = target.decide(module)
         layers[name] = Layer(name, module, source_of(module), d.kind, d.exact, d.why, d.widened)
     inexact = [it for it in layers.values() if not it.exact]

@@ -1,7 +1,8 @@
 """Number formats by name.
 
 Names are data users type: ``int4-g128``, ``int4-g128-sym``, ``int4-g128-zp`` (integer zero points), ``int8-ch``, ``nf4-b64-dq``,
-``fp8-e4m3-ch``, ``e2m1-g32``, llama.cpp's block types by their GGUF names (``q4_k``, ``q6_k``, ``iq4_xs``, ...),
+``fp8-e4m3-ch``, ``e2m1-g32``, ``nvfp4``/``mxfp4`` (microscaled FP4, as compressed-tensors writes it),
+llama.cpp's block types by their GGUF names (``q4_k``, ``q6_k``, ``iq4_xs``, ...),
 and ``bf16``/``fp16`` (unquantized). Granularity suffixes: ``-gN`` (or ``-bN``) a group of N inputs,
 ``-ch`` one group per output channel, ``-t`` (or nothing, for minifloats) one for the whole tensor.
 Adding a family is one file in this package plus one entry in ``_FAMILIES``.
@@ -18,6 +19,7 @@ from ampq.formats.base import Format, Params
 from ampq.formats.integer import IntegerFormat
 from ampq.formats.iq4 import IQ4Format
 from ampq.formats.kquants import KQuantFormat
+from ampq.formats.microscaled import MicroscaledFP4Format
 from ampq.formats.minifloat import MinifloatFormat
 from ampq.formats.normal_float import NormalFloatFormat
 from ampq.formats.plain import PlainFloatFormat
@@ -31,7 +33,7 @@ STANDARD_FORMATS = [
     "int3-g128", "int3-g64", "int2-g64", "int2-g32",
     "nf4-b64", "nf4-b64-dq", "fp4-b64", "fp4-b64-dq",
     "fp8-e4m3-ch", "fp8-e5m2-ch", "fp8-e4m3",
-    "e3m2-g32", "e2m3-g32", "e2m1-g32",
+    "e3m2-g32", "e2m3-g32", "e2m1-g32", "nvfp4", "mxfp4",
 ]
 
 _GRAN = r"(?:-(?P<gran>ch|t|[gb]\d+))?"
@@ -62,6 +64,8 @@ GGUF_TYPES = [*KQuantFormat.TYPES, "iq4_nl", "iq4_xs"]
 def _build(name: str) -> Format | None:
     if name in ("bf16", "fp16"):
         return PlainFloatFormat(name)
+    if name in ("nvfp4", "mxfp4"):
+        return MicroscaledFP4Format(name)
     if name in KQuantFormat.TYPES:
         return KQuantFormat(name)
     if name in ("iq4_nl", "iq4_xs"):

@@ -126,6 +126,12 @@ class Format(ABC):
     def dequantize_codes(self, codes: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
         return self._apply_grouped(self.decode, codes, values)
 
+    def shared_over(self, weights: list[torch.Tensor]) -> "Format":
+        """The format to fit each of ``weights`` with when engines fuse them into one layer (q/k/v,
+        gate/up): itself, unless a parameter spans the whole tensor (NVFP4's global scale), which
+        the fused layer holds once."""
+        return self
+
     def join_params(self, parts: list[Params]) -> Params:
         """Parameters of consecutive column slices, fitted one by one, as one set."""
         if not self.groupwise_params or not self.group_size:

@@ -20,20 +20,25 @@ def _safe(d: torch.Tensor) -> torch.Tensor:
 
 def scale_and_min(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float = -0.9, rdelta: float = 0.05,
                   nstep: int = 36) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale >= 0, m >= 0) per row with x ~ scale * q - m, q in [0, nmax] (``make_qkx3_quants``)."""
+    """(scale >= 0, m >= 0) per row with x ~ scale * q - m, q in [0, nmax] (``make_qkx3_quants``).
+
+    Each trial of the fan measures its codes from the best minimum found so far, over the range
+    from it to the maximum, not from the first one: a better minimum narrows the range the next
+    trials divide, which is what lets the search reach grids the first range never offers (with
+    few levels this matters most: Q2_K, Q4_K)."""
     lo = x.amin(1).clamp(max=0)
     hi = x.amax(1)
-    span = hi - lo
-    flat = span <= 0
-    span = torch.where(flat, torch.ones_like(span), span)
+    flat = hi <= lo
     sum_w = w.sum(1)
     sum_x = (w * x).sum(1)
-    shifted = x - lo[:, None]
+    span = torch.where(flat, torch.ones_like(hi), hi - lo)
     best_scale, best_min = span / nmax, lo
-    q = torch.round(shifted * (nmax / span)[:, None]).clamp_(0, nmax)
+    q = torch.round((x - lo[:, None]) * (nmax / span)[:, None]).clamp_(0, nmax)
     best_err = (w * (best_scale[:, None] * q + lo[:, None] - x) ** 2).sum(1)
     for step in range(nstep + 1):
-        q = torch.round(shifted * ((rmin + rdelta * step + nmax) / span)[:, None]).clamp_(0, nmax)
+        # the best minimum can sit at or near the maximum: v may be inf or nan, and counts as 0 unless above it
+        v = (x - best_min[:, None]) * ((rmin + rdelta * step + nmax) / (hi - best_min))[:, None]
+        q = torch.where(v > 0, torch.round(v.clamp(max=nmax)), torch.zeros_like(v))
         wq = w * q
         sum_l, sum_l2, sum_xl = wq.sum(1), (wq * q).sum(1), (wq * x).sum(1)
         det = sum_w * sum_l2 - sum_l * sum_l
@@ -43,7 +48,7 @@ def scale_and_min(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float = -0.
         scale = torch.where(positive, sum_xl / _safe(sum_l2), scale)
         minimum = torch.where(positive, torch.zeros_like(minimum), minimum)
         err = (w * (scale[:, None] * q + minimum[:, None] - x) ** 2).sum(1)
-        better = (det > 0) & (err < best_err)
+        better = (det > 0) & (err < best_err) & ~flat
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
         best_min = torch.where(better, minimum, best_min)

@@ -16,8 +16,10 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ampq.errors import AmpqError, first_line
+from ampq.expert_names import from_hub, hub_experts
 from ampq.importers import awq, bnb, compressed_tensors, gptq
 from ampq.importers.common import Notes
+from ampq.importers.experts import read_experts
 from ampq.io.config import empty_model, model_config
 from ampq.models import replace_module
 
@@ -80,6 +82,14 @@ def load_foreign(directory: str | Path, dtype: torch.dtype | None = None) -> tup
     dtype = dtype or _stored_dtype(tensors)
     model = empty_model(directory, config, dtype)
     notes, converted = Notes(), []
+    naming = hub_experts(getattr(config, "model_type", None))
+    if naming is not None:
+        try:
+            converted += read_experts(model, tensors, naming,
+                                      lambda prefix, take, linear: layout.convert(prefix, take, qconfig, linear, notes))
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise AmpqError(f"{directory}: experts cannot be read as {method} ({first_line(e)})") from None
+        tensors = {from_hub(k, naming): v for k, v in tensors.items()}
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue

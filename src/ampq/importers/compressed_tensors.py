@@ -8,6 +8,10 @@ Per linear, by the tensors stored (the config groups say which activations go wi
   ``weight_zero_point`` (asymmetric only: signed, packed the same way along the outputs).
 - ``int-quantized`` / ``naive-quantized``: ``weight`` int8 (out, in) signed, ``weight_scale``.
 - ``float-quantized``: ``weight`` float8_e4m3fn, ``weight_scale`` per channel or per tensor.
+- ``nvfp4-pack-quantized`` / ``mxfp4-pack-quantized``: ``weight_packed`` uint8 (out, in / 2), two E2M1
+  codes a byte, low nibble first; ``weight_scale`` float8_e4m3fn (out, in / 16) plus a float32
+  ``weight_global_scale`` (NVFP4), or uint8 E8M0 exponents (out, in / 32) (MXFP4): ampq's ``nvfp4`` /
+  ``mxfp4``, which store the same bytes.
 
 w = scale * (q - zero_point) for integers, which is ampq's ``intK-gN-sym`` (no zero point) or
 ``intK-gN-zp``; fp8 is ``fp8-e4m3-ch`` / ``fp8-e4m3`` with the same codes, and dynamic per-token fp8
@@ -21,6 +25,8 @@ import re
 
 import torch
 
+from ampq.formats.microscaled import E4M3, KINDS
+from ampq.formats.packing import unpack_bits
 from ampq.importers.common import Notes, act_order, as_dtype, group_name, quant_linear
 from ampq.importers.packing import unpack_int32
 
@@ -61,6 +67,26 @@ def _activation(name: str, scheme: dict | None, weight_format: str, notes: Notes
     return None
 
 
+def _fp4(prefix: str, linear, packed, scale, glob, bias, scheme, notes: Notes):
+    """A microscaled FP4 layer: ``nvfp4`` where there is a global scale, else ``mxfp4``."""
+    out_f, in_f = linear.out_features, linear.in_features
+    kind = "nvfp4" if glob is not None else "mxfp4"
+    if packed.shape != (out_f, in_f // 2) or scale.shape != (out_f, in_f // KINDS[kind]):
+        raise ValueError(f"{kind} weight_packed {tuple(packed.shape)} and weight_scale {tuple(scale.shape)} for a "
+                         f"{out_f}x{in_f} linear (ampq reads groups of {KINDS[kind]} that divide the inputs)")
+    codes = unpack_bits(packed.reshape(-1), 4, out_f * in_f).reshape(out_f, in_f)
+    if kind == "mxfp4":
+        stored = {"scale": scale.to(torch.uint8).contiguous()}
+    else:
+        if scale.dtype != torch.float8_e4m3fn:
+            as_dtype(scale.float(), torch.float8_e4m3fn, f"{prefix} weight_scale", notes)
+        code = E4M3.encode(scale.float()).to(torch.uint8)
+        stored = {"scale": code.contiguous(), "global_scale": as_dtype(glob.reshape(-1)[:1], torch.float32,
+                                                                      f"{prefix} weight_global_scale", notes)}
+    return quant_linear(linear, kind, codes, stored, bias, "compressed-tensors",
+                        activation=_activation(prefix, scheme, kind, notes))
+
+
 def convert(prefix: str, take, qconfig: dict, linear, notes: Notes):
     out_f, in_f = linear.out_features, linear.in_features
     packed, weight = take("weight_packed"), None
@@ -71,9 +97,12 @@ def convert(prefix: str, take, qconfig: dict, linear, notes: Notes):
     scale, zero, bias = take("weight_scale"), take("weight_zero_point"), take("bias")
     take("weight_shape")
     g_idx = take("weight_g_idx")
+    glob = take("weight_global_scale")
     if scale is None:
         raise ValueError("quantized weights without weight_scale")
     scheme = _scheme(prefix, linear, qconfig)
+    if packed is not None and packed.dtype == torch.uint8:
+        return _fp4(prefix, linear, packed, scale, glob, bias, scheme, notes)
     scale = scale.reshape(scale.shape[0], -1) if scale.numel() > 1 else scale.reshape(1, 1)
     if weight is not None and weight.dtype == torch.float8_e4m3fn:
         per_tensor = scale.numel() == 1

@@ -12,12 +12,13 @@ import torch
 from torch import nn
 
 from ampq import layer_table
+from ampq.coverage import coverage
 from ampq.errors import AmpqError, first_line
 from ampq.io.checkpoint import read_checkpoint, write_checkpoint
 from ampq.io.config import empty_model, model_config, transformers_class
 from ampq.io.lazy import Converted, weights_of
 from ampq.io.residuals import CheckpointResiduals
-from ampq.models import lm_head_name, replace_module, tied_embeddings
+from ampq.models import lm_head_name, tied_embeddings
 from ampq.version import __version__
 
 MANIFEST_FORMAT = "ampq-checkpoint/1"
@@ -58,6 +59,7 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite: 
         "model_class": cls,
         "tied_embeddings": tied,
         "layers": layers,
+        "coverage": coverage(model).to_dict(),
         **(extra_manifest or {}),
     }
     # config.json carries quantization_config (quant_method "ampq" + the layer table) so that
@@ -113,8 +115,7 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module
     for name, entry in layers.items():
         try:
             source = CheckpointResiduals(directory, name, manifest["tensors"])
-            layer = layer_table.build_layer(name, entry, model.get_submodule(name), tensors.pop, source)
-            replace_module(model, name, layer)
+            layer_table.install_layer(model, name, entry, tensors.pop, source)
         except (KeyError, AttributeError, ValueError, TypeError, AmpqError) as e:
             raise AmpqError(f"{directory}: layer {name!r} in ampq.json does not match the stored tensors "
                             f"({first_line(e)})") from None

@@ -15,6 +15,7 @@ import weakref
 import torch
 
 from ampq import memory
+from ampq.errors import AmpqError
 from ampq.dtypes import parse_dtype
 from ampq.kernels import cpu, cpu_planes, cpu_slab
 from ampq.kernels import triton as triton_kernels
@@ -23,7 +24,7 @@ from ampq.kernels.cache import KernelCache
 from ampq.kernels.lut import has_lut_form
 from ampq.kernels.reference import reference_linear
 
-__all__ = ["MODES", "KernelCache", "cpu_kernel", "dequantized_weights_cached", "linear", "use"]
+__all__ = ["MODES", "KernelCache", "cpu_kernel", "dequantized_weights_cached", "linear", "prepare", "use"]
 
 # "auto": the fastest kernel for the format, device and number of rows; "lean": on the CPU, only
 # kernels that keep no repacked copy of a weight beside its stored codes (16-bit weights read as
@@ -73,6 +74,8 @@ def dequantized_weights_cached():
 
 
 def linear(layer, x: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return _traced_linear(layer, x)
     # the common CPU case first, in as few Python steps as possible: decoding a small model calls
     # this some 200 times per token, and each step here costs about a microsecond. The short path
     # is set by the first call that chose a fast kernel for the layer (_linear)
@@ -81,6 +84,33 @@ def linear(layer, x: torch.Tensor) -> torch.Tensor:
         state = _state
         if state.cache is None and state.mode == "auto":
             return fast[1](layer, x)
+    if layer.compute_dtype is not None:
+        dtype = parse_dtype(layer.compute_dtype)
+        if x.dtype != dtype:
+            return _linear(layer, x.to(dtype)).to(x.dtype)
+    return _linear(layer, x)
+
+
+@torch.no_grad()
+def prepare(layer, rows: int, dtype: torch.dtype = torch.float32) -> None:
+    """Make now everything the kernel that runs ``layer`` on ``rows`` rows of ``dtype`` inputs derives
+    from the stored tensors (the kernel choice, repacked copies, tables), in this thread's mode, by
+    running it once on zeros: a traced forward (torch.compile) then only reads the layer's state."""
+    cache = layer.kernel_cache
+    if rows in cache.prepared_rows:
+        return
+    device = next(iter(layer.stored().values())).device
+    layer(torch.zeros(rows, layer.in_features, dtype=dtype, device=device))
+    cache.prepared_rows = cache.prepared_rows | {rows}
+
+
+def _traced_linear(layer, x: torch.Tensor) -> torch.Tensor:
+    # under tracing the kernel choice is made once, for the traced shapes; making a repacked copy
+    # here would put the repacking into the compiled graph, to be redone on every call
+    if x.is_cpu and x.numel() // x.shape[-1] not in layer.kernel_cache.prepared_rows:
+        raise AmpqError(f"a quantized layer ({layer.format_name}, {layer.in_features}x{layer.out_features}) was traced "
+                        f"for {x.numel() // x.shape[-1]} rows without its kernel prepared; compile models with "
+                        "ampq.compile, or call ampq.kernels.prepare on each QuantLinear first")
     if layer.compute_dtype is not None:
         dtype = parse_dtype(layer.compute_dtype)
         if x.dtype != dtype:

@@ -34,3 +34,6 @@ class KernelCache:
     # whether a copy was refused for lack of free memory (decided once per layer and kernel)
     packed_refused: bool | None = None
     planes_refused: bool | None = None
+    # the numbers of rows whose kernel has made all of the above it needs (kernels.prepare): a traced
+    # forward (torch.compile) may only read what is here, never make it
+    prepared_rows: frozenset[int] = frozenset()

@@ -63,7 +63,9 @@ def supports(layer) -> bool:
     if not isinstance(fmt, IntegerFormat):
         return False
     if fmt.bits <= 4:
-        return fmt.group_size in INT4_GROUPS and layer.in_features % fmt.group_size == 0
+        # torch's int4 packing takes whole tiles of 16 outputs (DeepSeek's 40-wide kv_a_proj has not)
+        return fmt.group_size in INT4_GROUPS and layer.in_features % fmt.group_size == 0 \
+            and layer.out_features % 16 == 0
     return fmt.bits == 8 and fmt.group_size is None  # per output channel
 
 

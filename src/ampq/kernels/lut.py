@@ -1,7 +1,8 @@
 """The lookup form of a format: the decoded weight is ``lut[q] * a + b`` per group, with 4- or 8-bit
 codes: integers (w = q * scale + min, symmetric ones with min = -2^(k-1) * scale, so no lookup),
-bitsandbytes NF4/FP4 (lut = the codebook, a = absmax) and minifloats such as FP8 E4M3/E5M2 and
-E2M1 (lut = every code's value, a = scale). The Triton kernel (GPU) and the slab kernel (CPU) both
+bitsandbytes NF4/FP4 (lut = the codebook, a = absmax), minifloats such as FP8 E4M3/E5M2 and
+E2M1 (lut = every code's value, a = scale) and MXFP4 (E2M1, a = the power-of-two scale). NVFP4 has
+none: its decoded weight is rounded to bf16 after the product, as compressed-tensors decodes it. The Triton kernel (GPU) and the slab kernel (CPU) both
 read the stored codes through it.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ampq.formats.integer import IntegerFormat
+from ampq.formats.microscaled import E2M1, MicroscaledFP4Format
 from ampq.formats.minifloat import MinifloatFormat
 from ampq.formats.normal_float import NormalFloatFormat
 
@@ -17,7 +19,8 @@ from ampq.formats.normal_float import NormalFloatFormat
 def has_lut_form(layer) -> bool:
     """Whether :func:`lut_form` covers ``layer``, without decoding anything."""
     fmt = layer.format
-    if not isinstance(fmt, (IntegerFormat, NormalFloatFormat, MinifloatFormat)):
+    mxfp4 = isinstance(fmt, MicroscaledFP4Format) and fmt.kind == "mxfp4"
+    if not (mxfp4 or isinstance(fmt, (IntegerFormat, NormalFloatFormat, MinifloatFormat))):
         return False
     return fmt.bits in (4, 8) and not (fmt.bits == 4 and layer.in_features % 2)  # rows start on a byte
 
@@ -40,6 +43,8 @@ def lut_form(layer) -> dict | None:
         lut, a = fmt.code.float(), params.values["absmax"]
     elif isinstance(fmt, MinifloatFormat):
         lut, a = fmt.spec.decode(levels.to(torch.int32)).float(), params.values["scale"]
+    else:
+        lut, a = E2M1.decode(levels.to(torch.int32)).float(), params.values["scale"]
     a = a.float().reshape(-1, groups).expand(layer.out_features, groups).contiguous()
     b = b.expand(layer.out_features, groups).contiguous() if b is not None else None
     return {"bits": fmt.bits, "codes": stored["codes"].reshape(-1),

@@ -5,6 +5,7 @@ resolves what to do (a format, a scheme, a plan, a budget) and calls :func:`quan
 from __future__ import annotations
 
 import fnmatch
+import sys
 from collections.abc import Mapping
 
 import torch
@@ -22,8 +23,9 @@ from ampq.errors import AmpqError
 from ampq.formats import get_format
 from ampq.io.lazy import weights_of
 from ampq.memory import MemoryCap, return_freed_memory, working_set
-from ampq.models import decoder_blocks, lm_head_name, replace_module, tied_embeddings
+from ampq.models import decoder_blocks, fused_groups, lm_head_name, replace_module, tied_embeddings
 from ampq.nn import QuantLinear
+from ampq.pipeline.moe import ExpertCounts, keeps_router, quantize_experts
 from ampq.pipeline.plans import Plan
 from ampq.spill import ActivationStore
 
@@ -60,7 +62,7 @@ def _finite_weight(name: str, linear: nn.Linear) -> torch.Tensor:
 
 
 def _shared_gptq(prefix: str, block: nn.Module, group: list[str], targets: dict[str, str], formats, algorithm: str,
-                 clip: bool, options: dict | None, stats) -> dict[str, tuple]:
+                 clip: bool, options: dict | None, stats, fused: dict) -> dict[str, tuple]:
     """(codes, params) of the group's GPTQ linears from one column sweep over all of them
     (:func:`ampq.algorithms.gptq.gptq_many`: the same codes as one call per linear, in a fraction
     of the time). Only act-order GPTQ shares a sweep; other layers are left to quantize_linear."""
@@ -73,6 +75,8 @@ def _shared_gptq(prefix: str, block: nn.Module, group: list[str], targets: dict[
             continue
         weight = _finite_weight(name, block.get_submodule(sub))
         fmt = get_format(targets[sub])
+        if sub in fused:
+            fmt = fmt.shared_over(fused[sub])
         try:
             ratios = search_clip(weight, fmt, stats) if layer_clip else 1.0
         except ValueError as e:
@@ -89,14 +93,36 @@ def _shared_gptq(prefix: str, block: nn.Module, group: list[str], targets: dict[
     return solved
 
 
+def quantize_matrix(name: str, weight: torch.Tensor, fmt_name: str, algorithm: str = "rtn", stats=None, *,
+                    clip: bool = False, activation: str | None = None, compute_dtype: str | None = None,
+                    options: dict | None = None) -> QuantLinear:
+    """One (out, in) weight that is no ``nn.Linear`` (an expert's projection), without a bias."""
+    weight = weight.detach().float()
+    if not bool(torch.isfinite(weight).all()):
+        bad = int((~torch.isfinite(weight)).sum())
+        raise AmpqError(f"layer {name} has {bad} NaN/Inf weights; repair or re-export the checkpoint before quantizing")
+    fmt = get_format(fmt_name)
+    try:
+        ratios = search_clip(weight, fmt, stats) if clip else 1.0
+        codes, params = get_algorithm(algorithm)(weight, fmt, stats, ratios, **(options or {}))
+    except ValueError as e:
+        raise AmpqError(f"layer {name} cannot be stored as {fmt_name}: {e}") from None
+    return QuantLinear(weight.shape[1], weight.shape[0], fmt_name, fmt.pack(codes, params), None,
+                       algorithm + ("+clip" if clip else ""), activation, None, compute_dtype)
+
+
 def quantize_linear(name: str, linear: nn.Linear, fmt_name: str, algorithm: str = "rtn", stats=None, *,
                     clip: bool = False, bias_correction: bool = False, activation: str | None = None,
                     compute_dtype: str | None = None, options: dict | None = None,
-                    solved: tuple | None = None) -> QuantLinear:
+                    solved: tuple | None = None, fused_with: list[torch.Tensor] | None = None) -> QuantLinear:
     """One linear in one format: clip search, the algorithm's codes, then bias correction.
-    ``solved``: (codes, params) already chosen by a GPTQ sweep shared with other linears."""
+    ``solved``: (codes, params) already chosen by a GPTQ sweep shared with other linears.
+    ``fused_with``: the weights of the layers engines fuse it with (itself included), in the same
+    format, which share what the format holds once per fused layer (NVFP4's global scale)."""
     weight = _finite_weight(name, linear)
     fmt = get_format(fmt_name)
+    if fused_with:
+        fmt = fmt.shared_over(fused_with)
     if solved is not None:
         codes, params = solved
     else:
@@ -181,6 +207,7 @@ def quantize_blocks(model: nn.Module, formats: FormatSpec, *, algorithm: str = "
             weights.release(model, before_blocks)
             return_freed_memory()
     done = resume.done if resume is not None else 0
+    counts = ExpertCounts()
     try:
         label = "+".join(sorted(algorithms))
         for i, (prefix, block) in enumerate(tqdm(blocks, desc=f"quantize ({label})", unit="block",
@@ -193,7 +220,7 @@ def quantize_blocks(model: nn.Module, formats: FormatSpec, *, algorithm: str = "
             if weights is not None:
                 weights.materialize(model, lambda name, p=f"{prefix}.": name.startswith(p))
             _quantize_block(prefix, block, formats, algorithm, clip, bias_correction, awq, options, layer_kwargs,
-                            on_layer, cal if needs_stats else None, sequential)
+                            on_layer, cal if needs_stats else None, sequential, counts)
             if resume is not None:
                 resume.save(i, block, cal.inputs if needs_stats else None)
             if memory is not None:
@@ -202,6 +229,11 @@ def quantize_blocks(model: nn.Module, formats: FormatSpec, *, algorithm: str = "
         if store is not None:
             memory.spilled += store.spilled
             store.close()
+    if progress and counts.line():
+        print(counts.line(), file=sys.stderr)
+    if progress and counts.matrices and (awq or bias_correction):
+        print(f"experts: {' and '.join(n for n, on in (('AWQ', awq), ('bias correction', bias_correction)) if on)} "
+              "applied to the linears only; the experts were quantized without it", file=sys.stderr)
     if lm_head:
         module = model.get_submodule(head)
         fmt = format_for(head, formats)
@@ -249,20 +281,44 @@ def _quantized_bytes(blocks, formats) -> int:
     return total
 
 
+def _fused_weights(block, targets: dict[str, str]) -> dict[str, list[torch.Tensor]]:
+    """For each linear that engines fuse with others of the same format (q/k/v, gate/up), the
+    float weights of all of them, taken before any is replaced."""
+    fused = {}
+    for group in fused_groups(list(targets)):
+        for fmt in {targets[s] for s in group}:
+            members = [s for s in group if targets[s] == fmt]
+            if len(members) > 1:
+                weights = [block.get_submodule(s).weight for s in members]
+                fused.update({s: weights for s in members})
+    return fused
+
+
 def _quantize_block(prefix, block, formats, algorithm, clip, bias_correction, awq, options, layer_kwargs,
-                    on_layer, cal, sequential) -> None:
-    """One decoder block's linears; with calibration (``cal``), the inputs then move past the block."""
+                    on_layer, cal, sequential, counts: ExpertCounts) -> None:
+    """One decoder block's linears and experts; with calibration (``cal``), the inputs then move
+    past the block. Routers are kept unless the spec names them."""
     targets = {sub: format_for(f"{prefix}.{sub}", formats) for sub, m in block.named_modules()
-               if isinstance(m, nn.Linear)}
+               if isinstance(m, nn.Linear) and not keeps_router(block, prefix, sub, formats)}
     targets = {sub: f for sub, f in targets.items() if f is not None}
+    fused = _fused_weights(block, targets)
+
+    def choose(name: str):  # an expert projection's format and method
+        algo, layer_clip = _layer_method(name, formats, algorithm, clip)
+        return format_for(name, formats), algo, layer_clip, options if algo == algorithm else None
+
+    def make(name, weight, fmt, algo, stats, layer_clip, layer_options):
+        return quantize_matrix(name, weight, fmt, algo, stats, clip=layer_clip, options=layer_options, **layer_kwargs)
+
     if cal is None:
         for sub, fmt in targets.items():
             name = f"{prefix}.{sub}"
             algo, _ = _layer_method(name, formats, algorithm, clip)
             linear = block.get_submodule(sub)
             layer = quantize_linear(name, linear, fmt, algo, options=options if algo == algorithm else None,
-                                    **layer_kwargs)
+                                    fused_with=fused.get(sub), **layer_kwargs)
             replace_module(block, sub, on_layer(name, linear, layer, None) if on_layer else layer)
+        quantize_experts(prefix, block, choose, make, None, counts)
         return
     if awq:
         awq_block(block, cal, targets)
@@ -275,7 +331,7 @@ def _quantize_block(prefix, block, formats, algorithm, clip, bias_correction, aw
         if not group:
             continue
         stats = cal.stats(block, group) if shared is None else shared[whole[0]]
-        solved = _shared_gptq(prefix, block, group, targets, formats, algorithm, clip, options, stats)
+        solved = _shared_gptq(prefix, block, group, targets, formats, algorithm, clip, options, stats, fused)
         for sub in group:
             name = f"{prefix}.{sub}"
             algo, layer_clip = _layer_method(name, formats, algorithm, clip)
@@ -283,7 +339,8 @@ def _quantize_block(prefix, block, formats, algorithm, clip, bias_correction, aw
             layer = quantize_linear(name, linear, targets[sub], algo, stats, clip=layer_clip,
                                     bias_correction=bias_correction,
                                     options=options if algo == algorithm else None, solved=solved.get(sub),
-                                    **layer_kwargs)
+                                    fused_with=fused.get(sub), **layer_kwargs)
             replace_module(block, sub, on_layer(name, linear, layer, stats) if on_layer else layer)
+    quantize_experts(prefix, block, choose, make, cal, counts)
     cal.advance(block)
 

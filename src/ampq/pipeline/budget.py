@@ -41,7 +41,8 @@ class Budget:
     a format; ``sensitivity`` is a table file to reuse or write (default: cached per model,
     candidates and calibration); ``transform`` (``awq``) rescales the float model before any
     candidate is measured, so that the allocation sees what each costs on the weights it will
-    quantize (:mod:`ampq.pipeline.transform`); ``target`` (``vllm``, ``llama.cpp``) makes the
+    quantize (:mod:`ampq.pipeline.transform`), and ``auto`` measures the model both without and with
+    each transform and keeps the plan of least estimated damage; ``target`` (``vllm``, ``llama.cpp``) makes the
     candidates the formats that engine serves as stored, so the plan exports unchanged
     (:mod:`ampq.pipeline.targets`; explicit ``candidates`` must be among them)."""
 
@@ -64,8 +65,8 @@ class Budget:
             object.__setattr__(self, "bytes", parse_size(self.bytes))
         if self.estimator not in ESTIMATORS:
             raise AmpqError(f"unknown sensitivity estimator {self.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
-        if self.transform not in TRANSFORMS:
-            raise AmpqError(f"unknown transform {self.transform!r}; choose one of {', '.join(TRANSFORMS)}")
+        if self.transform not in (*TRANSFORMS, "auto"):
+            raise AmpqError(f"unknown transform {self.transform!r}; choose one of {', '.join(TRANSFORMS)} or auto")
         check_target(self.target)
         if isinstance(self.candidates, str):
             object.__setattr__(self, "candidates", tuple(c for c in self.candidates.split(",") if c.strip()))

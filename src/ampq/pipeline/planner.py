@@ -8,10 +8,12 @@ budget only re-solves the allocation.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,10 +23,12 @@ from ampq.allocate import allocate, reachable
 from ampq.builtin import cache_dir
 from ampq.data import Text, Windows, as_text
 from ampq.errors import AmpqError
+from ampq.models import decoder_blocks, fused_groups, replace_module
 from ampq.pipeline.budget import Budget, parse_size
+from ampq.pipeline.expert_damage import expert_projection_names, expert_weight_bytes
 from ampq.pipeline.plans import LayerPlan, Plan
 from ampq.pipeline.targets import target_candidates
-from ampq.pipeline.transform import ensure_transform
+from ampq.pipeline.transform import TRANSFORMS, ensure_transform
 from ampq.report import block_linear_names, model_bytes
 from ampq.resume import Resume, fingerprint
 from ampq.schemes import Scheme
@@ -33,13 +37,7 @@ from ampq.sensitivity import DEFAULT_CANDIDATES, Candidate, SensitivityTable, me
 
 def tie_groups(layers: list[str]) -> list[list[str]]:
     """q/k/v of one block share a format, and so do gate/up: engines that fuse them need it."""
-    groups: dict[tuple[str, str], list[str]] = {}
-    for name in layers:
-        prefix, _, leaf = name.rpartition(".")
-        kind = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}.get(leaf)
-        if kind:
-            groups.setdefault((prefix.rpartition(".")[0], kind), []).append(name)
-    return [g for g in groups.values() if len(g) > 1]
+    return fused_groups(layers)
 
 
 def table_key(source: str | None, candidates: list[str], calib: dict) -> str:
@@ -58,7 +56,8 @@ def sensitivity(model: nn.Module, tokenizer, candidates: list[str] | None = None
     from ampq.data import make_windows  # looked up at call time: tests replace it
 
     candidates = [Candidate.parse(c).name for c in (candidates or DEFAULT_CANDIDATES)]
-    source = getattr(model.config, "ampq_source", None)
+    # a model built in memory has no source: its weights name it, else it would take another's table
+    source = getattr(model.config, "ampq_source", None) or f"weights {fingerprint(model)}"
     if tokens is None:
         spec = {"text": calib, "windows": windows, "window": window, "estimator": estimator}
     else:
@@ -112,6 +111,8 @@ def plan_with_table(model: nn.Module, budget: Budget | float, calibration, token
                     may_measure: bool = True) -> tuple[Plan, SensitivityTable]:
     """:func:`plan`, and the sensitivity table it was allocated from."""
     budget = budget if isinstance(budget, Budget) else Budget(bits=float(budget))
+    if budget.transform == "auto":
+        return _plan_best_transform(model, budget, calibration, tokenizer, progress=progress, may_measure=may_measure)
     t0 = time.perf_counter()
     candidates = target_candidates(budget.target, budget.candidates)
     transform = {"name": "none"}
@@ -136,7 +137,8 @@ def plan_with_table(model: nn.Module, budget: Budget | float, calibration, token
                         "model's tokenizer (CLI: --calib wiki)")
     t1 = time.perf_counter()
     result = plan_for_budget(table, bits_per_weight=budget.bits, max_size=budget.bytes,
-                             fixed=fixed_bytes(model, block_linear_names(model)), tied=budget.tied)
+                             fixed=fixed_bytes(model, block_linear_names(model) + expert_projection_names(model)),
+                             tied=budget.tied)
     result.transform = transform
     result.target = budget.target
     if progress:
@@ -144,6 +146,40 @@ def plan_with_table(model: nn.Module, budget: Budget | float, calibration, token
               f"{1e3 * (time.perf_counter() - t1):.0f} ms", file=sys.stderr)
         print(f"plan: {bits_of(result, table):.3f} bits per weight, {result.total_bytes / 1e6:.1f} MB of linears; "
               + ", ".join(f"{k} x{v}" for k, v in describe(result).items()), file=sys.stderr)
+    return result, table
+
+
+def _plan_best_transform(model: nn.Module, budget: Budget, calibration, tokenizer, *, progress: bool,
+                         may_measure: bool) -> tuple[Plan, SensitivityTable]:
+    """``transform="auto"``: a plan for the model as it is and one for each transform (measured on a
+    transformed copy), the one of least estimated damage kept. The damages are comparable: each is
+    the KL to the same float function (a transform does not change what the float model computes),
+    and the choice is per model, since what a transform is worth depends on the model's weights
+    (benchmarks/quality.py). When a transform wins, the model takes the copy's decoder blocks (every
+    transform acts within the blocks)."""
+    if getattr(model.config, "ampq_transform", None) is not None:
+        raise AmpqError("transform auto compares the model with and without a transform, but this model was already "
+                        "transformed; start from the unquantized model or name the transform")
+    if isinstance(calibration, (str, Text)):
+        if tokenizer is None:
+            raise AmpqError("transform auto needs the model's tokenizer to read the calibration text")
+        calibration = as_text(calibration).cut(tokenizer, "calib")
+    tried = {}
+    for name in TRANSFORMS:
+        candidate_model = model if name == "none" else copy.deepcopy(model)
+        result, table = plan_with_table(candidate_model, replace(budget, transform=name), calibration, tokenizer,
+                                        progress=progress, may_measure=may_measure)
+        tried[name] = (sum(p.damage for p in result.layers.values()), result, table, candidate_model)
+    best = min(tried, key=lambda n: tried[n][0])
+    damage, result, table, chosen = tried[best]
+    if chosen is not model:
+        blocks = decoder_blocks(model)[0][0].rpartition(".")[0]
+        replace_module(model, blocks, chosen.get_submodule(blocks))
+        model.config.ampq_transform = chosen.config.ampq_transform
+    result.transform = {**result.transform, "compared": {n: t[0] for n, t in tried.items()}}
+    if progress:
+        print("transform auto: estimated damage " + ", ".join(f"{n} {t[0]:.4f}" for n, t in tried.items())
+              + f"; kept {best}", file=sys.stderr)
     return result, table
 
 
@@ -167,7 +203,9 @@ def matching_uniform(table: SensitivityTable, budget: Budget, fixed: int = 0) ->
 
 def fixed_bytes(model: nn.Module, layers: list[str]) -> int:
     """Bytes of everything the allocation does not choose (all but the listed linears' weights)."""
-    chosen = sum(model.get_submodule(n).weight.numel() * model.get_submodule(n).weight.element_size() for n in layers)
+    experts = set(expert_projection_names(model))
+    chosen = sum(expert_weight_bytes(model, n) if n in experts else
+                 model.get_submodule(n).weight.numel() * model.get_submodule(n).weight.element_size() for n in layers)
     return model_bytes(model) - chosen
 
 

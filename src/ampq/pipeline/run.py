@@ -21,8 +21,10 @@ from torch import nn
 
 from ampq.version import __version__
 from ampq.algorithms import NEEDS_CALIBRATION
+from ampq.coverage import coverage
 from ampq.data import Text, Windows, windows_of
 from ampq.errors import AmpqError
+from ampq.experts import experts_modules
 from ampq.formats import get_format
 from ampq.io.lazy import weights_of
 from ampq.io.model import save
@@ -30,6 +32,7 @@ from ampq.memory import MemoryCap
 from ampq.models import decoder_blocks, kept_towers
 from ampq.nested import parse_levels
 from ampq.nn import quantized_linears
+from ampq.quant_experts import quantized_projections
 from ampq.pipeline.adaptive import level_table, nested_layers, quantize_adaptive, stored_range
 from ampq.pipeline.blockwise import quantize_blocks
 from ampq.pipeline.budget import Budget, parse_size
@@ -129,7 +132,7 @@ def quantize(model: nn.Module, spec: Spec | None, *, calibration: Text | str | W
     target = resolve_device(device, model)
     if target is not None and weights_of(model) is None and next(model.parameters()).device != target:
         model.to(target)
-    done = quantized_linears(model)
+    done = {**quantized_linears(model), **quantized_projections(model)}
     if done:
         raise AmpqError(f"this model is already quantized ({len(done)} quantized layers); quantize from the "
                         "unquantized model (a float folder, a hub id or a built-in name)")
@@ -139,6 +142,9 @@ def quantize(model: nn.Module, spec: Spec | None, *, calibration: Text | str | W
     method["compute_dtype"] = compute_dtype
     if isinstance(memory, (str, int)):
         memory = MemoryCap(parse_size(memory), output.parent if output is not None else Path.cwd())
+    if levels and experts_modules(model):
+        raise AmpqError("--adaptive does not yet nest mixture-of-experts weights; quantize this model with a format, "
+                        "a scheme or a budget instead")
     if memory is not None and levels:
         raise AmpqError("--adaptive measures every level on the whole model; drop --adaptive or --max-memory")
     manifest: dict = {}
@@ -181,12 +187,11 @@ def quantize(model: nn.Module, spec: Spec | None, *, calibration: Text | str | W
                         sequential=sequential, on_layer=on_layer, progress=progress, resume=resume, memory=memory,
                         **method)
     towers = {t: sum(p.numel() for p in model.get_submodule(t).parameters()) for t in kept_towers(model)}
-    if towers:  # a vision-language model: only its language model was quantized
+    if towers:  # a vision-language model: only its language model was quantized (the summary names them)
         manifest["kept_towers"] = towers
-        if progress:
-            print("kept as they were, outside the language model: " + ", ".join(
-                f"{t} ({n / 1e6:.2f}M parameters)" for t, n in towers.items()), file=sys.stderr)
     model.ampq_manifest = manifest
+    if progress:
+        print(coverage(model).line(), file=sys.stderr)
     if output is not None:
         t_save = time.perf_counter()
         save(model, output, tokenizer, overwrite=overwrite, extra_manifest=manifest)
@@ -284,4 +289,4 @@ def summary(model: nn.Module, name: str, spec_label: str, seconds: float, output
     """The line that says what a run made."""
     where = f"; saved to {output}" if output is not None else ""
     return (f"quantized {name} with {spec_label} in {seconds:.1f} s: {linear_bits(model):.3f} bits per weight "
-            f"over the quantized linears, {model_bytes(model) / 1e6:.1f} MB in all{where}")
+            f"over the quantized layers, {model_bytes(model) / 1e6:.1f} MB in all{where}")

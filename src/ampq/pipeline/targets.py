@@ -3,12 +3,14 @@ plan is a format that engine runs as stored and the export changes nothing.
 
 The formats each engine holds exactly are the rows marked exact in the README's engine matrix (and
 checked layer by layer by the exporters): vLLM's compressed-tensors runs int4 weight-only with
-symmetric groups or integer zero points, int8 symmetric per channel, FP8 E4M3 per channel and 16-bit
-layers; llama.cpp's GGUF runs Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 (ampq's int4/int5 in groups of 32,
+symmetric groups or integer zero points, int8 symmetric per channel, FP8 E4M3 per channel, NVFP4 and
+MXFP4 weight-only (compressed-tensors' NVFP4A16 / MXFP4A16, run by vLLM's FP4 Marlin kernel on GPUs of
+compute capability 7.5 / 8.0 and up: docs/export.md says where this was checked) and 16-bit layers;
+llama.cpp's GGUF runs Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 (ampq's int4/int5 in groups of 32,
 symmetric or min-and-scale, and int8-g32-sym), its own K-quants and IQ4 types (ampq's ``q2_k`` ..
 ``q6_k``, ``iq4_nl``, ``iq4_xs``: a layer whose inputs are not whole blocks of 256, or 32 for
 IQ4_NL, simply lacks them as choices, as llama.cpp's own quantizer falls back there) and 16-bit
-tensors. Integer and block formats take GPTQ (the block formats' parameters searched against the
+tensors. Integer, FP4 and block formats take GPTQ (the block formats' parameters searched against the
 calibration's importance first), the 8-bit ones round to nearest (GPTQ gains nothing measurable there).
 """
 
@@ -20,8 +22,8 @@ from ampq.sensitivity import DEFAULT_CANDIDATES
 # target -> (the export that serves it, the candidates of a plan made for it)
 TARGETS: dict[str, tuple[str | None, list[str]]] = {
     "vllm": ("compressed-tensors", ["int4-g128-sym:gptq", "int4-g64-sym:gptq", "int4-g32-sym:gptq",
-                                    "int4-g128-zp:gptq", "int4-g64-zp:gptq", "fp8-e4m3-ch:rtn", "int8-ch-sym:rtn",
-                                    "bf16"]),
+                                    "int4-g128-zp:gptq", "int4-g64-zp:gptq", "mxfp4:gptq", "nvfp4:gptq", "fp8-e4m3-ch:rtn",
+                                    "int8-ch-sym:rtn", "bf16"]),
     "llama.cpp": ("gguf", ["q2_k:gptq", "q3_k:gptq", "iq4_xs:gptq", "q4_k:gptq", "iq4_nl:gptq", "q5_k:gptq",
                            "q6_k:gptq", "int4-g32-sym:gptq", "int4-g32:gptq", "int5-g32-sym:gptq", "int5-g32:gptq",
                            "int8-g32-sym:rtn", "bf16"]),

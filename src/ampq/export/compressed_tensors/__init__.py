@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from ampq.export.compressed_tensors import writer
+from ampq.export.compressed_tensors.experts import Experts
 from ampq.export.compressed_tensors.schemes import Scheme, exact_scheme, nearest_scheme
-from ampq.export.compressed_tensors.tensors import layer_tensors
+from ampq.export.compressed_tensors.tensors import split_tensors
 from ampq.export.driver import Conversion, Decision, Layer, Target, base_of, change_text, run
 from ampq.formats.plain import PlainFloatFormat
 from ampq.models import lm_head_name
@@ -36,8 +37,11 @@ class CompressedTensors(Target):
     def start(self, model: nn.Module) -> None:
         self.model = model
         self.dtype = model.get_input_embeddings().weight.dtype
-        quantized = quantized_linears(model)
-        self.linears = [n for n, m in model.named_modules() if n in quantized or isinstance(m, nn.Linear)]
+        self.experts = Experts(model, self.directory)
+        self.linears = self.experts.linears(model, quantized_linears(model))  # by the names written
+
+    def expert_layers(self, model: nn.Module) -> dict[str, nn.Module]:
+        return self.experts.layers
 
     def decide(self, layer: nn.Module) -> Decision:
         if isinstance(base_of(layer).format, PlainFloatFormat) and not getattr(layer, "residuals", None):
@@ -52,12 +56,21 @@ class CompressedTensors(Target):
         return kind.describe()
 
     def check(self, layers: dict[str, Layer]) -> None:
-        writer.check_fused(layers, self.linears)
-        self.qconfig, self.groups = writer.quantization_config(layers, self.linears)
+        patterns = self.experts.check(layers, self.model)
+        items = self.experts.by_hub_name(layers)
+        writer.check_fused(items, self.linears)
+        writer.check_global_scales(items, self.linears)
+        self.qconfig, self.groups = writer.quantization_config(items, self.linears, patterns)
 
     def convert(self, layer: Layer) -> Conversion:
-        tensors, decoded, expected = layer_tensors(layer.module, layer.kind, layer.exact, self.dtype)
-        return Conversion({f"{layer.name}.{k}": v for k, v in tensors.items()}, layer.kind, decoded, expected)
+        names = self.experts.parts.get(layer.name, (self.experts.hub(layer.name),))
+        rows = self.experts.rows(layer.name, layer.module) if layer.name in self.experts.parts else [layer.module.shape[0]]
+        parts, decoded, expected = split_tensors(layer.module, layer.kind, layer.exact, self.dtype, rows)
+        tensors = {f"{name}.{k}": v for name, part in zip(names, parts) for k, v in part.items()}
+        return Conversion(tensors, layer.kind, decoded, expected)
+
+    def plain(self, key: str, value: torch.Tensor) -> dict:
+        return self.experts.plain(key, value)
 
     def write(self, tmp: Path, tensors: dict, layers: dict[str, Layer]) -> None:
         writer.write(tmp, tensors, self.directory, self.qconfig, self.dtype)
@@ -87,12 +100,17 @@ class CompressedTensors(Target):
         if head in layers and layers[head].kind is not None:
             self.warnings.append(f"the output head ({head}) is quantized: recent vLLM versions run a quantized head "
                                  "from compressed-tensors, older ones expect it unquantized")
-        scales = [it.tensors.get(f"{n}.weight_scale") for n, it in layers.items()]
-        wide = [s for s in scales if s is not None and s.dtype != dtype]
+        # FP4 scales are E4M3 / power-of-two codes, held exactly by construction
+        wide = [n for n, it in layers.items() if not (it.kind and it.kind.fp4)
+                and any(k.endswith(".weight_scale") and v.dtype != dtype for k, v in it.tensors.items())]
         if wide and dtype != torch.float32:
             self.warnings.append(f"{len(wide)} layers keep scales that {str(dtype).removeprefix('torch.')} cannot "
                                  "hold exactly (stored as they are); engines that hold scales in the model dtype "
                                  "round them (vLLM: --dtype float16 keeps fp16 scales exact)")
+        if dtype != torch.bfloat16 and any(s.fp4 for s in groups):
+            self.warnings.append(f"the model is {str(dtype).removeprefix('torch.')}: compressed-tensors decompresses "
+                                 "NVFP4/MXFP4 to bfloat16 weights, so load this export in transformers with "
+                                 "dtype=torch.bfloat16")
         if dtype == torch.float32 and any(s.type == "int" for s in groups):
             self.warnings.append("the model is float32: vLLM runs it in 16 bits; --dtype float16 keeps ampq's fp16 "
                                  "scales exact")

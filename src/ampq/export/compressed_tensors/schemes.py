@@ -13,6 +13,10 @@ Exact:
   so, and such layers need ``nearest``.
 - ``fp8-e4m3-ch``, ``fp8-e4m3`` (per-tensor), also with ``fp8-e4m3-token`` activations (W8A8 with a
   dynamic per-token FP8 input scale).
+- ``nvfp4`` and ``mxfp4`` (compressed-tensors' ``NVFP4A16`` and ``MXFP4A16`` presets, written by its
+  ``NVFP4PackedCompressor`` / ``MXFP4PackedCompressor``) where the groups divide the inputs: ampq
+  computes their scales with compressed-tensors' own arithmetic and decodes NVFP4 to the bfloat16
+  weight compressed-tensors decompresses to (:mod:`ampq.formats.microscaled`).
 - A group of N that does not divide the layer's inputs (ampq's partial last group) is written as
   groups of gcd(N, inputs) >= 32 with the scales repeated, which holds the same values.
 
@@ -28,21 +32,24 @@ from dataclasses import dataclass
 
 import torch
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+from compressed_tensors.quantization.quant_scheme import MXFP4A16, NVFP4A16
 from torch import nn
 
 from ampq.export.driver import base_of
 from ampq.formats.integer import IntegerFormat
+from ampq.formats.microscaled import MicroscaledFP4Format
 from ampq.formats.minifloat import MinifloatFormat
 from ampq.formats.normal_float import NormalFloatFormat
 
 MIN_GROUP = 32  # smallest group written when ampq's group does not divide the inputs
+FP4_PRESETS = {"nvfp4": NVFP4A16, "mxfp4": MXFP4A16}  # compressed-tensors' own weight-only presets
 
 
 @dataclass(frozen=True)
 class Scheme:
     """One compressed-tensors scheme: what one config group says about its layers."""
 
-    type: str  # "int" or "float"
+    type: str  # "int", "float" (FP8) or "nvfp4" / "mxfp4" (compressed-tensors' presets)
     bits: int
     strategy: str  # "group", "channel" or "tensor"
     group_size: int | None = None
@@ -50,10 +57,18 @@ class Scheme:
     fp8_tokens: bool = False  # dynamic per-token FP8 input activations (W8A8)
 
     @property
+    def fp4(self) -> bool:
+        return self.type in FP4_PRESETS
+
+    @property
     def compression(self) -> str:
+        if self.fp4:
+            return f"{self.type}-pack-quantized"
         return "pack-quantized" if self.type == "int" else "float-quantized"
 
     def describe(self) -> str:
+        if self.fp4:
+            return f"{self.type} (fp4 e2m1, group {self.group_size})"
         if self.type == "float":
             text = f"fp8-e4m3 per {self.strategy}"
         else:
@@ -62,6 +77,8 @@ class Scheme:
         return text + (" + fp8 per-token activations" if self.fp8_tokens else "")
 
     def build(self, targets: list[str]) -> QuantizationScheme:
+        if self.fp4:
+            return QuantizationScheme(targets=list(targets), format=self.compression, **FP4_PRESETS[self.type])
         weights = QuantizationArgs(num_bits=self.bits, type=self.type, symmetric=self.symmetric,
                                    strategy=self.strategy, group_size=self.group_size, dynamic=False)
         inputs = None
@@ -122,6 +139,14 @@ def exact_scheme(layer: nn.Module) -> tuple[Scheme | None, str]:
             return None, f"{act} activations (compressed-tensors' FP8 activations are E4M3)"
         return Scheme("float", 8, "channel" if fmt.group_size is None else "tensor",
                       fp8_tokens=act == "fp8-e4m3-token"), ""
+    if isinstance(fmt, MicroscaledFP4Format):
+        if act is not None:
+            return None, f"{act} activations (ampq exports {fmt.name} weight-only)"
+        if base.in_features % fmt.group_size:
+            return None, (f"{base.in_features} inputs are not a multiple of {fmt.name}'s groups of {fmt.group_size} "
+                          "(compressed-tensors and vLLM need whole groups)")
+        strategy = "tensor_group" if fmt.kind == "nvfp4" else "group"
+        return Scheme(fmt.kind, 4, strategy, fmt.group_size), ""
     if isinstance(fmt, NormalFloatFormat):
         return None, "a 16-value codebook with a float32 absmax per block, not an integer grid"
     return None, f"{fmt.name} has no compressed-tensors counterpart"

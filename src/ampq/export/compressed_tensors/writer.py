@@ -17,8 +17,9 @@ from compressed_tensors.utils.match import match_name
 
 from ampq.errors import AmpqError
 from ampq.export.compressed_tensors.schemes import Scheme
-from ampq.export.driver import Layer
+from ampq.export.driver import Layer, base_of
 from ampq.io.checkpoint import write_shards
+from ampq.models import fused_groups
 
 # Layers vLLM fuses into one (qkv_proj, gate_up_proj): they must share one scheme.
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -49,6 +50,20 @@ def check_fused(items: dict[str, Layer], linears: list[str]) -> None:
                 raise AmpqError(f"{parent or 'the model'}: vLLM fuses {'/'.join(members)} into one layer with one "
                                 f"scheme, but {', '.join(show(c) for c in members)}; quantize them with one format "
                                 "(ampq ties them unless --untied) and export again")
+
+
+def check_global_scales(items: dict[str, Layer], linears: list[str]) -> None:
+    """vLLM decodes fused NVFP4 layers with the largest of their global scales (its W4A16 NVFP4
+    scheme takes ``weight_global_scale.max()``): every other member would decode wrong."""
+    for group in fused_groups([n for n in linears if n in items and items[n].kind is not None
+                               and items[n].kind.type == "nvfp4" and hasattr(base_of(items[n].module), "stored")]):
+        scales = {n: float(base_of(items[n].module).stored()["global_scale"].reshape(-1)[0]) for n in group}
+        if len(set(scales.values())) > 1:
+            parent = group[0].rpartition(".")[0].rpartition(".")[0]
+            raise AmpqError(f"{parent or 'the model'}: vLLM fuses {', '.join(n.rpartition('.')[2] for n in group)} into "
+                            f"one layer with one NVFP4 global scale, but they hold different ones "
+                            f"({', '.join(f'{v:.6g}' for v in scales.values())}); quantize them again with this ampq "
+                            "version (it gives fused layers one global scale) and export again")
 
 
 def _pattern(name: str) -> str:
@@ -82,7 +97,7 @@ def _check_targets(config_groups: dict, groups: dict, items: dict[str, Layer], l
     compressed-tensors' own matcher reads them ("Linear" matches every linear; ``ignore`` wins)."""
     wanted = dict(zip(groups, config_groups))  # scheme -> its group's name
     for name in linears:
-        if name in ignore:
+        if any(match_name(name, i) for i in ignore):
             continue
         hits = [g for g, ct in config_groups.items()
                 if any(t == "Linear" or match_name(name, t) for t in ct.targets)]
@@ -91,16 +106,28 @@ def _check_targets(config_groups: dict, groups: dict, items: dict[str, Layer], l
             raise AmpqError(f"internal error: {name} would match config groups {hits}, not {want}; please report it")
 
 
-def quantization_config(items: dict[str, Layer], linears: list[str]) -> tuple[QuantizationConfig, dict]:
+def _named(names: list[str], patterns: dict[str, str]) -> list[str]:
+    return list(dict.fromkeys(patterns.get(n, n) for n in names))
+
+
+def quantization_config(items: dict[str, Layer], linears: list[str],
+                        patterns: dict[str, str] | None = None) -> tuple[QuantizationConfig, dict]:
     """The ``quantization_config`` for the decided layers (``linears``: every linear, in the model's
     order) and each scheme's layers. One scheme: every linear not ignored, as llm-compressor writes
-    it. Several: each group's layers by name. Layers not quantized go into ``ignore``."""
+    it. Several: each group's layers by name. Layers not quantized go into ``ignore``. ``patterns``:
+    names written as a pattern that stands for them and their like (a MoE layer's experts)."""
+    patterns = patterns or {}
     groups: dict[Scheme, list[str]] = {}
     for name in linears:
         if name in items and items[name].kind is not None:
             groups.setdefault(items[name].kind, []).append(name)
-    ignore = [n for n in linears if n not in items or items[n].kind is None]
-    config_groups = {f"group_{i}": scheme.build(["Linear"] if len(groups) == 1 else _targets(names, linears))
+    ignore = _named([n for n in linears if n not in items or items[n].kind is None], patterns)
+
+    def targets(names):
+        return _targets([n for n in names if n not in patterns], linears) + _named(
+            [n for n in names if n in patterns], patterns)
+
+    config_groups = {f"group_{i}": scheme.build(["Linear"] if len(groups) == 1 else targets(names))
                      for i, (scheme, names) in enumerate(groups.items())}
     _check_targets(config_groups, groups, items, linears, ignore)
     formats = {s.compression for s in groups}

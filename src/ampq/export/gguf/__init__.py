@@ -2,9 +2,9 @@
 
 Written with the ``gguf`` package's own ``GGUFWriter``, in llama.cpp's conventions: its tensor
 names (``token_embd``, ``blk.N.attn_q``, ..., ``output_norm``, ``output``, from gguf-py's tensor
-name map), its hyperparameter keys, its tokenizer keys, and, for the llama architecture, the
-row permutation of ``attn_q`` / ``attn_k`` that llama.cpp's ``convert_hf_to_gguf.py`` applies to
-``LlamaForCausalLM`` (Qwen2 is written unpermuted). The permutation reorders output rows; GGUF
+name map), its hyperparameter keys, its tokenizer keys, and what its ``convert_hf_to_gguf.py``
+changes in tensors (:mod:`.architectures`): the row permutation of ``attn_q`` / ``attn_k`` for
+the llama architecture, Gemma's norms plus one. The permutation reorders output rows; GGUF
 blocks, like ampq's groups, run along the inputs, so quantized rows move whole.
 
 Which type holds which format is in :mod:`.qtypes` (with the table), the blocks in
@@ -33,7 +33,7 @@ from transformers import AutoConfig
 
 from ampq.errors import AmpqError
 from ampq.export.driver import Conversion, Decision, Layer, Target, base_of, change_text, decoded_weight, run
-from ampq.export.gguf import writer
+from ampq.export.gguf import architectures, writer
 from ampq.export.gguf.blocks import exact_blocks, permute, plain_array, requantize
 from ampq.export.gguf.qtypes import BLOCK, exact_type, nearest_types
 from ampq.export.gguf.vocab import read_tokenizer
@@ -49,14 +49,8 @@ class Gguf(Target):
     nearest_how = "with gguf-py to the types it writes, per layer whichever moves the weights least"
 
     def check_source(self) -> None:
-        config = AutoConfig.from_pretrained(self.directory)
-        self.arch_enum, self.permutes = writer.check_architecture(self.directory, config)
-        self.arch = gguf.MODEL_ARCH_NAMES[self.arch_enum]
-        window = getattr(config, "sliding_window", None)
-        if self.arch == "llama" and window and window < config.max_position_embeddings:
-            self.warnings.append(f"the model attends within a sliding window of {window} tokens; llama.cpp's llama "
-                                 "architecture (as its converter writes Mistral) attends to the whole context, so "
-                                 f"beyond {window} tokens the two differ")
+        self.spec = architectures.check(self.directory, AutoConfig.from_pretrained(self.directory), self.warnings)
+        self.arch = self.spec.name
 
     def start(self, model: nn.Module) -> None:
         self.model = model
@@ -64,7 +58,7 @@ class Gguf(Target):
         self.vocab_size = int(getattr(config, "vocab_size", 0) or model.get_input_embeddings().weight.shape[0])
         # refused here, before the work of converting, when it cannot be written
         self.tokenizer = read_tokenizer(self.directory, self.vocab_size, self.warnings)
-        self.name_map = gguf.get_tensor_name_map(self.arch_enum, config.num_hidden_layers)
+        self.name_map = gguf.get_tensor_name_map(self.spec.arch, config.num_hidden_layers)
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
 
@@ -80,7 +74,7 @@ class Gguf(Target):
 
     def _heads_to_permute(self, module_name: str) -> int | None:
         """The head count llama.cpp permutes the rows of ``module_name`` by, or None."""
-        if not self.permutes:
+        if not self.spec.permute_qk:
             return None
         leaf = module_name.rpartition(".")[2]
         return self.heads if leaf == "q_proj" else self.kv_heads if leaf == "k_proj" else None
@@ -119,6 +113,8 @@ class Gguf(Target):
         data, qtype = plain_array(value)
         if value.dim() == 1:  # norms and biases: F32, as llama.cpp's converter writes them
             data, qtype = value.detach().float().numpy(), T.F32
+            if self.spec.norm_shift and key.endswith("norm.weight"):
+                data = data + np.float32(self.spec.norm_shift)
         n_head = self._heads_to_permute(key.rpartition(".")[0])
         if n_head is not None:
             data = permute(data, n_head)
@@ -127,7 +123,7 @@ class Gguf(Target):
     def write(self, tmp: Path, tensors: dict, layers: dict[str, Layer]) -> None:
         self.file_type = writer.file_type([it.kind for it in layers.values()])
         name = (self.config.to_dict().get("_model_name_or_path") or "").strip() or self.directory.name
-        self.tokenizer_summary = writer.write(tmp, self.arch_enum, self.config, self.vocab_size, name, self.file_type,
+        self.tokenizer_summary = writer.write(tmp, self.spec, self.config, self.vocab_size, name, self.file_type,
                                               self.tokenizer, tensors)
 
     def summary(self, summary: dict, layers: dict[str, Layer], tensors: dict) -> dict:
@@ -156,7 +152,8 @@ class Gguf(Target):
 
 
 def export_gguf(directory, out, nearest: bool = False, *, overwrite: bool = False) -> dict:
-    """Write the ampq checkpoint ``directory`` as the GGUF file ``out`` (llama, mistral, qwen2, qwen3).
+    """Write the ampq checkpoint ``directory`` as the GGUF file ``out`` (llama, mistral, qwen2, qwen3,
+    gemma2, gemma3, phi3: see :mod:`.architectures`).
 
     Quantized layers whose format has an exact GGUF counterpart are repacked block by block and
     checked bit for bit against ampq's decoding (see :mod:`.qtypes` for the table); the others are

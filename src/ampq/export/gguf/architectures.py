@@ -1,0 +1,152 @@
+"""Which llama.cpp architecture a transformers model becomes, and what its converter
+(``convert_hf_to_gguf.py``: ``LlamaModel``, ``Qwen2Model``, ``Gemma2Model``, ``Gemma3Model``,
+``Phi3MiniModel``) writes beyond tensor names and the keys every architecture shares.
+
+Names come from gguf-py's tables for the architecture, so Phi-3's fused ``qkv_proj`` and
+``gate_up_proj`` are written as the single ``attn_qkv`` and ``ffn_up`` tensors llama.cpp splits
+itself. What the converter changes in tensors is here as data: llama's q/k row permutation, and
+Gemma's norms, which transformers applies as ``x * (1 + w)`` and llama.cpp as ``x * w``, so they are
+written plus one.
+
+llama.cpp fixes some things the transformers configs leave free: Gemma 2 alternates sliding and
+global layers (every 2nd global), Gemma 3 makes every 6th layer global with a local rotary base of
+10000, both scale attention by 1/sqrt(head_dim) (by 1/sqrt(hidden/heads) for their 27B sizes), and
+Phi-3 attends to the whole context. A config that differs is refused (or, for Phi-3's and Mistral's
+windows, warned about), never written to compute something else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+
+from ampq.errors import AmpqError
+
+A = gguf.MODEL_ARCH
+
+
+@dataclass(frozen=True)
+class Architecture:
+    arch: gguf.MODEL_ARCH
+    permute_qk: bool = False  # llama's rotary halves interleaved per head
+    norm_shift: float = 0.0  # added to every ``*norm.weight``
+    swa_period: int = 0  # llama.cpp's fixed sliding-window pattern: every n-th layer global
+    layers_27b: int = 0  # the block count llama.cpp takes for the 27B size (its other attention scale)
+
+    @property
+    def name(self) -> str:
+        return gguf.MODEL_ARCH_NAMES[self.arch]
+
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": Architecture(A.LLAMA, permute_qk=True),
+    "MistralForCausalLM": Architecture(A.LLAMA, permute_qk=True),
+    "Qwen2ForCausalLM": Architecture(A.QWEN2),
+    "Qwen3ForCausalLM": Architecture(A.QWEN3),
+    "Gemma2ForCausalLM": Architecture(A.GEMMA2, norm_shift=1.0, swa_period=2, layers_27b=46),
+    "Gemma3ForCausalLM": Architecture(A.GEMMA3, norm_shift=1.0, swa_period=6, layers_27b=62),
+    "Phi3ForCausalLM": Architecture(A.PHI3),
+}
+GEMMA_LOCAL_ROPE_BASE = 10000.0
+
+
+def rope(config, kind: str = "full_attention") -> dict:
+    """The rotary parameters of ``kind`` layers (transformers 5 nests them per layer type for Gemma 3)."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if kind in params and isinstance(params[kind], dict):
+        params = params[kind]
+    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    return {**params, "rope_theta": float(theta), "rope_type": params.get("rope_type", params.get("type", "default"))}
+
+
+def head_dim(config) -> int:
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+def rope_dimensions(config) -> int:
+    """Rotated dimensions per head: Phi-3's ``partial_rotary_factor`` of the hidden size, per head."""
+    factor = rope(config).get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None)
+    if factor is None:
+        return head_dim(config)
+    return int(float(factor) * config.hidden_size) // config.num_attention_heads
+
+
+def _refuse(directory: Path, what: str) -> AmpqError:
+    return AmpqError(f"cannot export {directory} to GGUF: {what}")
+
+
+def _check_gemma(directory: Path, config, spec: Architecture, warnings: list[str]) -> None:
+    n = config.num_hidden_layers
+    expected = ["full_attention" if (i + 1) % spec.swa_period == 0 else "sliding_attention" for i in range(n)]
+    layer_types = list(getattr(config, "layer_types", None) or expected)
+    if layer_types != expected and not (spec.arch == A.GEMMA3 and set(layer_types) == {"full_attention"}):
+        raise _refuse(directory, f"its layers attend {layer_types}; llama.cpp's {spec.name} makes every "
+                                 f"{spec.swa_period}th layer global and the others sliding-window")
+    scale = float(getattr(config, "query_pre_attn_scalar", None) or head_dim(config))
+    theirs = config.hidden_size / config.num_attention_heads if n == spec.layers_27b else head_dim(config)
+    if scale != theirs:
+        raise _refuse(directory, f"it scales attention by query_pre_attn_scalar {scale:g}^-1/2; llama.cpp's "
+                                 f"{spec.name} uses {theirs:g}^-1/2 for {n} layers")
+    if spec.arch == A.GEMMA2 and not getattr(config, "tie_word_embeddings", True):
+        raise _refuse(directory, "its output head is not the embedding table; llama.cpp's gemma2 has no output "
+                                 "tensor and multiplies by the embeddings")
+    if spec.arch == A.GEMMA2 and (config.attn_logit_softcapping is None or config.final_logit_softcapping is None):
+        raise _refuse(directory, "Gemma 2 without logit soft-capping: llama.cpp's gemma2 caps at 50 / 30 "
+                                 "where the file names no other value")
+    if spec.arch == A.GEMMA3:
+        local = rope(config, "sliding_attention")
+        if "sliding_attention" in layer_types and (local["rope_theta"] != GEMMA_LOCAL_ROPE_BASE
+                                                   or local["rope_type"] != "default"):
+            raise _refuse(directory, f"its sliding-window layers rotate with base {local['rope_theta']:g} "
+                                     f"({local['rope_type']}); llama.cpp's gemma3 uses {GEMMA_LOCAL_ROPE_BASE:g}")
+
+
+def check(directory: Path, config, warnings: list[str]) -> Architecture:
+    """The llama.cpp architecture of the checkpoint ``directory`` (its transformers ``config``), or
+    an error saying why this exporter does not write it; warnings for what llama.cpp runs differently."""
+    model_type = getattr(config, "model_type", None)
+    archs = getattr(config, "architectures", None) or []
+    kind = {"gemma3_text": "gemma3"}.get(model_type, model_type)  # Gemma 3's text-only config
+    cls = archs[0] if archs else next((c for c in ARCHITECTURES if c.lower().startswith(f"{kind}for")), None)
+    if cls not in ARCHITECTURES:
+        raise _refuse(directory, f"it is {cls or model_type} (model_type {model_type!r}); this exporter writes "
+                                 f"{', '.join(ARCHITECTURES)}. Use --to compressed-tensors, or llama.cpp's "
+                                 "convert_hf_to_gguf.py on the unquantized model")
+    spec = ARCHITECTURES[cls]
+    rope_type = rope(config)["rope_type"]
+    if rope_type not in (None, "default") and not (spec.arch == A.GEMMA3 and rope_type == "linear"):
+        raise _refuse(directory, f"its rope scaling ({rope_type}) is not written by this exporter; only plain "
+                                 "rotary embeddings (and Gemma 3's linear scaling of its global layers) are")
+    if model_type in ("qwen2", "qwen3") and getattr(config, "use_sliding_window", False):
+        raise _refuse(directory, f"it uses sliding-window attention, which llama.cpp's {model_type} architecture "
+                                 "does not run")
+    if spec.swa_period:
+        _check_gemma(directory, config, spec, warnings)
+    window = getattr(config, "sliding_window", None)
+    if spec.arch in (A.LLAMA, A.PHI3) and window and window < config.max_position_embeddings:
+        warnings.append(f"the model attends within a sliding window of {window} tokens; llama.cpp's {spec.name} "
+                        f"architecture attends to the whole context, so beyond {window} tokens the two differ")
+    return spec
+
+
+def write_keys(writer, config, spec: Architecture) -> None:
+    """The keys beyond the shared ones that llama.cpp's converter writes for ``spec``."""
+    if spec.arch == A.GEMMA2:
+        writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+        writer.add_sliding_window(int(config.sliding_window))
+    elif spec.arch == A.GEMMA3:
+        if config.final_logit_softcapping:
+            writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+        if "sliding_attention" in (getattr(config, "layer_types", None) or []):
+            writer.add_sliding_window(int(config.sliding_window))
+        full = rope(config)
+        if full["rope_type"] == "linear":  # llama.cpp scales the global layers only, as transformers does
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(float(full["factor"]))
+    elif spec.arch == A.PHI3:
+        writer.add_rope_scaling_orig_ctx_len(int(getattr(config, "original_max_position_embeddings", None)
+                                                 or config.max_position_embeddings))
+        writer.add_sliding_window(int(getattr(config, "sliding_window", None) or 0))
