@@ -274,6 +274,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "adapt-qwen2.5-coder-0.5b": md_section("adapt/adapt.md", "adapt/adapt.json", "**qwen2.5-coder-0.5b**"),
     "uniform-smollm2-135m": md_section("uniform/uniform.md", "uniform/uniform.json", "**smollm2-135m**"),
     "uniform-qwen2.5-coder-0.5b": md_section("uniform/uniform.md", "uniform/uniform.json", "**qwen2.5-coder-0.5b**"),
+    "encoders": md_whole("encoders/encoders.md", "encoders/encoders.json"),
     "engines": md_whole("engines/engines.md", "engines/engines.json"),
     "import-llmc": import_llmc,
     "kernels-cpu": md_whole("kernel_speed/kernels.md", "kernel_speed/kernels.json"),

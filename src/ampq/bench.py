@@ -28,8 +28,10 @@ from torch import nn
 
 from ampq.figures import pyplot
 from ampq.atomic import atomic_file
+from ampq.errors import AmpqError
 from ampq.compiled import CompiledDecoder
 from ampq.memory import resident, return_freed_memory
+from ampq.models import is_encoder
 from ampq.nn import QuantLinear
 from ampq.report import model_bytes
 
@@ -134,6 +136,9 @@ def _run_compiled(decoder: CompiledDecoder, ids: torch.Tensor, new_tokens: int) 
 def bench(model: nn.Module, *, batches: tuple[int, ...] = (1, 4, 16), prompt_tokens: int = 128,
           new_tokens: int = 32, repeats: int = 3, baseline_rss: int | None = None, seed: int = 0,
           compiled: bool = False) -> list[BenchRow]:
+    if is_encoder(model):
+        raise AmpqError(f"bench times generation (prefill and decoding); {type(model).__name__} is an encoder, "
+                        "which does not generate")
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(seed)

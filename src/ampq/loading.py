@@ -20,6 +20,7 @@ from ampq import builtin, importers
 from ampq.dtypes import parse_dtype
 from ampq.errors import AmpqError
 from ampq.importers.gguf import keep_quantized as gguf_keep_quantized
+from ampq.io.config import model_class
 from ampq.io.lazy import lazy_model
 from ampq.io.model import load as load_checkpoint
 from ampq.memory import fixed_mmap_threshold
@@ -78,12 +79,12 @@ def load_model(spec: str, dtype: str | torch.dtype | None = None, keep_quantized
             if not (path / "config.json").exists():
                 raise AmpqError(f"{path} is a folder without config.json: not a Hugging Face model or ampq checkpoint")
             tok = _tokenizer(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model = _from_pretrained(path, dtype)
         elif path.exists():
             raise AmpqError(f"{path} is a file, but not a .gguf; give a model folder, a .gguf file or a built-in name")
         else:
             tok = AutoTokenizer.from_pretrained(spec)
-            model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+            model = _from_pretrained(spec, dtype)
     except AmpqError:
         raise
     except (OSError, ValueError) as e:
@@ -95,6 +96,14 @@ def load_model(spec: str, dtype: str | torch.dtype | None = None, keep_quantized
     model.requires_grad_(False)
     model.config.ampq_source = spec
     return model, tok
+
+
+def _from_pretrained(where, dtype: torch.dtype):
+    """The model of a folder or hub id as the class its config.json names (an encoder as its
+    encoder, a vision-language model whole), a causal LM where it names none."""
+    from transformers import AutoConfig
+
+    return model_class(AutoConfig.from_pretrained(where)).from_pretrained(where, dtype=dtype)
 
 
 def _load_lazy(spec: str, path: Path, dtype: torch.dtype):

@@ -1,5 +1,6 @@
-"""A model folder's config.json as transformers reads it, and the empty model it describes: what
-every loader (ampq checkpoints, other tools' checkpoints, lazily loaded models) builds first."""
+"""A model folder's config.json as transformers reads it, the transformers class it was saved
+from, and the empty model they describe: what every loader (ampq checkpoints, other tools'
+checkpoints, lazily loaded models) builds first."""
 
 from __future__ import annotations
 
@@ -24,14 +25,46 @@ def model_config(directory) -> object:
     return config
 
 
-def empty_model(directory, config, dtype: torch.dtype) -> nn.Module:
-    """The model ``config`` describes, with every weight on the meta device (no memory)."""
-    from accelerate import init_empty_weights
+def transformers_class(name) -> type | None:
+    """The transformers model class called ``name`` (a name read from a file), or None: only
+    classes of transformers' own that build a model from a config are ever taken."""
+    import transformers
+    from transformers import PreTrainedModel
+
+    if not isinstance(name, str) or not name.isidentifier():
+        return None
+    try:
+        cls = getattr(transformers, name, None)
+    except Exception:  # noqa: BLE001 - a lazy import transformers cannot finish (a missing extra)
+        return None
+    return cls if isinstance(cls, type) and issubclass(cls, PreTrainedModel) else None
+
+
+def model_class(config, recorded: str | None = None) -> type:
+    """The class to rebuild a model with: the one ``recorded`` when it was saved, else the first of
+    config.json's ``architectures`` that transformers has (an encoder stays an encoder, a
+    vision-language model keeps its vision tower), else a causal language model (config.json
+    without ``architectures``, as GGUF conversions and hand-written configs may be)."""
     from transformers import AutoModelForCausalLM
 
+    for name in [recorded, *(getattr(config, "architectures", None) or [])]:
+        cls = transformers_class(name)
+        if cls is not None:
+            return cls
+    return AutoModelForCausalLM
+
+
+def empty_model(directory, config, dtype: torch.dtype, recorded: str | None = None) -> nn.Module:
+    """The model ``config`` describes (built as :func:`model_class` says), with every weight on the
+    meta device (no memory)."""
+    from accelerate import init_empty_weights
+
+    cls = model_class(config, recorded)
     try:
         with init_empty_weights():
-            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+            if hasattr(cls, "from_config"):  # the Auto classes
+                return cls.from_config(config, dtype=dtype)
+            return cls._from_config(config, dtype=dtype)
     except Exception as e:  # noqa: BLE001
-        raise AmpqError(f"{directory}/config.json does not describe a model transformers can build "
-                        f"({first_line(e)})") from None
+        raise AmpqError(f"{directory}/config.json does not describe a model transformers can build as "
+                        f"{cls.__name__} ({first_line(e)})") from None

@@ -15,7 +15,7 @@ from ampq import layer_table
 from ampq.coverage import coverage
 from ampq.errors import AmpqError, first_line
 from ampq.io.checkpoint import read_checkpoint, write_checkpoint
-from ampq.io.config import empty_model, model_config
+from ampq.io.config import empty_model, model_config, transformers_class
 from ampq.io.lazy import Converted, weights_of
 from ampq.io.residuals import CheckpointResiduals
 from ampq.models import lm_head_name, tied_embeddings
@@ -46,11 +46,17 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite: 
     empty = weights.empty_tensors(model) if weights is not None else {}
     tensors = {k: Converted(*empty[k]) if k in empty else v.detach().cpu() for k, v in state.items()}
     layers = layer_table.layer_entries(model)
+    # the class the model is rebuilt as: an encoder must not come back as a causal LM, nor a
+    # vision-language model without its vision tower; config.json says the same, as save_pretrained's does
+    cls = type(model).__name__ if transformers_class(type(model).__name__) is type(model) else None
+    if cls is not None:
+        model.config.architectures = [cls]
     manifest = {
         "format": MANIFEST_FORMAT,
         "ampq_version": __version__,
         "source": getattr(model.config, "ampq_source", None),
         "architectures": getattr(model.config, "architectures", None),
+        "model_class": cls,
         "tied_embeddings": tied,
         "layers": layers,
         "coverage": coverage(model).to_dict(),
@@ -105,7 +111,7 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module
     config = model_config(directory)
     _check_config(directory, config, tensors)
     dtype = layer_table.unquantized_dtype(tensors, layers) or torch.float32
-    model = empty_model(directory, config, dtype)
+    model = empty_model(directory, config, dtype, manifest.get("model_class"))
     for name, entry in layers.items():
         try:
             source = CheckpointResiduals(directory, name, manifest["tensors"])

@@ -28,7 +28,7 @@ from ampq.experts import experts_modules
 from ampq.formats import get_format
 from ampq.io.model import save
 from ampq.memory import MemoryCap
-from ampq.models import decoder_blocks
+from ampq.models import decoder_blocks, kept_towers
 from ampq.nested import parse_levels
 from ampq.nn import quantized_linears
 from ampq.quant_experts import quantized_projections
@@ -179,6 +179,9 @@ def quantize(model: nn.Module, spec: Spec | None, *, calibration: Text | str | W
             quantize_blocks(model, formats, calibration=tokens, lm_head=lm_head, batch_size=batch_size,
                             sequential=sequential, on_layer=on_layer, progress=progress, resume=resume,
                             memory=memory, placement=placement, **method)
+    towers = {t: sum(p.numel() for p in model.get_submodule(t).parameters()) for t in kept_towers(model)}
+    if towers:  # a vision-language model: only its language model was quantized (the summary names them)
+        manifest["kept_towers"] = towers
     model.ampq_manifest = manifest
     if progress:
         print(coverage(model).line(), file=sys.stderr)
