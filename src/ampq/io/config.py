@@ -47,7 +47,11 @@ def model_class(config, recorded: str | None = None) -> type:
     without ``architectures``, as GGUF conversions and hand-written configs may be)."""
     from transformers import AutoModelForCausalLM
 
-    for name in [recorded, *(getattr(config, "architectures", None) or [])]:
+    names = getattr(config, "architectures", None) or []
+    if not isinstance(names, (list, tuple)):  # a hand-edited or damaged config.json
+        raise AmpqError(f"config.json's architectures is {names!r}, not a list of class names; repair it "
+                        "(e.g. [\"LlamaForCausalLM\"]) or remove the key")
+    for name in [recorded, *names]:
         cls = transformers_class(name)
         if cls is not None:
             return cls
