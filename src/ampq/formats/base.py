@@ -22,6 +22,16 @@ import torch
 from ampq.formats.packing import pack_bits, packed_nbytes, unpack_bits
 
 
+FP16_MAX = 65504.0
+
+
+def to_fp16(x: torch.Tensor, what: str) -> torch.Tensor:
+    """``x`` as the fp16 a format stores it in; ValueError (the layer cannot take the format) past fp16's range."""
+    if bool((x.abs() > FP16_MAX).any()):
+        raise ValueError(f"{what} exceeds the fp16 range; weights this large need a per-group or float format")
+    return x.to(torch.float16)
+
+
 @dataclass
 class Params:
     """Per-group parameters of one quantized tensor.
@@ -90,6 +100,17 @@ class Format(ABC):
         if pad:
             w = torch.cat([w, w[:, -1:].expand(out, pad)], dim=1)
         return w.reshape(out, -1, width)
+
+    def group_absmax(self, w: torch.Tensor, clip: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(each group's absmax, the clip ratios shaped like it) for ``w``; ValueError on inf/NaN."""
+        g = self.grouped(w.float())
+        clip = torch.as_tensor(clip, dtype=torch.float32)
+        if clip.dim() == 2:
+            clip = clip.reshape(g.shape[0], g.shape[1])
+        absmax = g.abs().amax(dim=2)
+        if not bool(torch.isfinite(absmax).all()):
+            raise ValueError(f"{self.name}: weights hold inf or NaN")
+        return absmax, clip
 
     def expand(self, values: dict[str, torch.Tensor], shape: tuple[int, int]) -> dict[str, torch.Tensor]:
         """Parameter values repeated to one per weight, (out, in), for column-wise algorithms."""

@@ -20,15 +20,7 @@ from abc import abstractmethod
 
 import torch
 
-from ampq.formats.base import Format, Params
-
-FP16_MAX = 65504.0
-
-
-def to_fp16(x: torch.Tensor, what: str) -> torch.Tensor:
-    if bool((x.abs() > FP16_MAX).any()):
-        raise ValueError(f"{what} exceeds the fp16 range of llama.cpp's block scales")
-    return x.to(torch.float16)
+from ampq.formats.base import Format, Params, to_fp16  # noqa: F401  (the block formats' fp16 fields)
 
 
 class GgufBlockFormat(Format):

@@ -13,15 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ampq.formats.base import Format, Params
-
-FP16_MAX = 65504.0
-
-
-def _to_fp16(x: torch.Tensor, what: str) -> torch.Tensor:
-    if bool((x.abs() > FP16_MAX).any()):
-        raise ValueError(f"{what} exceeds the fp16 range; weights this large need a per-group or float format")
-    return x.to(torch.float16)
+from ampq.formats.base import Format, Params, to_fp16 as _to_fp16
 
 
 class IntegerFormat(Format):

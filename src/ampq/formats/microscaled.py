@@ -85,13 +85,7 @@ class MicroscaledFP4Format(Format):
         return MicroscaledFP4Format(self.kind, self.name, absmax)
 
     def fit(self, w: torch.Tensor, clip: float | torch.Tensor = 1.0) -> Params:
-        g = self.grouped(w.float())
-        clip = torch.as_tensor(clip, dtype=torch.float32)
-        if clip.dim() == 2:
-            clip = clip.reshape(g.shape[0], g.shape[1])
-        group_absmax = g.abs().amax(dim=2)
-        if not bool(torch.isfinite(group_absmax).all()):
-            raise ValueError(f"{self.name}: weights hold inf or NaN")
+        group_absmax, clip = self.group_absmax(w, clip)
         absmax = group_absmax * clip
         if self.kind == "mxfp4":
             e = mx_exponent(absmax)

@@ -150,13 +150,7 @@ class MinifloatFormat(Format):
         self.scale_dtype = torch.float32 if group_size == 0 else torch.bfloat16
 
     def fit(self, w: torch.Tensor, clip: float | torch.Tensor = 1.0) -> Params:
-        g = self.grouped(w.float())
-        clip = torch.as_tensor(clip, dtype=torch.float32)
-        if clip.dim() == 2:
-            clip = clip.reshape(g.shape[0], g.shape[1])
-        absmax = g.abs().amax(dim=2)
-        if not bool(torch.isfinite(absmax).all()):
-            raise ValueError(f"{self.name}: weights hold inf or NaN")
+        absmax, clip = self.group_absmax(w, clip)
         # Rounding the scale down to bf16 pushes the largest weights past max_finite by at most a
         # part in 2^9, less than half a quantum for any M <= 7: they round (or saturate) to the max.
         scale = (absmax * clip / self.spec.max_finite).to(self.scale_dtype)
