@@ -134,6 +134,33 @@ def test_sensitivity_resumes_after_the_last_measured_block(tmp_path):
     assert resumed.estimates == whole.estimates and resumed.nbytes == whole.nbytes  # exactly, float for float
 
 
+def test_a_kill_after_the_next_inputs_are_written_but_before_the_block_counts(tmp_path, monkeypatch):
+    """The moment CI once hit: block 1's calibration inputs are on disk, its state is not; the
+    resumed run must continue from block 0's inputs, not refuse the progress as damaged."""
+    from ampq import resume as resume_module
+
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(5))
+    reference = ampq.quantize(tiny_llama(), "int4-g32", algorithm="gptq", calibration=calib, progress=False)
+    key = {"kill-between-files": 1}
+    original = resume_module.save_file
+
+    def killed_on_block_1(state, path, metadata=None):
+        if ".block-00001." in str(path):
+            raise _Killed
+        return original(state, path, metadata=metadata)
+
+    monkeypatch.setattr(resume_module, "save_file", killed_on_block_1)
+    with pytest.raises(_Killed):
+        ampq.quantize(tiny_llama(), "int4-g32", algorithm="gptq", calibration=calib, progress=False,
+                      resume=Resume(tmp_path / "p", key))
+    monkeypatch.setattr(resume_module, "save_file", original)
+    again = Resume(tmp_path / "p", key)
+    assert again.done == 1
+    fresh = ampq.quantize(tiny_llama(), "int4-g32", algorithm="gptq", calibration=calib, progress=False, resume=again)
+    with torch.no_grad():
+        assert torch.equal(fresh(calib[:1]).logits, reference(calib[:1]).logits)
+
+
 def test_an_adaptive_block_is_restored_with_the_levels_it_holds_aside(tmp_path):
     from ampq.models import decoder_blocks, replace_module
     from ampq.nested import NestedLinear, nest

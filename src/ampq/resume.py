@@ -106,7 +106,8 @@ class Resume:
             world, rank = self.ranks.world, self.ranks.rank
             tensors = {f"{j * world + rank:06d}": _cpu(inputs.stored(j) if hasattr(inputs, "stored") else inputs[j])
                        for j in range(len(inputs))}
-            with atomic.atomic_file(self.directory / f"inputs-{rank}.safetensors") as tmp:
+            # named by block: the last finished block's inputs must outlive a kill before the count moves on
+            with atomic.atomic_file(self.directory / f"inputs-{i:05d}-{rank}.safetensors") as tmp:
                 safetensors_file.write(tmp, tensors, {"block": str(i), "world": str(world)})
         self.ranks.barrier()  # every rank's batches are written before the block counts as finished
         if not self.ranks.main:
@@ -124,6 +125,9 @@ class Resume:
         with atomic.atomic_file(self._block_file(i)) as tmp:
             save_file(state, str(tmp), metadata=metadata)
         _write_json(self.directory / STATE, {"blocks": i + 1})
+        for path in self.directory.glob("inputs-*-*.safetensors"):  # earlier blocks' inputs are no longer needed
+            if int(path.name.split("-")[1]) < i:
+                path.unlink(missing_ok=True)
 
     def restore(self, i: int, block: nn.Module) -> None:
         """Make block ``i`` what it was when it was recorded."""
@@ -176,7 +180,7 @@ class Resume:
         order, from the files of one run that all reached the last finished block."""
         try:
             sets: dict[int, dict[int, dict]] = {}
-            for path in sorted(self.directory.glob("inputs-*.safetensors")):
+            for path in sorted(self.directory.glob(f"inputs-{self.done - 1:05d}-*.safetensors")):
                 stored, meta = safetensors_file.read_header(path)
                 if meta.get("block") == str(self.done - 1):
                     sets.setdefault(int(meta["world"]), {})[int(path.stem.rpartition("-")[2])] = stored
