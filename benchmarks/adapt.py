@@ -38,7 +38,7 @@ import ampq  # noqa: E402
 from ampq.pipeline.adaptive import adapt, nested_layers, stored_range  # noqa: E402
 from ampq.bench import resident_bytes  # noqa: E402
 from ampq.data import make_windows  # noqa: E402
-from ampq.evaluate import Reference, evaluate  # noqa: E402
+from ampq.evaluation import Reference, evaluate  # noqa: E402
 from ampq.formats import get_format  # noqa: E402
 from ampq.memory import return_freed_memory as release_memory  # noqa: E402
 from ampq.nn import QuantLinear  # noqa: E402

@@ -35,7 +35,7 @@ from _machine import describe, machine  # noqa: E402
 
 import ampq  # noqa: E402
 from ampq.data import make_windows  # noqa: E402
-from ampq.evaluate import evaluate  # noqa: E402
+from ampq.evaluation import evaluate  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "engines"
 # name -> `ampq quantize` arguments. Symmetric int4 and int8 plans are exact in both engines;

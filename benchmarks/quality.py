@@ -31,7 +31,7 @@ import ampq  # noqa: E402
 from ampq import atomic  # noqa: E402
 from ampq.pipeline import planner  # noqa: E402
 from ampq.data import make_windows  # noqa: E402
-from ampq.evaluate import Reference, evaluate  # noqa: E402
+from ampq.evaluation import Reference, evaluate  # noqa: E402
 from ampq.report import block_linear_names, linear_bits, model_bytes  # noqa: E402
 from ampq.sensitivity import measure  # noqa: E402
 from ampq.pipeline.transform import apply_transform  # noqa: E402

@@ -37,7 +37,7 @@ def one(args) -> dict:
 
     import ampq
     from ampq.data import make_windows
-    from ampq.evaluate import Reference, evaluate
+    from ampq.evaluation import Reference, evaluate
     from ampq.report import linear_bits, model_bytes
     from ampq.schemes import get_scheme
 

@@ -29,7 +29,7 @@ from _machine import describe, machine  # noqa: E402
 
 import ampq  # noqa: E402
 from ampq.data import make_windows  # noqa: E402
-from ampq.evaluate import Reference, evaluate  # noqa: E402
+from ampq.evaluation import Reference, evaluate  # noqa: E402
 from ampq.report import block_linear_names, print_table  # noqa: E402
 from ampq.sensitivity import measure  # noqa: E402
 

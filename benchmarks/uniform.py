@@ -26,7 +26,7 @@ from _machine import describe, machine  # noqa: E402
 
 import ampq  # noqa: E402
 from ampq.data import make_windows  # noqa: E402
-from ampq.evaluate import Reference, evaluate  # noqa: E402
+from ampq.evaluation import Reference, evaluate  # noqa: E402
 from ampq.formats import STANDARD_FORMATS  # noqa: E402
 from ampq.report import block_linear_names, linear_bits, model_bytes, print_table  # noqa: E402
 

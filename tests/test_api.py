@@ -158,8 +158,8 @@ def test_export_dispatches_to_the_writer_of_the_target(monkeypatch):
 
 
 def test_the_public_names_are_the_functions_not_the_modules():
-    import ampq.evaluate  # noqa: F401 - the modules of the same name, imported again
-    import ampq.export.gguf  # noqa: F401
+    import ampq.evaluation  # noqa: F401 - the modules of the same name, imported again
+    import ampq.exporters.gguf  # noqa: F401
 
     for name in ("quantize", "plan", "adapt", "evaluate", "export"):
         assert callable(getattr(ampq, name)) and not isinstance(getattr(ampq, name), type(ampq)), name

@@ -5,7 +5,7 @@ import torch
 
 from ampq import AmpqError
 from ampq.data import Windows, make_windows, read_text, split_text
-from ampq.evaluate import Reference, evaluate
+from ampq.evaluation import Reference, evaluate
 from test_model_io import tiny_llama
 
 

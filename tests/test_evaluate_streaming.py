@@ -12,12 +12,12 @@ import torch
 import ampq
 from ampq import AmpqError, kernels
 from ampq.data import Windows
-from ampq.evaluate import Reference, evaluate
+from ampq.evaluation import Reference, evaluate
 from ampq.nn import QuantLinear
 from test_model_io import tiny_llama
 
 # the module, whatever the package exports under the name evaluate
-evaluation = importlib.import_module("ampq.evaluate")
+evaluation = importlib.import_module("ampq.evaluation")
 
 
 def _windows(n: int, window: int = 48, stride: int = 32) -> Windows:

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, CompressedTensorsConf
 import ampq  # noqa: E402
 from ampq import AmpqError  # noqa: E402
 from ampq.cli import main  # noqa: E402
-from ampq.export import export_compressed_tensors  # noqa: E402
+from ampq.exporters import export_compressed_tensors  # noqa: E402
 from ampq.nn import quantized_linears  # noqa: E402
 from test_model_io import logits, tiny_llama  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""ampq.export.driver with a toy target (every tensor's name and shape in a text file): the steps
+"""ampq.exporters.driver with a toy target (every tensor's name and shape in a text file): the steps
 every export shares, independent of the optional packages the real targets need."""
 
 import sys
@@ -8,8 +8,8 @@ import torch
 
 import ampq
 from ampq import AmpqError
-from ampq.export import export_checkpoint
-from ampq.export.driver import Conversion, Decision, Target, run
+from ampq.exporters import export_checkpoint
+from ampq.exporters.driver import Conversion, Decision, Target, run
 from test_model_io import tiny_llama
 
 torch.set_num_threads(1)
@@ -126,7 +126,7 @@ def test_targets_by_name(checkpoints, tmp_path, monkeypatch):
     with pytest.raises(AmpqError, match="cannot export to 'onnx': the targets are compressed-tensors, gguf"):
         export_checkpoint(checkpoints / "int8", tmp_path / "x", "onnx")
     # an optional package that is not installed: named, with how to install it
-    for name in [m for m in sys.modules if m == "ampq.export.gguf" or m.startswith(("ampq.export.gguf.", "gguf"))]:
+    for name in [m for m in sys.modules if m == "ampq.exporters.gguf" or m.startswith(("ampq.exporters.gguf.", "gguf"))]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "gguf", None)
     with pytest.raises(AmpqError, match="exporting to gguf needs the gguf package: pip install gguf"):

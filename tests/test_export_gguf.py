@@ -23,7 +23,7 @@ from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2Fo
 import ampq  # noqa: E402
 from ampq import AmpqError  # noqa: E402
 from ampq.cli import main  # noqa: E402
-from ampq.export.gguf import export_gguf  # noqa: E402
+from ampq.exporters.gguf import export_gguf  # noqa: E402
 from ampq.nn import quantized_linears  # noqa: E402
 from test_model_io import IDS, logits, tiny_llama  # noqa: E402
 
@@ -129,7 +129,7 @@ def test_block_bytes_follow_ggml_common_h(tmp_path):
     """The bytes of one block, read against llama.cpp's structs (ggml-common.h), not gguf-py:
     block_q4_1 {half d; half m; uint8 qs[16]}: element j in the low nibble of qs[j], j + 16 in the
     high one; block_q5_0 {half d; uint8 qh[4]; uint8 qs[16]}: qh the 5th bits, bit j = element j."""
-    from ampq.export.gguf.blocks import exact_blocks
+    from ampq.exporters.gguf.blocks import exact_blocks
     from ampq.pipeline.blockwise import quantize_linear
 
     torch.manual_seed(3)
@@ -353,7 +353,7 @@ def test_a_tokenizer_that_is_not_byte_level_bpe_is_refused(tmp_path):
 
 
 def test_pre_tokenizer_names():
-    from ampq.export.gguf.vocab import _LLAMA3_SPLIT, _QWEN2_SPLIT, _pre_tokenizer
+    from ampq.exporters.gguf.vocab import _LLAMA3_SPLIT, _QWEN2_SPLIT, _pre_tokenizer
 
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
     split = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}

@@ -11,7 +11,7 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 import ampq  # noqa: E402
-from ampq.export.gguf import export_gguf  # noqa: E402
+from ampq.exporters.gguf import export_gguf  # noqa: E402
 from ampq.nn import QuantLinear, quantized_linears  # noqa: E402
 from ampq.pipeline.targets import TARGETS  # noqa: E402
 from test_export_gguf import _gguf_weights, _gguf_name, _load_gguf, _reference_logits  # noqa: E402

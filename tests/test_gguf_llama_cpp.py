@@ -20,7 +20,7 @@ gguf = pytest.importorskip("gguf")
 import torch  # noqa: E402
 
 import ampq  # noqa: E402
-from ampq.export.gguf import export_gguf  # noqa: E402
+from ampq.exporters.gguf import export_gguf  # noqa: E402
 from ampq.nn import quantized_linears  # noqa: E402
 from _llama_cpp import activation_rounding, llama_cpp_logits  # noqa: E402
 from _tiny_models import ARCHITECTURES, VOCAB, tiny_model, tiny_tokenizer  # noqa: E402
@@ -71,7 +71,7 @@ def test_llama_cpp_runs_the_export(tmp_path, arch, spec):
 def test_the_bound_catches_a_wrong_file(tmp_path, monkeypatch):
     """llama's q/k rows written in transformers' order (the converter's permutation left out): the
     rotary halves pair up wrongly in llama.cpp, and the test above would fail."""
-    from ampq.export.gguf import architectures
+    from ampq.exporters.gguf import architectures
 
     monkeypatch.setitem(architectures.ARCHITECTURES, "LlamaForCausalLM", architectures.Architecture(gguf.MODEL_ARCH.LLAMA))
     model, _ = _export(tmp_path, tiny_model("llama"), K_QUANTS)

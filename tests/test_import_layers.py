@@ -27,10 +27,10 @@ LAYERS: list[tuple[str, list[str]]] = [
     # AWQ's scaling runs a block on calibration data: a pipeline step that lives beside the algorithms
     ("pipeline", ["ampq.calibrate", "ampq.spill", "ampq.fisher", "ampq.sensitivity",
                   "ampq.allocate", "ampq.schemes", "ampq.pipeline", "ampq.decode_once",
-                  "ampq.report", "ampq.resume", "ampq.data", "ampq.evaluate", "ampq.similarity", "ampq.compiled", "ampq.bench", "ampq.algorithms.awq",
+                  "ampq.report", "ampq.resume", "ampq.data", "ampq.evaluation", "ampq.similarity", "ampq.compiled", "ampq.bench", "ampq.algorithms.awq",
                   "ampq.placement", "ampq.ranks", "ampq.launch"]),
     ("loading", ["ampq.loading", "ampq.importers", "ampq.hf"]),
-    ("public API", ["ampq", "ampq.export", "ampq.exporting", "ampq.comparison"]),
+    ("public API", ["ampq", "ampq.exporters", "ampq.exporting", "ampq.comparison"]),
     ("command line", ["ampq.cli", "ampq.__main__"]),
 ]
 

@@ -119,7 +119,7 @@ def test_ampq_load_and_load_model_accept_foreign_folders():
 
 def test_zero_point_exports_to_compressed_tensors_exactly(tmp_path):
     pytest.importorskip("compressed_tensors")
-    from ampq.export import export_compressed_tensors
+    from ampq.exporters import export_compressed_tensors
 
     model, _, ref = _load("ct-w4a16-asym")
     ampq.save(model, tmp_path / "ckpt")
@@ -159,7 +159,7 @@ def test_act_order_gptq_keeps_its_groups_through_a_permutation(tmp_path):
     ampq.save(model, tmp_path / "ckpt")
     again = ampq.load(tmp_path / "ckpt")
     assert torch.equal(again.get_submodule("model.layers.0.self_attn.q_proj").dequantize(), layer.dequantize())
-    from ampq.export.gguf import export_gguf
+    from ampq.exporters.gguf import export_gguf
 
     with pytest.raises(AmpqError, match="act-order"):
         export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf")

@@ -54,7 +54,7 @@ def test_bias_correction_adds_a_bias_that_survives_save_and_load(tmp_path):
 def test_gptq_beats_rtn_on_the_calibration_text():
     """The whole-model objective GPTQ works for: output error on the text it saw."""
     from ampq.data import Windows
-    from ampq.evaluate import Reference, evaluate
+    from ampq.evaluation import Reference, evaluate
 
     tokens = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(3))
     windows = Windows(tokens, [0] * 8, 32, 32, "random")

@@ -119,7 +119,7 @@ def test_unknown_transforms_are_refused_in_budgets_and_plans():
 
 def test_a_plan_for_an_engine_weighs_only_what_that_engine_serves_and_exports_only_to_it(tmp_path):
     import ampq
-    from ampq.export import export_compressed_tensors, export_gguf
+    from ampq.exporters import export_compressed_tensors, export_gguf
     from ampq.pipeline.targets import TARGETS
 
     torch.manual_seed(0)

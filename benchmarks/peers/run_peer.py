@@ -10,7 +10,7 @@ Run with the peers' venv (bash benchmarks/peers/setup.sh makes it):
 cached folders). Peers see exactly ampq's tokens: calibration windows are
 ampq.data.make_windows(tok, calib, "calib", window, n) (first half of the text), evaluation windows
 make_windows(tok, corpus, "eval", 512, n) (second half). The quantized model is scored by
-ampq.evaluate.evaluate against ampq.evaluate.Reference(original) where the original is the same
+ampq.evaluation.evaluate against ampq.evaluation.Reference(original) where the original is the same
 folder loaded separately in float32 (ampq's reference for every comparison).
 
 Peers (each on CPU, float32 model and compute):
@@ -442,7 +442,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from ampq.data import make_windows
-    from ampq.evaluate import Reference, evaluate
+    from ampq.evaluation import Reference, evaluate
     from transformers import AutoTokenizer
 
     folder = resolve_model(args.model)

@@ -42,7 +42,7 @@ echo "== verify" >&2
 "$VPY" - <<'PY'
 import importlib, sys
 mods = ["torch", "transformers", "llmcompressor", "compressed_tensors", "datasets", "bitsandbytes",
-        "hqq", "hqq.core.quantize", "optimum.quanto", "ampq", "ampq.evaluate", "ampq.data"]
+        "hqq", "hqq.core.quantize", "optimum.quanto", "ampq", "ampq.evaluation", "ampq.data"]
 bad = []
 for m in mods:
     try:

@@ -28,8 +28,6 @@ from ampq.pipeline.budget import Budget
 from ampq.pipeline.planner import plan
 from ampq.pipeline.plans import Plan
 from ampq.pipeline.run import quantize
-# after the modules ampq.evaluate and ampq.export were imported (by these), so that the functions
-# keep the names: importing a submodule later does not rebind its name on the package
 from ampq.comparison import evaluate
 from ampq.compiled import compile
 from ampq.exporting import export

@@ -1,6 +1,6 @@
 """Quality of one or more models against one original, on the same texts: what ``ampq.evaluate``
 returns and ``ampq quantize --eval`` / ``ampq eval`` print. The measure follows the kind of model:
-perplexity, KL and top-1 agreement for a language model (:mod:`ampq.evaluate`); for an encoder,
+perplexity, KL and top-1 agreement for a language model (:mod:`ampq.evaluation`); for an encoder,
 which has no next-token loss, the cosine similarity of its embeddings to the original's and the
 agreement of nearest neighbours (:mod:`ampq.similarity`).
 
@@ -17,8 +17,8 @@ from torch import nn
 
 from ampq.data import Text, Windows, text_pieces, windows_of
 from ampq.errors import AmpqError
-from ampq.evaluate import Quality, Reference
-from ampq.evaluate import evaluate as evaluate_windows
+from ampq.evaluation import Quality, Reference
+from ampq.evaluation import evaluate as evaluate_windows
 from ampq.models import is_encoder
 from ampq.report import linear_bits, model_bytes, print_table
 from ampq.similarity import EmbeddingQuality, evaluate_embeddings

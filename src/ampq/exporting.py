@@ -1,13 +1,13 @@
 """``ampq.export``: an ampq checkpoint written for another engine (compressed-tensors for vLLM, GGUF
-for llama.cpp); the writers are in :mod:`ampq.export`."""
+for llama.cpp); the writers are in :mod:`ampq.exporters`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ampq.errors import AmpqError
-from ampq.export import export_compressed_tensors
-from ampq.export.gguf import export_gguf
+from ampq.exporters import export_compressed_tensors
+from ampq.exporters.gguf import export_gguf
 
 TARGETS = {"compressed-tensors": export_compressed_tensors, "gguf": export_gguf}
 

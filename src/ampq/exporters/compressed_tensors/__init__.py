@@ -5,7 +5,7 @@ The tensors are made by compressed-tensors' own compressors and the config by it
 ``QuantizationConfig`` / ``ModelCompressor.update_config``: the output is what the library itself
 writes. Which scheme holds which format is in :mod:`.schemes`, the tensors of a layer in
 :mod:`.tensors`, the files in :mod:`.writer`; the steps every export shares are
-:mod:`ampq.export.driver`'s. Every layer called exact is checked: the library's own decompression
+:mod:`ampq.exporters.driver`'s. Every layer called exact is checked: the library's own decompression
 of what is written must give, bit for bit, the weight ampq decodes.
 """
 
@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ampq.export.compressed_tensors import writer
-from ampq.export.compressed_tensors.experts import Experts
-from ampq.export.compressed_tensors.schemes import Scheme, exact_scheme, nearest_scheme
-from ampq.export.compressed_tensors.tensors import split_tensors
-from ampq.export.driver import Conversion, Decision, Layer, Target, base_of, change_text, run
+from ampq.exporters.compressed_tensors import writer
+from ampq.exporters.compressed_tensors.experts import Experts
+from ampq.exporters.compressed_tensors.schemes import Scheme, exact_scheme, nearest_scheme
+from ampq.exporters.compressed_tensors.tensors import split_tensors
+from ampq.exporters.driver import Conversion, Decision, Layer, Target, base_of, change_text, run
 from ampq.formats.plain import PlainFloatFormat
 from ampq.models import lm_head_name
 from ampq.nn import quantized_linears

@@ -14,8 +14,8 @@ from compressed_tensors.compressors import (FloatQuantizationCompressor, MXFP4Pa
 from torch import nn
 
 from ampq.errors import AmpqError
-from ampq.export.compressed_tensors.schemes import Scheme, int_params, per_group
-from ampq.export.driver import base_of, decoded_weight
+from ampq.exporters.compressed_tensors.schemes import Scheme, int_params, per_group
+from ampq.exporters.driver import base_of, decoded_weight
 from ampq.formats.integer import IntegerFormat
 from ampq.formats.microscaled import E4M3, mx_scale
 

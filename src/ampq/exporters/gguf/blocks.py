@@ -10,7 +10,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from torch import nn
 
-from ampq.export.gguf.qtypes import BLOCK
+from ampq.exporters.gguf.qtypes import BLOCK
 from ampq.formats.gguf_block import GgufBlockFormat
 
 

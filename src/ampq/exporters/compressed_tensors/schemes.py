@@ -35,7 +35,7 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from compressed_tensors.quantization.quant_scheme import MXFP4A16, NVFP4A16
 from torch import nn
 
-from ampq.export.driver import base_of
+from ampq.exporters.driver import base_of
 from ampq.formats.integer import IntegerFormat
 from ampq.formats.microscaled import MicroscaledFP4Format
 from ampq.formats.minifloat import MinifloatFormat

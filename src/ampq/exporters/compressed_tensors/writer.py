@@ -16,8 +16,8 @@ from compressed_tensors.quantization import QuantizationConfig
 from compressed_tensors.utils.match import match_name
 
 from ampq.errors import AmpqError
-from ampq.export.compressed_tensors.schemes import Scheme
-from ampq.export.driver import Layer, base_of
+from ampq.exporters.compressed_tensors.schemes import Scheme
+from ampq.exporters.driver import Layer, base_of
 from ampq.io.checkpoint import write_shards
 from ampq.models import fused_groups
 

@@ -1,6 +1,6 @@
 """Export ampq checkpoints to other engines' formats (``ampq export DIR --to TARGET OUT``).
 
-One driver (:mod:`ampq.export.driver`) runs every export; each target is a package with its
+One driver (:mod:`ampq.exporters.driver`) runs every export; each target is a package with its
 mapping (which of its types holds which ampq format, and the tensors of a layer in it) and its
 writer. A target's package needs an optional dependency, so it is imported only when used."""
 
@@ -9,13 +9,13 @@ from __future__ import annotations
 import importlib
 
 from ampq.errors import AmpqError
-from ampq.export.driver import run
+from ampq.exporters.driver import run
 
 # target -> (its package, the class there, the optional package it needs, how to install it)
 TARGETS = {
-    "compressed-tensors": ("ampq.export.compressed_tensors", "CompressedTensors", "compressed_tensors",
+    "compressed-tensors": ("ampq.exporters.compressed_tensors", "CompressedTensors", "compressed_tensors",
                            "pip install 'ampq[export]' (or pip install 'compressed-tensors>=0.15')"),
-    "gguf": ("ampq.export.gguf", "Gguf", "gguf", "pip install gguf"),
+    "gguf": ("ampq.exporters.gguf", "Gguf", "gguf", "pip install gguf"),
 }
 
 __all__ = ["TARGETS", "export_checkpoint", "export_compressed_tensors", "export_gguf"]
@@ -39,10 +39,10 @@ def export_checkpoint(directory, out, to: str, nearest: bool = False, *, overwri
 
 
 def export_compressed_tensors(directory, out, nearest: bool = False, *, overwrite: bool = False) -> dict:
-    """A compressed-tensors checkpoint (what vLLM loads): see :mod:`ampq.export.compressed_tensors`."""
+    """A compressed-tensors checkpoint (what vLLM loads): see :mod:`ampq.exporters.compressed_tensors`."""
     return export_checkpoint(directory, out, "compressed-tensors", nearest, overwrite=overwrite)
 
 
 def export_gguf(directory, out, nearest: bool = False, *, overwrite: bool = False) -> dict:
-    """One GGUF file (what llama.cpp runs): see :mod:`ampq.export.gguf`."""
+    """One GGUF file (what llama.cpp runs): see :mod:`ampq.exporters.gguf`."""
     return export_checkpoint(directory, out, "gguf", nearest, overwrite=overwrite)

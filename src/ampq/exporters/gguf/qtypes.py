@@ -43,7 +43,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from torch import nn
 
-from ampq.export.driver import base_of
+from ampq.exporters.driver import base_of
 from ampq.formats.gguf_block import GgufBlockFormat
 from ampq.formats.integer import IntegerFormat
 from ampq.formats.minifloat import MinifloatFormat

@@ -9,7 +9,7 @@ blocks, like ampq's groups, run along the inputs, so quantized rows move whole.
 
 Which type holds which format is in :mod:`.qtypes` (with the table), the blocks in
 :mod:`.blocks`, the file in :mod:`.writer`, the tokenizer in :mod:`.vocab`; the steps every export
-shares are :mod:`ampq.export.driver`'s. Every exact layer is checked: gguf-py's
+shares are :mod:`ampq.exporters.driver`'s. Every exact layer is checked: gguf-py's
 ``gguf.quants.dequantize`` of the blocks written must equal ampq's decoded weight bit for bit.
 
 Embeddings and an untied output head are written as stored (F32, F16 or BF16); 1-D tensors
@@ -32,11 +32,11 @@ from torch import nn
 from transformers import AutoConfig
 
 from ampq.errors import AmpqError
-from ampq.export.driver import Conversion, Decision, Layer, Target, base_of, change_text, decoded_weight, run
-from ampq.export.gguf import architectures, writer
-from ampq.export.gguf.blocks import exact_blocks, permute, plain_array, requantize
-from ampq.export.gguf.qtypes import BLOCK, exact_type, nearest_types
-from ampq.export.gguf.vocab import read_tokenizer
+from ampq.exporters.driver import Conversion, Decision, Layer, Target, base_of, change_text, decoded_weight, run
+from ampq.exporters.gguf import architectures, writer
+from ampq.exporters.gguf.blocks import exact_blocks, permute, plain_array, requantize
+from ampq.exporters.gguf.qtypes import BLOCK, exact_type, nearest_types
+from ampq.exporters.gguf.vocab import read_tokenizer
 from ampq.models import tied_embeddings
 
 

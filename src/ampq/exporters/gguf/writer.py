@@ -12,8 +12,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from ampq.version import __version__
-from ampq.export.gguf import architectures
-from ampq.export.gguf.vocab import write_tokenizer
+from ampq.exporters.gguf import architectures
+from ampq.exporters.gguf.vocab import write_tokenizer
 
 FILE_TYPES = {T.F32: "ALL_F32", T.F16: "MOSTLY_F16", T.BF16: "MOSTLY_BF16", T.Q4_0: "MOSTLY_Q4_0",
               T.Q4_1: "MOSTLY_Q4_1", T.Q5_0: "MOSTLY_Q5_0", T.Q5_1: "MOSTLY_Q5_1", T.Q8_0: "MOSTLY_Q8_0",
