@@ -4,6 +4,8 @@ without a tokenizer)."""
 
 from __future__ import annotations
 
+import json
+
 import torch
 import transformers
 
@@ -58,3 +60,35 @@ def tiny_tokenizer(vocab_size: int = 320):
                              "a small tokenizer for tests of the export, written once " * 8], trainer)
     assert tok.get_vocab_size() == vocab_size
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def tiny_sentencepiece_tokenizer(vocab_size: int = 400, prepend_space: bool = True):
+    """A SentencePiece-style BPE tokenizer as transformers stores Llama 2's, Mistral's, Phi-3's and
+    (``prepend_space=False``) Gemma's: ids 0-2 <unk> <s> </s>, 256 byte-fallback tokens <0x00>...,
+    then pieces learned on words marked with ▁, no pre-tokenizer, spaces turned into ▁ by the
+    normalizer. <s> is added in front of every text."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    texts = ["the quick brown fox jumps over the lazy dog " * 8,
+             "a small tokenizer for tests of the export, written once " * 8, "numbers 12 345 and 6789 "]
+    learner = Tokenizer(models.BPE(unk_token="<unk>"))
+    learner.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    learner.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size - len(byte_tokens), show_progress=False,
+                                                           special_tokens=specials))
+    learned = json.loads(learner.to_str())["model"]
+    pieces = [p for p, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]) if p not in specials]
+    vocab = {t: i for i, t in enumerate(specials + byte_tokens + pieces)}
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    steps = [normalizers.Prepend("▁")] if prepend_space else []
+    tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = None
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     *([decoders.Strip(" ", 1, 0)] if prepend_space else [])])
+    tok.add_special_tokens(specials)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    assert tok.get_vocab_size() <= vocab_size
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")

@@ -8,6 +8,7 @@ tokenizer) from the built-in cache; one compares the export with the Q4_1 file l
 wrote for SmolLM2, byte for byte.
 """
 
+import json
 import math
 import zipfile
 
@@ -344,12 +345,43 @@ def test_unsupported_architecture_is_refused(tmp_path):
     assert not (tmp_path / "m.gguf").exists()
 
 
-def test_a_tokenizer_that_is_not_byte_level_bpe_is_refused(tmp_path):
+def test_a_tokenizer_neither_byte_level_nor_sentencepiece_bpe_is_refused(tmp_path):
     ckpt, _ = _checkpoint(tmp_path, "int4-g32")
     (ckpt / "tokenizer.json").write_text('{"model": {"type": "Unigram"}, "pre_tokenizer": {"type": "Metaspace"}}')
-    with pytest.raises(AmpqError, match="tokenizer is Unigram, not byte-level.*convert_hf_to_gguf"):
+    with pytest.raises(AmpqError, match="tokenizer is Unigram, not byte-level, without byte fallback.*convert_hf_to_gguf"):
         export_gguf(ckpt, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize("arch,prepend_space", [("llama", True), ("gemma2", False)])
+def test_a_sentencepiece_tokenizer_is_written_as_llama_cpp_reads_it(tmp_path, arch, prepend_space):
+    """Llama 2 / Mistral / Phi-3 / Gemma tokenizers: tokenizer.ggml.model "llama", byte tokens typed
+    BYTE, each piece scored by its merge's rank; transformers' own GGUF reader (a peer reading the
+    file) tokenizes like the original (llama.cpp itself: tests/test_gguf_llama_cpp.py)."""
+    from gguf import GGUFReader, TokenType
+    from _tiny_models import tiny_model, tiny_sentencepiece_tokenizer
+
+    tok = tiny_sentencepiece_tokenizer(400, prepend_space)
+    model = tiny_model(arch, vocab_size=400)
+    ampq.quantize(model, "int4-g32-sym", progress=False)
+    ampq.save(model, tmp_path / "ckpt", tok)
+    summary = export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf")
+    assert summary["tokenizer"]["add_space_prefix"] == prepend_space and not summary["warnings"]
+    fields = GGUFReader(tmp_path / "m.gguf").fields
+    assert bytes(fields["tokenizer.ggml.model"].parts[-1]).decode() == "llama"
+    types = [int(fields["tokenizer.ggml.token_type"].parts[i][0]) for i in fields["tokenizer.ggml.token_type"].data]
+    scores = [float(fields["tokenizer.ggml.scores"].parts[i][0]) for i in fields["tokenizer.ggml.scores"].data]
+    assert types[:3] == [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL]
+    assert types[3:259] == [TokenType.BYTE] * 256
+    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    vocab = tok.get_vocab()
+    made = {}
+    for rank, (left, right) in enumerate(m.split(" ") if isinstance(m, str) else m for m in merges):
+        made.setdefault(left + right, rank)
+    assert len(made) > 20 and all(scores[vocab[piece]] == -rank for piece, rank in made.items())
+    peer = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    for text in ["the quick brown fox", "héllo wörld ☃, 12 345 and 6789", "tests of the export"]:
+        assert peer(text)["input_ids"] == tok(text)["input_ids"], text
 
 
 def test_pre_tokenizer_names():

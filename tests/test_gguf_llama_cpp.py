@@ -77,3 +77,28 @@ def test_the_bound_catches_a_wrong_file(tmp_path, monkeypatch):
     model, _ = _export(tmp_path, tiny_model("llama"), K_QUANTS)
     distance, rounding = _distances(model, tmp_path / "m.gguf")
     assert distance > 2 * rounding, (distance, rounding)
+
+
+TEXTS = ["the quick brown fox", " the  lazy\ndog, 12 345 and 6789", "héllo wörld ☃ — ünïcode", "written once</s>",
+         "  leading spaces", "tests of the export"]
+
+
+@pytest.mark.parametrize("arch,prepend_space", [("llama", True), ("mistral", True), ("phi3", True), ("gemma2", False)])
+def test_llama_cpp_tokenizes_a_sentencepiece_export_as_transformers_does(tmp_path, arch, prepend_space):
+    from _tiny_models import tiny_sentencepiece_tokenizer
+
+    tok = tiny_sentencepiece_tokenizer(400, prepend_space)
+    model = tiny_model(arch, vocab_size=400)
+    ampq.quantize(model, "int4-g32-sym", progress=False)
+    ampq.save(model, tmp_path / "ckpt", tok)
+    summary = export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf")
+    assert summary["tokenizer"]["model"] == "llama" and summary["tokenizer"]["add_space_prefix"] == prepend_space
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
+    try:
+        for text in TEXTS:
+            ours = tok(text)["input_ids"]
+            assert llm.tokenize(text.encode(), add_bos=True, special=True) == ours, text
+            if prepend_space or not text.startswith(" "):  # without a prefix, llama.cpp's decoding still drops one
+                assert llm.detokenize(ours).decode() == tok.decode(ours, skip_special_tokens=True), text
+    finally:
+        llm.close()

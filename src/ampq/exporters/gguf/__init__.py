@@ -13,10 +13,10 @@ shares are :mod:`ampq.exporters.driver`'s. Every exact layer is checked: gguf-py
 ``gguf.quants.dequantize`` of the blocks written must equal ampq's decoded weight bit for bit.
 
 Embeddings and an untied output head are written as stored (F32, F16 or BF16); 1-D tensors
-(norms, biases) as F32, as llama.cpp's converter does. The tokenizer (byte-level BPE only:
-``tokenizer.ggml.model`` "gpt2") is written as llama.cpp's converter writes it: tokens, token
-types, merges, special token ids, add-BOS/EOS flags and the chat template, with the pre-tokenizer
-name read off ``tokenizer.json``.
+(norms, biases) as F32, as llama.cpp's converter does. The tokenizer (byte-level BPE as
+``tokenizer.ggml.model`` "gpt2", SentencePiece BPE as "llama": :mod:`.vocab`) is written as
+llama.cpp's converter writes it: tokens, token types, merges or scores, special token ids,
+add-BOS/EOS flags and the chat template.
 """
 
 from __future__ import annotations

@@ -1,9 +1,18 @@
-"""The tokenizer of a GGUF export: llama.cpp's ``tokenizer.ggml.*`` keys for a byte-level BPE
-tokenizer, as llama.cpp's convert_hf_to_gguf.py writes them."""
+"""The tokenizer of a GGUF export: llama.cpp's ``tokenizer.ggml.*`` keys, as llama.cpp's
+convert_hf_to_gguf.py writes them, for the two kinds of tokenizer.json decoder models use: byte-level
+BPE (``gpt2``: SmolLM, Qwen, Llama 3) and SentencePiece BPE with byte fallback (``llama``: Llama 2,
+Mistral, Phi-3, Gemma).
+
+A SentencePiece tokenizer's scores come from its ``tokenizer.model`` when the checkpoint has one and
+the ``sentencepiece`` package is installed (what the converter reads); otherwise from the merges of
+tokenizer.json: llama.cpp's SentencePiece tokenizer joins first the neighbours whose joined piece
+scores highest, so each piece scores minus the rank of the merge that makes it, the order in which
+transformers' BPE applies them."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import gguf
@@ -15,6 +24,7 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SPACE = "\u2581"  # SentencePiece's mark for a space
 _SPLITS = {_QWEN2_SPLIT: "qwen2", _LLAMA3_SPLIT: "llama-bpe"}
 
 
@@ -38,8 +48,8 @@ def _pre_tokenizer(spec: dict, vocab: dict) -> str | None:
 
 
 def read_tokenizer(directory: Path, vocab_size: int, warnings: list[str]) -> dict | None:
-    """llama.cpp's tokenizer keys for the checkpoint's tokenizer, as its convert_hf_to_gguf.py makes
-    them for a BPE vocabulary (``get_vocab_base`` / ``_set_vocab_gpt2``); None without one."""
+    """llama.cpp's tokenizer keys for the checkpoint's tokenizer (as its converter makes them:
+    ``_set_vocab_gpt2`` or ``_set_vocab_sentencepiece``); None without one."""
     spec_file = directory / "tokenizer.json"
     if not spec_file.is_file():
         warnings.append(f"{directory} has no tokenizer.json: the GGUF carries no tokenizer, and llama.cpp cannot "
@@ -50,17 +60,20 @@ def read_tokenizer(directory: Path, vocab_size: int, warnings: list[str]) -> dic
     byte_level = any((spec.get(k) or {}).get("type") == "ByteLevel"
                      or any(p.get("type") == "ByteLevel" for p in (spec.get(k) or {}).get("pretokenizers", []))
                      for k in ("pre_tokenizer", "decoder"))
-    if model.get("type") != "BPE" or not byte_level:
-        kind = f"{model.get('type') or 'of unknown type'}{'' if byte_level else ', not byte-level'}"
+    sentencepiece = model.get("type") == "BPE" and bool(model.get("byte_fallback")) and not byte_level
+    if model.get("type") != "BPE" or not (byte_level or sentencepiece):
+        kind = f"{model.get('type') or 'of unknown type'}{'' if byte_level else ', not byte-level, without byte fallback'}"
         raise AmpqError(f"cannot export {directory} to GGUF: its tokenizer is {kind} (tokenizer.json); this "
-                        "exporter writes byte-level BPE tokenizers (GPT-2 style: SmolLM, Qwen2, Llama 3). Convert "
-                        "the original model with llama.cpp's convert_hf_to_gguf.py instead")
+                        "exporter writes byte-level BPE (SmolLM, Qwen2, Llama 3) and SentencePiece BPE with byte "
+                        "fallback (Llama 2, Mistral, Phi-3, Gemma). Convert the original model with llama.cpp's "
+                        "convert_hf_to_gguf.py instead")
     tok = AutoTokenizer.from_pretrained(directory)
     reverse = {i: t for t, i in tok.get_vocab().items()}
     if reverse and max(reverse) >= vocab_size:
         raise AmpqError(f"{directory}: the tokenizer has token id {max(reverse)}, but the model's vocabulary is "
                         f"{vocab_size}; they do not belong together")
     added = tok.added_tokens_decoder
+    unk = model.get("unk_token")
     T = gguf.TokenType
     tokens, types = [], []
     for i in range(vocab_size):
@@ -68,38 +81,97 @@ def read_tokenizer(directory: Path, vocab_size: int, warnings: list[str]) -> dic
         if token is None or token == f"[PAD{i}]":  # a padding slot (a GGUF read back names them so)
             tokens.append(f"[PAD{i}]")
             types.append(T.UNUSED)
+        elif sentencepiece and token == unk:
+            tokens.append(token)
+            types.append(T.UNKNOWN)
         elif i in added:
             tokens.append(token)
             types.append(T.CONTROL if added[i].special else T.USER_DEFINED)
+        elif sentencepiece and re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+            tokens.append(token)
+            types.append(T.BYTE)
         else:
             tokens.append(token)
             types.append(T.NORMAL)
-    pre = _pre_tokenizer(spec, model.get("vocab") or {})
-    if pre is None:
-        warnings.append("the tokenizer's pre-tokenizer is none llama.cpp names (known here: gpt-2, smollm, qwen2, "
-                        "llama-bpe); written as 'default', so llama.cpp may split text differently from transformers")
-        pre = "default"
-    special = gguf.SpecialVocab(directory, load_merges=True, n_vocab=vocab_size)
-    if not special.merges:
-        raise AmpqError(f"{directory}/tokenizer.json has no merges; a BPE tokenizer without them cannot be written")
+    special = gguf.SpecialVocab(directory, load_merges=not sentencepiece, n_vocab=vocab_size)
     # what the tokenizer really does with plain text decides llama.cpp's add-BOS / add-EOS flags
     plain, full = tok("a", add_special_tokens=False)["input_ids"], tok("a")["input_ids"]
     bos, eos = special.special_token_ids.get("bos"), special.special_token_ids.get("eos")
     special.add_special_token["bos"] = bool(bos is not None and len(full) > len(plain) and full[0] == bos)
     special.add_special_token["eos"] = bool(eos is not None and len(full) > len(plain) and full[-1] == eos)
-    return {"pre": pre, "tokens": tokens, "types": types, "special": special}
+    if sentencepiece:
+        return {"model": "llama", "pre": "default", "tokens": tokens, "types": types, "special": special,
+                "scores": _scores(directory, model, tokens, types, warnings),
+                "add_space_prefix": _prepends_space(spec, warnings)}
+    pre = _pre_tokenizer(spec, model.get("vocab") or {})
+    if pre is None:
+        warnings.append("the tokenizer's pre-tokenizer is none llama.cpp names (known here: gpt-2, smollm, qwen2, "
+                        "llama-bpe); written as 'default', so llama.cpp may split text differently from transformers")
+        pre = "default"
+    if not special.merges:
+        raise AmpqError(f"{directory}/tokenizer.json has no merges; a BPE tokenizer without them cannot be written")
+    return {"model": "gpt2", "pre": pre, "tokens": tokens, "types": types, "special": special}
+
+
+def _scores(directory: Path, model: dict, tokens: list[str], types: list, warnings: list[str]) -> list[float]:
+    """Each token's SentencePiece score: ``tokenizer.model``'s when it can be read, else minus the
+    rank of the merge that makes it (tokens no merge makes are never joined, so 0 serves)."""
+    path = directory / "tokenizer.model"
+    if path.is_file():
+        try:
+            import sentencepiece
+            sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+            if [sp.id_to_piece(i) for i in range(sp.vocab_size())] == tokens[:sp.vocab_size()]:
+                return [sp.get_score(i) if i < sp.vocab_size() else 0.0 for i in range(len(tokens))]
+            warnings.append("tokenizer.model does not match tokenizer.json; the scores were taken from the merges")
+        except ImportError:
+            pass  # the merges give the same order
+    rank: dict[str, int] = {}
+    for r, merge in enumerate(model.get("merges") or []):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank.setdefault(left + right, r)
+    T = gguf.TokenType
+    return [-float(rank[t]) if t in rank and k == T.NORMAL else 0.0 for t, k in zip(tokens, types)]
+
+
+def _prepends_space(spec: dict, warnings: list[str]) -> bool:
+    """Whether the tokenizer puts ▁ in front of a text (llama.cpp's ``add_space_prefix``): Llama 2's
+    and Mistral's normalizer or Metaspace pre-tokenizer do, Gemma's does not."""
+    def steps(key: str) -> list[dict]:
+        node = spec.get(key) or {}
+        return node.get("normalizers" if key == "normalizer" else "pretokenizers", [node]) if node else []
+
+    prepend = False
+    for step in steps("normalizer"):
+        if step.get("type") == "Prepend" and step.get("prepend") == _SPACE:
+            prepend = True
+        elif not (step.get("type") == "Replace" and step.get("content") == _SPACE):
+            warnings.append(f"the tokenizer's normalizer step {step.get('type')!r} is none llama.cpp applies: "
+                            "llama.cpp may split some texts differently from transformers")
+    for step in steps("pre_tokenizer"):
+        if step.get("type") == "Metaspace":
+            prepend = prepend or step.get("prepend_scheme", "always" if step.get("add_prefix_space", True) else
+                                          "never") != "never"
+    return prepend
 
 
 def write_tokenizer(writer, tokenizer: dict | None) -> dict:
     """Write what :func:`read_tokenizer` read; return its summary."""
     if tokenizer is None:
         return {}
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(tokenizer["model"])
     writer.add_tokenizer_pre(tokenizer["pre"])
     writer.add_token_list(tokenizer["tokens"])
+    if "scores" in tokenizer:
+        writer.add_token_scores(tokenizer["scores"])
+        writer.add_add_space_prefix(tokenizer["add_space_prefix"])
     writer.add_token_types(tokenizer["types"])
     special = tokenizer["special"]
     special.add_to_gguf(writer, quiet=True)
-    return {"model": "gpt2", "pre": tokenizer["pre"], "tokens": len(tokenizer["tokens"]),
-            "merges": len(special.merges), "special": dict(special.special_token_ids),
-            "add": dict(special.add_special_token), "chat_template": special.chat_template is not None}
+    summary = {"model": tokenizer["model"], "pre": tokenizer["pre"], "tokens": len(tokenizer["tokens"])}
+    if special.merges:
+        summary["merges"] = len(special.merges)
+    if "scores" in tokenizer:
+        summary["add_space_prefix"] = tokenizer["add_space_prefix"]
+    return {**summary, "special": dict(special.special_token_ids), "add": dict(special.add_special_token),
+            "chat_template": special.chat_template is not None}
