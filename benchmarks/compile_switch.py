@@ -1,6 +1,6 @@
 """How long the compiled decoding step takes to capture, and to capture again after a precision switch.
 
-    python benchmarks/compile_switch.py [--model smollm2-135m] [--levels 4:8]
+    python benchmarks/compile_switch.py [--model smollm2-135m] [--levels 4:8] [--modes recapture,switchable]
 
 The model's decoder-block linears are made adaptive with round-to-nearest residuals (a base of
 int{LOW}-g64 plus one residual per further level, ``ampq.nested.nest`` without calibration: what is
@@ -9,7 +9,9 @@ switched with ``NestedLinear.set_level`` on every layer (what ``ampq.adapt`` doe
 to the base, back to the top, and to the base again. Per event: the seconds from the switch to the
 first token's logits (the switch itself, the capture or the guard check, one step) and the decode
 step's median after it. A level seen before is served by the step already compiled for it, told
-apart by its guards; a new one is traced and compiled.
+apart by its guards; a new one is traced and compiled. Mode ``switchable`` (``ampq.compile(...,
+switchable=True)``) calls each adaptive layer as one opaque op instead, so no switch is captured;
+both modes run in the same process, so their step times compare.
 Writes benchmarks/results/compile_switch/compile_switch.json and .md.
 """
 
@@ -59,18 +61,10 @@ def steps(decoder, token, n: int) -> list[float]:
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--levels", default="4:8")
-    p.add_argument("--steps", type=int, default=16)
-    args = p.parse_args()
-    levels = [int(x) for x in args.levels.split(":")]
-    model = adaptive_model(args.model, levels)
-    nested = [m for m in model.modules() if isinstance(m, NestedLinear)]
+def run_mode(model, nested, mode: str, n_steps: int) -> list[dict]:
     top = nested[0].levels - 1
     prompt = torch.randint(0, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
-    decoder = ampq.compile(model, max_len=32 + 4 * (args.steps + 1) + 8)
+    decoder = ampq.compile(model, max_len=32 + 4 * (n_steps + 1) + 8, switchable=mode == "switchable")
     rows = []
     for event, level in (("first capture", top), ("switch to the base", 0), ("back to the top", top),
                          ("to the base again", 0)):
@@ -82,23 +76,42 @@ def main() -> None:
         if not rows:
             token = decoder.prefill(prompt).argmax(-1, keepdim=True)
         first = steps(decoder, token, 1)[0]
-        rest = steps(decoder, token, args.steps)
-        rows.append({"event": event, "level": level, "bits_per_weight": linear_bits(model),
+        rest = steps(decoder, token, n_steps)
+        rows.append({"mode": mode, "event": event, "level": level, "bits_per_weight": linear_bits(model),
                      "switch_s": switched, "captured": len(decoder.capture_seconds) > captures,
                      "capture_s": decoder.capture_seconds[-1] if len(decoder.capture_seconds) > captures else None,
                      "first_token_s": switched + first, "step_median_ms": 1e3 * statistics.median(rest)})
         print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--levels", default="4:8")
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--modes", default="recapture,switchable")
+    args = p.parse_args()
+    levels = [int(x) for x in args.levels.split(":")]
+    model = adaptive_model(args.model, levels)
+    nested = [m for m in model.modules() if isinstance(m, NestedLinear)]
+    rows = []
+    for mode in args.modes.split(","):
+        torch._dynamo.reset()  # each mode captures from nothing
+        rows += run_mode(model, nested, mode, args.steps)
     m = {**machine(), "load_average_1min": round(os.getloadavg()[0], 2)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     with atomic_file(RESULTS / "compile_switch.json") as tmp:
-        Path(tmp).write_text(json.dumps({"machine": m, "model": args.model, "levels": levels, "rows": rows}, indent=1))
+        Path(tmp).write_text(json.dumps({"machine": m, "model": args.model, "levels": levels, "rows": rows,
+                                         "command": "python benchmarks/compile_switch.py " + " ".join(sys.argv[1:])},
+                                        indent=1))
     lines = [f"{args.model}, levels {args.levels} (RTN residuals), on {describe(m)}, {m['torch_threads']} threads, "
              f"1-minute load average {m['load_average_1min']} at the end.", "",
-             "| event | bits/weight | captured again | switch s | capture s | switch to first token s | step ms after |",
-             "|---|---|---|---|---|---|---|"]
+             "| mode | event | bits/weight | captured again | switch s | capture s | switch to first token s | step ms after |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cap = f"{r['capture_s']:.1f}" if r["capture_s"] is not None else "-"
-        lines.append(f"| {r['event']} | {r['bits_per_weight']:.2f} | {'yes' if r['captured'] else 'no'} | "
+        lines.append(f"| {r['mode']} | {r['event']} | {r['bits_per_weight']:.2f} | {'yes' if r['captured'] else 'no'} | "
                      f"{r['switch_s']:.3f} | {cap} | {r['first_token_s']:.2f} | {r['step_median_ms']:.1f} |")
     with atomic_file(RESULTS / "compile_switch.md") as tmp:
         Path(tmp).write_text("\n".join(lines) + "\n")

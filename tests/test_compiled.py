@@ -132,3 +132,29 @@ def test_bench_cli_compiled(tmp_path):
     result = json.loads(out.read_text())
     assert result["compiled"] is True
     assert result["rows"][0]["compile_seconds"] > 0 and result["rows"][0]["decode_tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("cpp_wrapper", [False, True])
+def test_a_switchable_decoder_switches_without_a_capture(cpp_wrapper):
+    """switchable=True: each adaptive layer is one opaque op in the compiled step, so switching down
+    and back up decodes as eager decoding does at each level, with the one capture of the start."""
+    model = _varied_model()
+    nested = []
+    for name, base in list(quantized_linears(model).items())[:4]:
+        weight = torch.randn(base.out_features, base.in_features) * 0.2
+        layer = NestedLinear(base, ["int4-g32-sym"], nest(base, weight, ["int4-g32-sym"]))
+        parent = model.get_submodule(name.rpartition(".")[0])
+        setattr(parent, name.rpartition(".")[2], layer)
+        nested.append(layer)
+    decoder = compile_decoder(model, max_len=16, switchable=True, cpp_wrapper=cpp_wrapper)
+    steps = []
+    for level in (1, 0, 1):
+        for layer in nested:
+            layer.set_level(level)
+        assert torch.equal(decoder.generate(IDS, 4), _eager_greedy(model, IDS, 4)[0]), level
+        with torch.inference_mode():
+            decoder.prefill(IDS)
+            steps.append(decoder.step(IDS[:, -1:]))
+    assert not torch.equal(steps[0], steps[1]) and torch.equal(steps[0], steps[2])  # the switch took effect
+    assert len(decoder.capture_seconds) == 1
+    assert torch.equal(decoder.generate(IDS, 4), _eager_greedy(model, IDS, 4)[0])

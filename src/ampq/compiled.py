@@ -14,6 +14,10 @@ attributes), thousands for a whole model; the step is therefore called with only
 tell its compiled versions apart (``skip_guard_eval_unsafe``), and the decoder itself notices what
 would change the model's structure (an adaptive layer switching level: :func:`ampq.adapt`) and
 captures the step again on the next call, timing it (:attr:`CompiledDecoder.capture_seconds`).
+With ``switchable=True`` the adaptive layers are instead called as one opaque op each
+(:meth:`ampq.nested.NestedLinear.make_opaque`), which runs whatever levels the layer holds when it
+is called: a switch then needs no capture at all, at the price of one eager call per adaptive layer
+and token (``benchmarks/compile_switch.py`` measures both).
 Moving or casting the model after compiling it needs :meth:`CompiledDecoder.recompile`.
 """
 
@@ -34,7 +38,8 @@ class CompiledDecoder:
     """Greedy decoding of ``model`` with a static KV cache of ``max_len`` positions for ``batch``
     sequences, the step compiled once (at its first call)."""
 
-    def __init__(self, model: nn.Module, *, max_len: int = 1024, batch: int = 1, cpp_wrapper: bool = False):
+    def __init__(self, model: nn.Module, *, max_len: int = 1024, batch: int = 1, cpp_wrapper: bool = False,
+                 switchable: bool = False):
         from transformers import StaticCache  # here: transformers stays out of `import ampq`
 
         if not hasattr(model, "config") or not hasattr(model, "get_output_embeddings"):
@@ -47,6 +52,10 @@ class CompiledDecoder:
         self.dtype = next(model.parameters()).dtype
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         self._nested = [m for m in model.modules() if isinstance(m, NestedLinear)]
+        self.switchable = switchable
+        if switchable:
+            for m in self._nested:
+                m.make_opaque()
         # the step's inputs live in these two tensors, written in place: whatever tensor a caller
         # passes (a view, another stride), the compiled step sees the same ones
         self._token = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
@@ -63,7 +72,7 @@ class CompiledDecoder:
         return out.logits[:, -1]
 
     def _structure(self) -> tuple:
-        return tuple(m.level for m in self._nested)
+        return () if self.switchable else tuple(m.level for m in self._nested)
 
     def _prepare_kernels(self) -> None:
         for m in self.model.modules():
@@ -148,6 +157,8 @@ class CompiledDecoder:
         return torch.cat(new, dim=1)
 
 
-def compile(model: nn.Module, *, max_len: int = 1024, batch: int = 1, cpp_wrapper: bool = False) -> CompiledDecoder:
-    """A :class:`CompiledDecoder` for ``model``: ``ampq.compile(model).generate(ids, 40)``."""
-    return CompiledDecoder(model, max_len=max_len, batch=batch, cpp_wrapper=cpp_wrapper)
+def compile(model: nn.Module, *, max_len: int = 1024, batch: int = 1, cpp_wrapper: bool = False,
+            switchable: bool = False) -> CompiledDecoder:
+    """A :class:`CompiledDecoder` for ``model``: ``ampq.compile(model).generate(ids, 40)``;
+    ``switchable=True`` for a model whose precision :func:`ampq.adapt` switches while it serves."""
+    return CompiledDecoder(model, max_len=max_len, batch=batch, cpp_wrapper=cpp_wrapper, switchable=switchable)

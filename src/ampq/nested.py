@@ -14,6 +14,7 @@ the process that quantized it, from host memory.
 
 from __future__ import annotations
 
+import weakref
 from typing import Protocol
 
 import torch
@@ -129,10 +130,23 @@ class NestedLinear(nn.Module):
         return w.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.opaque is not None and torch.compiler.is_compiling():
+            return torch.ops.ampq.nested_linear(x, self.opaque)
         y = self.base(x)
         for r in self.residuals:
             y = y + r(x)
         return y
+
+    # ---- opaque to torch.compile ------------------------------------------------------------------
+    opaque: int | None = None  # the layer's key in _OPAQUE while a compiled step calls it as one op
+
+    def make_opaque(self) -> None:
+        """From now on a compiled graph calls this layer as one opaque op (``ampq::nested_linear``)
+        that runs whatever levels it holds at call time, so switching level needs no new capture;
+        the price is one eager call per layer and token."""
+        if self.opaque is None:
+            self.opaque = _next_key()
+            _OPAQUE[self.opaque] = self
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, base={self.base.format_name}, "
@@ -187,3 +201,28 @@ def nest(base: QuantLinear, weight: torch.Tensor, formats: list[str], stats=None
         approx = approx + fmt.dequantize_codes(codes, params.values)
         out.append(layer)
     return out
+
+
+# opaque layers by key; weak, so that a compiled graph's constant key never keeps a layer alive
+_OPAQUE: "weakref.WeakValueDictionary[int, NestedLinear]" = weakref.WeakValueDictionary()
+_KEYS = iter(range(1, 2**62))
+
+
+def _next_key() -> int:
+    return next(_KEYS)
+
+
+@torch.library.custom_op("ampq::nested_linear", mutates_args=())
+def _nested_linear(x: torch.Tensor, layer: int) -> torch.Tensor:
+    module = _OPAQUE.get(layer)
+    if module is None:
+        raise AmpqError("a compiled step called an adaptive layer that no longer exists; compile the model again")
+    y = module.base(x)
+    for r in module.residuals:
+        y = y + r(x)
+    return y
+
+
+@_nested_linear.register_fake
+def _(x: torch.Tensor, layer: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], _OPAQUE[layer].out_features)
