@@ -219,8 +219,8 @@ def _distances(model, path) -> tuple[float, float]:
         layers += [m for p in experts.names if experts.quantized(p) is not None for m in experts.quantized(p)]
     with ampq.kernels.use("reference"), torch.no_grad():
         ours = model(ids).logits[0].float()
-        hooks = [layer.register_forward_pre_hook(lambda _, args, r=activation_rounding(layer.format_name): (r(args[0]),))
-                 for layer in layers]
+        hooks = [layer.register_forward_pre_hook(
+            lambda _, args, r=activation_rounding(layer.format_name): (r(args[0]),)) for layer in layers]
         try:
             rounded = model(ids).logits[0].float()
         finally:
@@ -269,3 +269,12 @@ def test_the_read_back_catches_a_wrong_file(tmp_path, monkeypatch, wrong):
         w = model.get_submodule("model.layers.0.mlp.experts").down_proj
         assert [int(x) for x in t.shape] == [w.shape[2], w.shape[1], w.shape[0]]  # square: the shape passes
         assert not np.array_equal(np.asarray(t.data), w.numpy())
+
+
+def test_llama_cpp_runs_a_quantized_shared_expert_gate(tmp_path):
+    """A router quantized on request (Qwen2-MoE's shared-expert gate, one row) is written in its blocks."""
+    pytest.importorskip("llama_cpp")
+    model, summary = _export(tmp_path, "qwen2_moe", {"*.shared_expert_gate": "int8-ch-sym", **SPEC})
+    assert _read(tmp_path / "m.gguf")[0]["blk.0.ffn_gate_inp_shexp.weight"].tensor_type == T.Q8_0
+    distance, rounding = _distances(model, tmp_path / "m.gguf")
+    assert distance <= 2 * rounding, (distance, rounding)
