@@ -27,9 +27,10 @@ FAMILIES = {
 }
 
 
-def tiny_moe(family: str, seed: int = 0):
+def tiny_moe(family: str, seed: int = 0, **overrides):
     """A small random model of ``family`` in float32, in eval mode; biases get random values too
-    (transformers initializes gpt-oss's expert biases to zero, which would hide a wrong bias)."""
+    (transformers initializes gpt-oss's expert biases to zero, which would hide a wrong bias).
+    ``overrides`` replace config keywords (sizes, vocabulary, routing)."""
     import transformers
 
     config_name, model_name, extra = FAMILIES[family]
@@ -38,6 +39,7 @@ def tiny_moe(family: str, seed: int = 0):
                   num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128, num_key_value_heads=2,
                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
     kwargs.update(extra)
+    kwargs.update(overrides)
     config = getattr(transformers, config_name)(**kwargs)
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config).eval()

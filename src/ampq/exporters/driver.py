@@ -97,6 +97,7 @@ class Target(ABC):
     folder = True  # writes a folder of files (else one file)
     holds = ""  # a sentence on what it holds exactly, for the refusal ("" or ending in ". ")
     nearest_how = ""  # how ``nearest`` re-quantizes, for the refusal
+    allow_nearest = False  # whether this export may re-quantize (``nearest``), for :meth:`check`
 
     def __init__(self, directory: Path):
         self.directory = directory
@@ -180,6 +181,7 @@ def run(target_class: type[Target], directory, out, nearest: bool = False, *, ov
         raise _refusal(target, inexact)
     for it in inexact:
         it.kind = target.nearest(it.module)
+    target.allow_nearest = nearest
     target.check(layers)
     for it in layers.values():
         _convert(target, it)

@@ -17,6 +17,10 @@ Embeddings and an untied output head are written as stored (F32, F16 or BF16); 1
 ``tokenizer.ggml.model`` "gpt2", SentencePiece BPE as "llama": :mod:`.vocab`) is written as
 llama.cpp's converter writes it: tokens, token types, merges or scores, special token ids,
 add-BOS/EOS flags and the chat template.
+
+Mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): each expert's QuantLinear is
+repacked as a linear is and checked the same way, then the experts of each projection are stacked
+into llama.cpp's 3D ``ffn_*_exps`` tensors (:mod:`.experts`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from ampq.errors import AmpqError
 from ampq.exporters.driver import Conversion, Decision, Layer, Target, base_of, change_text, decoded_weight, run
 from ampq.exporters.gguf import architectures, writer
 from ampq.exporters.gguf.blocks import exact_blocks, permute, plain_array, requantize
+from ampq.exporters.gguf.experts import Experts
 from ampq.exporters.gguf.qtypes import BLOCK, exact_type, nearest_types
 from ampq.exporters.gguf.vocab import read_tokenizer
 from ampq.models import tied_embeddings
@@ -61,6 +66,13 @@ class Gguf(Target):
         self.name_map = gguf.get_tensor_name_map(self.spec.arch, config.num_hidden_layers)
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.experts = Experts(model, self.directory, self._name)
+
+    def expert_layers(self, model: nn.Module) -> dict[str, nn.Module]:
+        return self.experts.layers
+
+    def check(self, layers: dict[str, Layer]) -> None:
+        self.experts.check(layers, self.allow_nearest)
 
     def decide(self, layer: nn.Module) -> Decision:
         qtype, widened, why = exact_type(layer)
@@ -80,11 +92,14 @@ class Gguf(Target):
         return self.heads if leaf == "q_proj" else self.kv_heads if leaf == "k_proj" else None
 
     def _name(self, key: str) -> str:
+        return self._type_and_name(key)[1]
+
+    def _type_and_name(self, key: str) -> tuple:
         mapped = self.name_map.get_type_and_name(key, try_suffixes=(".weight", ".bias"))
         if mapped is None:
             raise AmpqError(f"cannot export {self.directory} to GGUF: tensor {key} has no llama.cpp name in the "
                             f"{self.arch} architecture; the checkpoint holds something this exporter does not write")
-        return mapped[1]
+        return mapped
 
     def convert(self, layer: Layer) -> Conversion:
         base, qtype = base_of(layer.module), layer.kind
@@ -103,6 +118,10 @@ class Gguf(Target):
             decoded = gguf.quants.dequantize(data, qtype).reshape(base.shape)
             if n_head is not None:
                 data, decoded = permute(data, n_head), permute(decoded, n_head)
+        if layer.name in self.experts.where:  # one expert's rows of its projection's 3D tensor(s)
+            owner, projection, e = self.experts.where[layer.name]
+            tensors = {k: (v, qtype) for k, v in self.experts.split(owner, projection, data, e).items()}
+            return Conversion(tensors, qtype, decoded, expected)
         tensors = {self._name(f"{layer.name}.weight"): (np.ascontiguousarray(data), qtype)}
         if layer.module.bias is not None:
             bias = layer.module.bias.detach().float().numpy()
@@ -110,7 +129,13 @@ class Gguf(Target):
         return Conversion(tensors, qtype, decoded, expected)
 
     def plain(self, key: str, value: torch.Tensor) -> dict:
+        experts = self.experts.plain(key, value)
+        if experts is not None:
+            return experts
         data, qtype = plain_array(value)
+        kind, name = self._type_and_name(key)
+        if self.experts.is_router(kind):  # routers in F32, as llama.cpp's converter writes them
+            data, qtype = value.detach().float().numpy(), T.F32
         if value.dim() == 1:  # norms and biases: F32, as llama.cpp's converter writes them
             data, qtype = value.detach().float().numpy(), T.F32
             if self.spec.norm_shift and key.endswith("norm.weight"):
@@ -118,9 +143,11 @@ class Gguf(Target):
         n_head = self._heads_to_permute(key.rpartition(".")[0])
         if n_head is not None:
             data = permute(data, n_head)
-        return {self._name(key): (np.ascontiguousarray(data), qtype)}
+        return {name: (np.ascontiguousarray(data), qtype)}
 
     def write(self, tmp: Path, tensors: dict, layers: dict[str, Layer]) -> None:
+        tensors = self.experts.stack(tensors)
+        self.tensor_count = len(tensors)
         self.file_type = writer.file_type([it.kind for it in layers.values()])
         name = (self.config.to_dict().get("_model_name_or_path") or "").strip() or self.directory.name
         self.tokenizer_summary = writer.write(tmp, self.spec, self.config, self.vocab_size, name, self.file_type,
@@ -143,17 +170,18 @@ class Gguf(Target):
             "architecture": self.arch, "widened": sum(1 for it in items if it.widened), "types": types,
             "formats": {src: sorted({it.kind.name for it in items if it.source == src})
                         for src in dict.fromkeys(it.source for it in items)},
-            "file_type": self.file_type, "tensors": len(tensors), "tied_embeddings": tied_embeddings(self.model),
+            "file_type": self.file_type, "tensors": self.tensor_count, "tied_embeddings": tied_embeddings(self.model),
             "tokenizer": self.tokenizer_summary,
             "line": (f"{summary['out']}: GGUF ({self.arch}), {summary['layers']} quantized layers ({summary['exact']} "
                      f"exact{change_text(summary)}; {', '.join(f'{n} {t}' for t, n in types.items())}), "
-                     f"{len(tensors)} tensors, {summary['bytes']:,} bytes"),
+                     f"{self.tensor_count} tensors, {summary['bytes']:,} bytes"),
         }
 
 
 def export_gguf(directory, out, nearest: bool = False, *, overwrite: bool = False) -> dict:
     """Write the ampq checkpoint ``directory`` as the GGUF file ``out`` (llama, mistral, qwen2, qwen3,
-    gemma2, gemma3, phi3: see :mod:`.architectures`).
+    gemma2, gemma3, phi3, and the mixture-of-experts Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE: see
+    :mod:`.architectures`).
 
     Quantized layers whose format has an exact GGUF counterpart are repacked block by block and
     checked bit for bit against ampq's decoding (see :mod:`.qtypes` for the table); the others are

@@ -13,6 +13,16 @@ global layers (every 2nd global), Gemma 3 makes every 6th layer global with a lo
 10000, both scale attention by 1/sqrt(head_dim) (by 1/sqrt(hidden/heads) for their 27B sizes), and
 Phi-3 attends to the whole context. A config that differs is refused (or, for Phi-3's and Mistral's
 windows, warned about), never written to compute something else.
+
+Mixture-of-experts models (``LlamaModel`` for Mixtral, ``Qwen2MoeModel``, ``Qwen3MoeModel``,
+``OlmoeModel``): the routers are ``ffn_gate_inp`` (F32), each projection of the experts of a block
+one 3D tensor ``ffn_gate_exps`` / ``ffn_up_exps`` / ``ffn_down_exps`` (transformers 5's fused
+``gate_up_proj`` cut into its gate and up rows), Qwen2-MoE's shared expert ``ffn_*_shexp`` with its
+gate ``ffn_gate_inp_shexp``; keys ``expert_count``, ``expert_used_count`` and, for the Qwen families,
+``expert_feed_forward_length`` (``expert_shared_feed_forward_length`` for Qwen2-MoE). llama.cpp fixes
+what the configs leave free: whether the top-k routing weights are renormalized (llama / Mixtral and
+qwen3moe do, qwen2moe and olmoe do not), every block a MoE block, Qwen2-MoE's shared expert always
+there, OLMoE's key/value heads as many as its query heads; a config that differs is refused.
 """
 
 from __future__ import annotations
@@ -34,6 +44,10 @@ class Architecture:
     norm_shift: float = 0.0  # added to every ``*norm.weight``
     swa_period: int = 0  # llama.cpp's fixed sliding-window pattern: every n-th layer global
     layers_27b: int = 0  # the block count llama.cpp takes for the 27B size (its other attention scale)
+    moe: bool = False  # experts per block (ffn_*_exps)
+    norm_top_k: bool | None = None  # whether llama.cpp renormalizes the top-k routing weights (MoE)
+    expert_length: bool = False  # writes expert_feed_forward_length (moe_intermediate_size)
+    shared_expert: bool = False  # Qwen2-MoE's gated shared expert
 
     @property
     def name(self) -> str:
@@ -48,7 +62,22 @@ ARCHITECTURES = {
     "Gemma2ForCausalLM": Architecture(A.GEMMA2, norm_shift=1.0, swa_period=2, layers_27b=46),
     "Gemma3ForCausalLM": Architecture(A.GEMMA3, norm_shift=1.0, swa_period=6, layers_27b=62),
     "Phi3ForCausalLM": Architecture(A.PHI3),
+    "MixtralForCausalLM": Architecture(A.LLAMA, permute_qk=True, moe=True, norm_top_k=True),
+    "Qwen2MoeForCausalLM": Architecture(A.QWEN2MOE, moe=True, norm_top_k=False, expert_length=True,
+                                        shared_expert=True),
+    "Qwen3MoeForCausalLM": Architecture(A.QWEN3MOE, moe=True, norm_top_k=True, expert_length=True),
+    "OlmoeForCausalLM": Architecture(A.OLMOE, moe=True, norm_top_k=False),
 }
+# mixture-of-experts families transformers 5 builds that this exporter does not write, and why
+UNSUPPORTED_MOE = {
+    "deepseek_v3": "DeepSeek-V3 (multi-head latent attention and grouped, biased sigmoid routing: llama.cpp's "
+                   "deepseek2 architecture wants the attention's low-rank tensors split its own way)",
+    "gpt_oss": "gpt-oss (experts stored transposed with biases, a clamped SwiGLU over interleaved halves and "
+               "attention sinks: llama.cpp's gpt-oss architecture expects MXFP4 experts)",
+    "llama4": "Llama-4 (experts stored transposed, sigmoid-scaled inputs, interleaved dense and MoE blocks "
+              "with chunked attention)",
+}
+UNSUPPORTED_MOE["llama4_text"] = UNSUPPORTED_MOE["llama4"]
 GEMMA_LOCAL_ROPE_BASE = 10000.0
 
 
@@ -103,13 +132,45 @@ def _check_gemma(directory: Path, config, spec: Architecture, warnings: list[str
                                      f"({local['rope_type']}); llama.cpp's gemma3 uses {GEMMA_LOCAL_ROPE_BASE:g}")
 
 
+def experts(config) -> tuple[int, int]:
+    """(experts per block, experts each token is routed to)."""
+    n = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    return int(n), int(config.num_experts_per_tok)
+
+
+def _check_moe(directory: Path, config, spec: Architecture) -> None:
+    norm = bool(getattr(config, "norm_topk_prob", spec.norm_top_k))  # Mixtral has no switch: it renormalizes
+    if norm != spec.norm_top_k:
+        raise _refuse(directory, f"its router {'renormalizes' if norm else 'does not renormalize'} the top-k "
+                                 f"weights (norm_topk_prob {norm}); llama.cpp's {spec.name} always "
+                                 f"{'does' if spec.norm_top_k else 'does not'}")
+    dense = list(getattr(config, "mlp_only_layers", None) or [])
+    step = getattr(config, "decoder_sparse_step", None) or 1
+    if dense or step != 1:
+        raise _refuse(directory, f"some of its blocks are dense (mlp_only_layers {dense}, decoder_sparse_step "
+                                 f"{step}); llama.cpp's {spec.name} makes every block a mixture of experts")
+    if spec.shared_expert and not getattr(config, "shared_expert_intermediate_size", 0):
+        raise _refuse(directory, f"it has no shared expert; llama.cpp's {spec.name} requires one")
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if spec.arch == A.OLMOE and kv_heads != heads:  # its k norm spans the whole hidden size
+        raise _refuse(directory, f"it has {kv_heads} key/value heads for {heads} query heads; llama.cpp's olmoe "
+                                 "normalizes keys over the hidden size, as many key/value heads as query heads")
+    if getattr(config, "clip_qkv", None) is not None:
+        raise _refuse(directory, f"it clips q/k/v at {config.clip_qkv}; llama.cpp's {spec.name} does not")
+
+
 def check(directory: Path, config, warnings: list[str]) -> Architecture:
     """The llama.cpp architecture of the checkpoint ``directory`` (its transformers ``config``), or
     an error saying why this exporter does not write it; warnings for what llama.cpp runs differently."""
     model_type = getattr(config, "model_type", None)
     archs = getattr(config, "architectures", None) or []
-    kind = {"gemma3_text": "gemma3"}.get(model_type, model_type)  # Gemma 3's text-only config
+    kind = {"gemma3_text": "gemma3"}.get(model_type, model_type or "").replace("_", "")  # Gemma 3's text config
     cls = archs[0] if archs else next((c for c in ARCHITECTURES if c.lower().startswith(f"{kind}for")), None)
+    if model_type in UNSUPPORTED_MOE:
+        raise _refuse(directory, f"the GGUF export does not write {UNSUPPORTED_MOE[model_type]}; it writes the "
+                                 "mixture-of-experts families Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE. Serve it "
+                                 "with ampq (ampq.load, or from_pretrained after import ampq)")
     if cls not in ARCHITECTURES:
         raise _refuse(directory, f"it is {cls or model_type} (model_type {model_type!r}); this exporter writes "
                                  f"{', '.join(ARCHITECTURES)}. Use --to compressed-tensors, or llama.cpp's "
@@ -119,11 +180,13 @@ def check(directory: Path, config, warnings: list[str]) -> Architecture:
     if rope_type not in (None, "default") and not (spec.arch == A.GEMMA3 and rope_type == "linear"):
         raise _refuse(directory, f"its rope scaling ({rope_type}) is not written by this exporter; only plain "
                                  "rotary embeddings (and Gemma 3's linear scaling of its global layers) are")
-    if model_type in ("qwen2", "qwen3") and getattr(config, "use_sliding_window", False):
+    if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and getattr(config, "use_sliding_window", False):
         raise _refuse(directory, f"it uses sliding-window attention, which llama.cpp's {model_type} architecture "
                                  "does not run")
     if spec.swa_period:
         _check_gemma(directory, config, spec, warnings)
+    if spec.moe:
+        _check_moe(directory, config, spec)
     window = getattr(config, "sliding_window", None)
     if spec.arch in (A.LLAMA, A.PHI3) and window and window < config.max_position_embeddings:
         warnings.append(f"the model attends within a sliding window of {window} tokens; llama.cpp's {spec.name} "
@@ -133,6 +196,14 @@ def check(directory: Path, config, warnings: list[str]) -> Architecture:
 
 def write_keys(writer, config, spec: Architecture) -> None:
     """The keys beyond the shared ones that llama.cpp's converter writes for ``spec``."""
+    if spec.moe:
+        count, used = experts(config)
+        writer.add_expert_count(count)
+        writer.add_expert_used_count(used)
+        if spec.expert_length:
+            writer.add_expert_feed_forward_length(int(config.moe_intermediate_size))
+        if spec.shared_expert:
+            writer.add_expert_shared_feed_forward_length(int(config.shared_expert_intermediate_size))
     if spec.arch == A.GEMMA2:
         writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
         writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
