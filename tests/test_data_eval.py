@@ -70,3 +70,19 @@ def test_kl_is_zero_against_itself_and_positive_against_another():
     other = evaluate(b, windows, ref, progress=False)
     assert other.kl > 0.01 and other.top1 < 1.0
     assert ref.quality.perplexity == pytest.approx(same.perplexity)
+
+
+def test_calibration_windows_give_every_hessian_full_rank():
+    from torch import nn
+
+    from ampq.data import Text, calibration_windows, sized_for
+
+    narrow = nn.Sequential(nn.Linear(576, 1536), nn.Linear(1536, 576))
+    wide = nn.Sequential(nn.Linear(4096, 14336), nn.Linear(14336, 4096))
+    assert calibration_windows(narrow) == 32  # the floor
+    assert calibration_windows(wide) == 56 and 56 * 512 >= 2 * 14336
+    assert calibration_windows(wide, window=2048) == 32
+    assert sized_for("mix", wide) == Text("mix", 56, 512)
+    assert sized_for(Text("wiki", 8), wide) == Text("wiki", 8)  # a count given is kept
+    with pytest.raises(AmpqError, match="how many windows"):
+        Text("wiki").cut(None, "calib")

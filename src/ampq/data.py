@@ -6,11 +6,13 @@ half, so the two never overlap.
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ampq import builtin
 from ampq.errors import AmpqError
@@ -159,17 +161,44 @@ class Text:
     reads the first half of the text, evaluation the second."""
 
     source: str = "wiki"
-    windows: int = 128
+    windows: int | None = None  # None: for calibration, as many as the model needs (calibration_windows)
     window: int = 512
     stride: int | None = None
 
     def cut(self, tokenizer, split: str) -> Windows:
+        if self.windows is None:
+            raise AmpqError(f"text {self.source!r}: say how many windows to cut (Text(..., windows=N))")
         return make_windows(tokenizer, self.source, split, self.window, self.windows, self.stride)
 
 
 def as_text(spec: "Text | str", **defaults) -> Text:
-    """A :class:`Text` from a text's name (``defaults`` give its windows, window, stride) or as it is."""
-    return spec if isinstance(spec, Text) else Text(spec, **defaults)
+    """A :class:`Text` from a text's name (``defaults`` give its windows, window, stride) or as it
+    is, its windows from ``defaults`` when it does not say."""
+    if not isinstance(spec, Text):
+        return Text(spec, **defaults)
+    return replace(spec, windows=defaults["windows"]) if spec.windows is None and "windows" in defaults else spec
+
+
+MIN_CALIBRATION_WINDOWS = 32
+
+
+def calibration_windows(model: nn.Module, window: int = 512) -> int:
+    """How many calibration windows of ``window`` tokens a model gets by default: enough tokens for
+    twice the inputs of its widest linear, so that every GPTQ Hessian (inputs x inputs, summed over
+    tokens) has full rank with room to spare, and never fewer than 32 (the quality table's
+    calibration, docs/mixed-precision.md)."""
+    widest = max((m.in_features for m in model.modules() if isinstance(m, nn.Linear)), default=0)
+    return max(MIN_CALIBRATION_WINDOWS, math.ceil(2 * widest / window))
+
+
+def sized_for(spec, model: nn.Module, window: int = 512):
+    """Calibration as given, a text's name or a :class:`Text` without a count given the model's
+    :func:`calibration_windows`."""
+    if isinstance(spec, str):
+        spec = Text(spec, window=window)
+    if isinstance(spec, Text) and spec.windows is None:
+        spec = replace(spec, windows=calibration_windows(model, spec.window))
+    return spec
 
 
 def windows_of(spec, tokenizer, split: str, **defaults) -> "Windows | torch.Tensor | None":

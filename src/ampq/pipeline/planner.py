@@ -21,7 +21,7 @@ from torch import nn
 
 from ampq.allocate import allocate, reachable
 from ampq.builtin import cache_dir
-from ampq.data import Text, Windows, as_text
+from ampq.data import Text, Windows, as_text, calibration_windows, sized_for
 from ampq.errors import AmpqError
 from ampq.models import decoder_blocks, fused_groups, replace_module
 from ampq.pipeline.budget import Budget, parse_size
@@ -47,18 +47,19 @@ def table_key(source: str | None, candidates: list[str], calib: dict) -> str:
 
 
 def sensitivity(model: nn.Module, tokenizer, candidates: list[str] | None = None, *, calib: str = "mix",
-                windows: int = 128, window: int = 512, estimator: str = "fisher", table_path=None,
+                windows: int | None = None, window: int = 512, estimator: str = "fisher", table_path=None,
                 progress: bool = True, may_measure: bool = True, tokens: Windows | torch.Tensor | None = None,
                 transform: str = "none", placement: Placement | None = None) -> SensitivityTable:
     """The sensitivity table of ``model``: read from ``table_path`` or the cache when it was measured
     before with the same candidates and calibration, measured (and saved) otherwise (unless not
     ``may_measure``: a lazily loaded model cannot run whole). The calibration is ``windows`` windows
-    of ``window`` tokens of the text ``calib``, or ``tokens`` when given (cached by their hash).
-    ``placement``: where the measurement runs (a device; several ranks share it and the main one
+    of ``window`` tokens of the text ``calib`` (by default :func:`~ampq.data.calibration_windows`),
+    or ``tokens`` when given (cached by their hash). ``placement``: where the measurement runs (a device; several ranks share it and the main one
     writes the table)."""
     from ampq.data import make_windows  # looked up at call time: tests replace it
 
     candidates = [Candidate.parse(c).name for c in (candidates or DEFAULT_CANDIDATES)]
+    windows = windows or calibration_windows(model, window)
     # a model built in memory has no source: its weights name it, else it would take another's table
     source = getattr(model.config, "ampq_source", None) or f"weights {fingerprint(model)}"
     if tokens is None:
@@ -119,6 +120,7 @@ def plan_with_table(model: nn.Module, budget: Budget | float, calibration, token
     if budget.transform == "auto":
         return _plan_best_transform(model, budget, calibration, tokenizer, progress=progress, may_measure=may_measure)
     t0 = time.perf_counter()
+    calibration = sized_for(calibration, model) if calibration is not None else None
     candidates = target_candidates(budget.target, budget.candidates)
     transform = {"name": "none"}
     if budget.transform != "none":

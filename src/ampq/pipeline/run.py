@@ -22,7 +22,7 @@ from torch import nn
 from ampq.version import __version__
 from ampq.algorithms import NEEDS_CALIBRATION
 from ampq.coverage import coverage
-from ampq.data import Text, Windows, windows_of
+from ampq.data import Text, Windows, sized_for, windows_of
 from ampq.errors import AmpqError
 from ampq.experts import experts_modules
 from ampq.formats import get_format
@@ -45,7 +45,7 @@ from ampq.resume import Resume, fingerprint, progress_dir
 from ampq.schemes import SCHEMES, Scheme
 
 Spec = str | Mapping[str, str | None] | Scheme | Plan | Budget
-CALIBRATION = {"windows": 128, "window": 512}  # a text's windows when only its name is given
+CALIBRATION = {"window": 512}  # a text's window when only its name is given (its count: data.calibration_windows)
 
 
 def label(spec: Spec | None, adaptive: str | list[int] | None = None) -> str:
@@ -93,7 +93,8 @@ def quantize(model: nn.Module, spec: Spec | None, *, calibration: Text | str | W
       made first (:func:`ampq.plan`), from the sensitivity measured on ``calibration``.
 
     ``calibration``: a text's name (``"mix"``, the CLI's default: wiki, code, technical and
-    multilingual text; or one of them; 128 windows of 512 tokens), an :class:`ampq.Text`
+    multilingual text; or one of them; windows of 512 tokens, as many as
+    :func:`ampq.data.calibration_windows` gives the model: 32 up to 8192-wide linears), an :class:`ampq.Text`
     (read with ``tokenizer``), token windows, or an (n, T) tensor of token ids; needed by every
     method but plain round to nearest. ``device``: where to quantize (``"cpu"``, ``"cuda"``, ``"cuda:N"``,
     ``"auto"``; default: where the model is): every stage runs there, one decoder block at a time,
@@ -137,6 +138,7 @@ def quantize(model: nn.Module, spec: Spec | None, *, calibration: Text | str | W
         raise AmpqError("--adaptive measures every level on the whole model; drop --adaptive or --max-memory")
     _check_ranks(model, ranks, spec, method, levels, memory)
     manifest: dict = {}
+    calibration = sized_for(calibration, model, CALIBRATION["window"]) if calibration is not None else None
     formats = spec.format if isinstance(spec, Scheme) else spec
     if isinstance(spec, Budget):
         with placement.stage("sensitivity"):
@@ -288,8 +290,7 @@ def _resume(model, output: Path, formats, method: dict, tokens, lm_head: bool, l
 def _adaptive_manifest(model: nn.Module, levels: list[int], base_format: str, calibration) -> dict:
     damage, nbytes = level_table(model)
     lo, hi = stored_range(model)
-    text = calibration if isinstance(calibration, Text) else Text(calibration, **CALIBRATION) if isinstance(
-        calibration, str) else None
+    text = calibration if isinstance(calibration, Text) else None
     return {"adaptive": {"levels": levels, "base_format": base_format, "bits_per_weight": [lo, hi]},
             "sensitivity": {"estimator": "fisher", "candidates": sorted(next(iter(damage.values()))),
                             "damage": damage, "nbytes": nbytes,
