@@ -60,17 +60,18 @@ def main() -> None:
     seconds = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
     peak_gib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", log).group(1)) / 2**20
     stages = re.findall(r"stage times: (.*)", log)
-    table = [line for line in log.splitlines() if line.startswith("|")]
+    printed = done.stdout.splitlines()  # the summary and the table (progress and stage times go to stderr)
     m = machine()
     result = {"machine": m, "command": command, "wall_s": seconds, "peak_gib": peak_gib, "stage_times": stages,
-              "load_average_before": load_before, "load_average_after": load_after, "table": table}
+              "load_average_before": load_before, "load_average_after": load_after, "printed": printed}
     RESULTS.mkdir(parents=True, exist_ok=True)
     with atomic_file(RESULTS / "first_run.json") as tmp:
         Path(tmp).write_text(json.dumps(result, indent=1))
     lines = [f"`{command}` on {describe(m)}; 1-minute load average {load_before[0]:.1f} before, {load_after[0]:.1f} "
              "after (seconds grow with it).", "",
              "| wall clock | peak resident memory | stages |", "|---|---|---|",
-             f"| {seconds:.0f} s | {peak_gib:.2f} GiB | {'; '.join(stages)} |", "", "What it printed:", "", *table]
+             f"| {seconds:.0f} s | {peak_gib:.2f} GiB | {'; '.join(stages)} |", "", "What it printed:", "", "```",
+             *printed, "```"]
     with atomic_file(RESULTS / "first_run.md") as tmp:
         Path(tmp).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import resource
 import sys
@@ -33,8 +34,9 @@ from ampq.pipeline import planner  # noqa: E402
 from ampq.data import make_windows  # noqa: E402
 from ampq.evaluation import Reference, evaluate  # noqa: E402
 from ampq.report import block_linear_names, linear_bits, model_bytes  # noqa: E402
-from ampq.sensitivity import measure  # noqa: E402
+from ampq.sensitivity import DEFAULT_CANDIDATES, measure  # noqa: E402
 from ampq.pipeline.transform import apply_transform  # noqa: E402
+from ampq.resume import Resume  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "quality" / "quality.json"
 
@@ -47,12 +49,14 @@ ZERO = ["int2-g64-zp:gptq", "int3-g128-zp:gptq", "int3-g64-zp:gptq", "int4-g128-
         "fp8-e4m3-ch:rtn", "int8-ch-sym:rtn", "bf16"]
 BOTH = sorted(set(V01) | set(ZERO), key=(V01 + ZERO).index)
 NO2 = [c for c in BOTH if not c.startswith("int2")]
+DEFAULT = list(DEFAULT_CANDIDATES)  # what --budget uses: the layouts the plans of `both` chose, int2 aside
 
 VARIANTS = {
     "v0.1": {"candidates": V01, "transform": "none", "calib": "wiki"},
     "v0.1+mix": {"candidates": V01, "transform": "none"},
     "both": {"candidates": BOTH, "transform": "none"},
     "both-no-int2": {"candidates": NO2, "transform": "none"},
+    "default": {"candidates": DEFAULT, "transform": "none"},
     "awq": {"candidates": V01, "transform": "awq"},
     "awq+zero": {"candidates": ZERO, "transform": "awq"},
     "awq+both": {"candidates": BOTH, "transform": "awq"},
@@ -101,7 +105,8 @@ class Scorer:
         return out
 
 
-def run_ampq(original, tok, calib, variant: str, budgets: list[float], scorer: Scorer, args) -> list[dict]:
+def run_ampq(original, tok, calib, variant: str, budgets: list[float], scorer: Scorer, args,
+             model_name: str) -> list[dict]:
     spec = VARIANTS[variant]
     # sensitivity leaves the model as it was: only a transform needs a copy of its own
     model = copy.deepcopy(original) if spec["transform"] != "none" else original
@@ -110,7 +115,12 @@ def run_ampq(original, tok, calib, variant: str, budgets: list[float], scorer: S
     t0 = time.perf_counter()
     transform = apply_transform(model, spec["transform"], calib, progress=False)
     t1 = time.perf_counter()
-    table = measure(model, calib, spec["candidates"], progress=False)
+    # a run killed during the measurement (hours for a 1.5B model on 2 cores) resumes from the last block
+    key = {"model": model_name, "variant": variant, "candidates": spec["candidates"], "transform": spec["transform"],
+           "calibration": hashlib.sha256(getattr(calib, "tokens", calib).numpy().tobytes()).hexdigest()}
+    resume = Resume(Path(args.out).parent / f".{Path(args.out).stem}-{model_name}-{variant}.ampq-resume", key)
+    table = measure(model, calib, spec["candidates"], progress=False, resume=resume)
+    resume.finish()
     t2 = time.perf_counter()
     rows = []
     for k, budget in enumerate(budgets):
@@ -211,7 +221,7 @@ def main() -> None:
             if not todo:
                 continue
             calib_text = VARIANTS[variant].get("calib", args.calib)
-            for row in run_ampq(original, tok, calibration(calib_text), variant, todo, scorer, args):
+            for row in run_ampq(original, tok, calibration(calib_text), variant, todo, scorer, args, model_name):
                 row = {**common, **row, "calib_used": calib_text}
                 rows.append(row)
                 save_rows(out, rows, command)

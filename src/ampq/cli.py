@@ -471,7 +471,7 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
                    help="AMPQ: average bits per weight over the quantized linears, everything stored counted")
     p.add_argument("--max-size", default=None, help="AMPQ: size of the whole model on disk, e.g. 90MB")
     p.add_argument("--candidates", default=None, help="AMPQ: comma-separated FORMAT[:ALGORITHM[+clip]] "
-                   "candidates (default: 3- to 6-bit integer layouts with a minimum and with an exact zero, NF4, FP8, int8, bf16; `python -c \"import ampq.sensitivity as s; print(s.DEFAULT_CANDIDATES)\"` lists them)")
+                   "candidates (default: 3- to 6-bit integer layouts with a minimum and with an exact zero, NF4, int8, bf16; `python -c \"import ampq.sensitivity as s; print(s.DEFAULT_CANDIDATES)\"` lists them)")
     p.add_argument("--sensitivity", default=None, help="AMPQ: sensitivity table to reuse or write "
                    "(default: cached per model, candidates and calibration)")
     p.add_argument("--estimator", default="fisher", choices=["fisher", "hessian"],
