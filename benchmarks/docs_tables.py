@@ -285,6 +285,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "bench-compiled-smollm2-135m": md_whole("bench/bench-smollm2-135m-compiled.md",
                                             "bench/bench-smollm2-135m-compiled-compiled:int4-g32-sym.json"),
     "moe-block": md_whole("moe_block/moe_block.md", "moe_block/moe_block.json"),
+    "first-run": md_whole("first_run/first_run.md", "first_run/first_run.json"),
     "compile-switch": md_whole("compile_switch/compile_switch.md", "compile_switch/compile_switch.json"),
 }
 
