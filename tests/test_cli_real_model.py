@@ -118,6 +118,7 @@ def test_ampq_plan_then_quantize_under_a_budget(tmp_path, smol_dir, monkeypatch)
     # another budget reuses the saved sensitivity table instead of measuring again
     r = run("quantize", "smollm2-135m", "--budget", "3.8", "-o", str(tmp_path / "m2"), *small)
     assert "stage times: sensitivity 0.0 s" in r.stderr and "fisher" not in r.stderr  # read, not measured
+    assert "calibration: mix, 4 windows of 128 tokens\n" in r.stderr  # the count given, said as given
     carried = json.loads((tmp_path / "m2" / "ampq.json").read_text())["sensitivity"]
     assert carried["estimator"] == "fisher" and carried["damage"] == json.loads((tmp_path / "sens.json").read_text())["damage"]
     # the report draws the allocation and the sensitivity table the checkpoint carries

@@ -162,12 +162,14 @@ def _compared(args, spec, model, original, calibration, tok) -> dict:
 
 def cmd_plan(args) -> int:
     import ampq
-    from ampq.data import Text
+    from ampq.data import Text, sized_for
     from ampq.report import print_table
 
     budget, _ = _spec(args)
     model, tok = ampq.load_model(args.model, args.dtype)
-    plan = ampq.plan(model, budget, calibration=Text(args.calib, args.calib_windows, args.calib_window), tokenizer=tok)
+    calibration = sized_for(Text(args.calib, args.calib_windows, args.calib_window), model)
+    print(f"calibration: {calibration.describe()}", file=sys.stderr)
+    plan = ampq.plan(model, budget, calibration=calibration, tokenizer=tok)
     out = plan.save(args.output)
     rows = [[name, p.format, p.algorithm + ("+clip" if p.clip else ""), p.bytes, p.damage] for name, p in plan.layers.items()]
     print_table(f"plan for {args.model} ({plan.budget})", ["layer", "format", "algorithm", "bytes", "est. damage"], rows,

@@ -165,6 +165,9 @@ class Text:
     window: int = 512
     stride: int | None = None
 
+    def describe(self) -> str:
+        return f"{self.source}, {self.windows} windows of {self.window} tokens"
+
     def cut(self, tokenizer, split: str) -> Windows:
         if self.windows is None:
             raise AmpqError(f"text {self.source!r}: say how many windows to cut (Text(..., windows=N))")

@@ -14,6 +14,7 @@ the process that quantized it, from host memory.
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from typing import Protocol
 
@@ -145,7 +146,7 @@ class NestedLinear(nn.Module):
         that runs whatever levels it holds at call time, so switching level needs no new capture;
         the price is one eager call per layer and token."""
         if self.opaque is None:
-            self.opaque = _next_key()
+            self.opaque = next(_KEYS)
             _OPAQUE[self.opaque] = self
 
     def extra_repr(self) -> str:
@@ -205,11 +206,7 @@ def nest(base: QuantLinear, weight: torch.Tensor, formats: list[str], stats=None
 
 # opaque layers by key; weak, so that a compiled graph's constant key never keeps a layer alive
 _OPAQUE: "weakref.WeakValueDictionary[int, NestedLinear]" = weakref.WeakValueDictionary()
-_KEYS = iter(range(1, 2**62))
-
-
-def _next_key() -> int:
-    return next(_KEYS)
+_KEYS = itertools.count(1)
 
 
 @torch.library.custom_op("ampq::nested_linear", mutates_args=())

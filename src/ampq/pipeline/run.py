@@ -138,9 +138,18 @@ def quantize(model: nn.Module, spec: Spec | None, *, calibration: Text | str | W
         raise AmpqError("--adaptive measures every level on the whole model; drop --adaptive or --max-memory")
     _check_ranks(model, ranks, spec, method, levels, memory)
     manifest: dict = {}
+    given = calibration
     calibration = sized_for(calibration, model, CALIBRATION["window"]) if calibration is not None else None
+
+    def announce() -> None:  # a count ampq chose is said, with how to choose another
+        if progress and isinstance(calibration, Text):
+            chosen = "" if isinstance(given, Text) and given.windows else (
+                " (default: twice the widest linear's inputs in tokens, at least 32; --calib-windows sets another)")
+            print(f"calibration: {calibration.describe()}{chosen}", file=sys.stderr)
+
     formats = spec.format if isinstance(spec, Scheme) else spec
     if isinstance(spec, Budget):
+        announce()
         with placement.stage("sensitivity"):
             formats, table = plan_with_table(model, spec, calibration, tokenizer, progress=progress,
                                              may_measure=memory is None, placement=placement)
@@ -154,6 +163,8 @@ def quantize(model: nn.Module, spec: Spec | None, *, calibration: Text | str | W
     needs = levels or method["clip"] or method["bias_correction"] or method["awq"] or (
         method["algorithm"] in NEEDS_CALIBRATION) or on_layer is not None or transform != "none" or (
         isinstance(formats, Plan) and any(p.algorithm in NEEDS_CALIBRATION or p.clip for p in formats.layers.values()))
+    if needs and not isinstance(spec, Budget):
+        announce()
     tokens = windows_of(calibration, tokenizer, "calib", **CALIBRATION) if needs else None
     if transform != "none":  # a plan measured on transformed weights is followed on them
         if tokens is None:

@@ -152,6 +152,9 @@ def _prepends_space(spec: dict, warnings: list[str]) -> bool:
         if step.get("type") == "Metaspace":
             prepend = prepend or step.get("prepend_scheme", "always" if step.get("add_prefix_space", True) else
                                           "never") != "never"
+            if step.get("split", True):
+                warnings.append("the tokenizer splits text at every space before merging (Metaspace split); "
+                                "llama.cpp merges across them, so it may tokenize some texts differently")
     return prepend
 
 
