@@ -11,6 +11,11 @@ n_ctx 512, CPU); `ampq export --to compressed-tensors` (likewise) loaded back by
 which decompresses it with the compressed-tensors library, and by ampq's importer. Criterion
 (issue 7): llama.cpp within 1% of ampq's perplexity where the export is exact.
 
+`--plans all` adds AMPQ plans made for one engine (`--target vllm` / `--target llama.cpp` at 4.25 and
+5.0 bits): each goes to its engine only, without --nearest (the export must change no layer), and
+the compressed-tensors export's logits in transformers are compared with ampq's on the first window
+(largest absolute difference).
+
 llama.cpp's CPU matmuls quantize activations to 8 bits (Q8_0/Q8_1 blocks) for its quantized
 weight types; ampq's reference kernel does not: that, not the weights, is the gap measured.
 Writes benchmarks/results/engines/engines.json and .md. Needs llama-cpp-python (a benchmark extra; it
@@ -47,7 +52,18 @@ PLANS = {
     "int4-g64-sym gptq": ["-s", "gptq", "-f", "int4-g64-sym"],
     "int4-g64-zp gptq": ["-s", "gptq", "-f", "int4-g64-zp"],
     "ampq 5.0 (int4-g64-sym gptq / int8-ch-sym)": ["--budget", "5.0", "--candidates", "int4-g64-sym:gptq,int8-ch-sym:rtn"],
+    # plans made for one engine (its candidates only) go to that engine alone: the other export is refused
+    "ampq --target vllm 4.25": ["--budget", "4.25", "--target", "vllm"],
+    "ampq --target vllm 5.0": ["--budget", "5.0", "--target", "vllm"],
+    "ampq --target llama.cpp 4.25": ["--budget", "4.25", "--target", "llama.cpp"],
+    "ampq --target llama.cpp 5.0": ["--budget", "5.0", "--target", "llama.cpp"],
 }
+DEFAULT_PLANS = [p for p in PLANS if "--target" not in p]
+
+
+def target_of(plan: str) -> str | None:
+    args = PLANS[plan]
+    return args[args.index("--target") + 1] if "--target" in args else None
 
 
 def run(cmd: list[str]) -> str:
@@ -58,15 +74,15 @@ def run(cmd: list[str]) -> str:
 
 
 def checkpoint(model: str, plan: str, work: Path, calib_windows: int) -> Path:
-    out = work / f"{model}-{plan.split(' (')[0].replace(' ', '-')}"
+    out = work / f"{model}-{plan.split(' (')[0].replace('--', '').replace(' ', '-')}"
     if not (out / "ampq.json").exists():
         args = PLANS[plan] + (["--calib-windows", str(calib_windows)] if "gptq" in plan or "--budget" in PLANS[plan] else [])
         print(f"  quantize: {run([sys.executable, '-m', 'ampq', 'quantize', model, *args, '-o', str(out)])}", flush=True)
     return out
 
 
-def export(ckpt: Path, to: str, out: Path) -> dict:
-    for nearest in (False, True):
+def export(ckpt: Path, to: str, out: Path, exact_only: bool = False) -> dict:
+    for nearest in (False,) if exact_only else (False, True):
         cmd = [sys.executable, "-m", "ampq", "export", str(ckpt), "--to", to, str(out), "--overwrite"]
         done = subprocess.run(cmd + (["--nearest"] if nearest else []), capture_output=True, text=True)
         if done.returncode == 0:
@@ -94,25 +110,30 @@ def llama_cpp_perplexity(gguf: Path, windows) -> tuple[float, float]:
     return math.exp(nll / count), seconds
 
 
-def transformers_perplexity(folder: Path, windows) -> float:
+def transformers_perplexity(folder: Path, windows, ampq_logits: torch.Tensor) -> tuple[float, float]:
+    """Perplexity of the export as transformers loads it (compressed-tensors decompresses it), and the
+    largest difference of its logits from ampq's on the first window."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     ppl = evaluate(model, windows, progress=False).perplexity
+    with torch.no_grad():
+        diff = (model(windows.tokens[:1]).logits.float() - ampq_logits).abs().max().item()
     del model
     gc.collect()
-    return ppl
+    return ppl, diff
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="smollm2-135m")
-    p.add_argument("--plans", default="all", help=f"semicolon-separated from: {'; '.join(PLANS)}")
+    p.add_argument("--plans", default="default", help=f"semicolon-separated from: {'; '.join(PLANS)}; default: the "
+                   "plans without --target; all: every plan")
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--calib-windows", type=int, default=32)
     p.add_argument("--work", type=Path, default=Path("/tmp/ampq-engines"))
     args = p.parse_args()
-    plans = list(PLANS) if args.plans == "all" else [s.strip() for s in args.plans.split(";")]
+    plans = {"all": list(PLANS), "default": DEFAULT_PLANS}.get(args.plans) or [s.strip() for s in args.plans.split(";")]
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
     for model_name in args.models.split(","):
@@ -124,23 +145,31 @@ def main() -> None:
             from ampq.report import linear_bits
 
             row = {"model": model_name, "plan": plan, "bits_per_weight": round(linear_bits(model), 3),
-                   "ampq_ppl": evaluate(model, windows, progress=False).perplexity}
+                   "ampq_ppl": evaluate(model, windows, progress=False).perplexity, "date": machine()["date"]}
+            first = windows.tokens[:1]
+            with torch.no_grad():
+                ampq_logits = model(first).logits.float()
             del model
             gc.collect()
-            gguf = args.work / f"{ckpt.name}.gguf"
-            row["gguf"] = export(ckpt, "gguf", gguf)
-            row["llama_cpp_ppl"], row["llama_cpp_seconds"] = llama_cpp_perplexity(gguf, windows)
-            ct = args.work / f"{ckpt.name}-ct"
-            row["compressed_tensors"] = export(ckpt, "compressed-tensors", ct)
-            groups = json.loads((ct / "config.json").read_text())["quantization_config"]["config_groups"]
-            if all(g["weights"].get("symmetric", True) for g in groups.values()):
-                row["transformers_ct_ppl"] = transformers_perplexity(ct, windows)
-            else:  # transformers 5.24 + compressed-tensors 0.20 re-initialise packed zero points (README)
-                row["transformers_ct_ppl"] = None
-            imported, _ = ampq.load_model(str(ct))
-            row["ampq_import_ct_ppl"] = evaluate(imported, windows, progress=False).perplexity
-            del imported
-            gc.collect()
+            target = target_of(plan)
+            row["gguf"] = row["llama_cpp_ppl"] = row["transformers_ct_ppl"] = row["ampq_import_ct_ppl"] = None
+            if target in (None, "llama.cpp"):
+                gguf = args.work / f"{ckpt.name}.gguf"
+                row["gguf"] = export(ckpt, "gguf", gguf, exact_only=target is not None)
+                row["llama_cpp_ppl"], row["llama_cpp_seconds"] = llama_cpp_perplexity(gguf, windows)
+            if target in (None, "vllm"):
+                ct = args.work / f"{ckpt.name}-ct"
+                row["compressed_tensors"] = export(ckpt, "compressed-tensors", ct, exact_only=target is not None)
+                groups = json.loads((ct / "config.json").read_text())["quantization_config"]["config_groups"]
+                if all(g["weights"].get("symmetric", True) for g in groups.values()):
+                    row["transformers_ct_ppl"], diff = transformers_perplexity(ct, windows, ampq_logits)
+                    row["transformers_ct_max_logit_diff"] = diff
+                else:  # transformers 5.24 + compressed-tensors 0.20 re-initialise packed zero points (README)
+                    row["transformers_ct_ppl"] = None
+                imported, _ = ampq.load_model(str(ct))
+                row["ampq_import_ct_ppl"] = evaluate(imported, windows, progress=False).perplexity
+                del imported
+                gc.collect()
             for key in ("llama_cpp_ppl", "transformers_ct_ppl", "ampq_import_ct_ppl"):
                 row[key.replace("_ppl", "_ratio")] = row[key] / row["ampq_ppl"] if row[key] else None
             print(json.dumps(row, indent=1), flush=True)
@@ -160,12 +189,17 @@ def main() -> None:
              "| transformers ppl (ratio) | ampq import ppl (ratio) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        g, c = ("nearest" if r["gguf"]["nearest"] else "exact"), ("nearest" if r["compressed_tensors"]["nearest"] else "exact")
+        g = "not made (plan for vLLM)" if r["gguf"] is None else "nearest" if r["gguf"]["nearest"] else "exact"
+        c = ("not made (plan for llama.cpp)" if r.get("compressed_tensors") is None
+             else "nearest" if r["compressed_tensors"]["nearest"] else "exact")
+        ct_ppl = (f"| {r['transformers_ct_ppl']:.3f} ({r['transformers_ct_ratio']:.4f}) " if r["transformers_ct_ppl"]
+                  else "| not run (zero points: transformers 5.24 re-initialises them) " if r.get("compressed_tensors")
+                  else "| - ")
         lines.append(f"| {r['model']} | {r['plan']} | {r['bits_per_weight']:.3f} | {r['ampq_ppl']:.3f} | {g} "
-                     f"| {r['llama_cpp_ppl']:.3f} ({r['llama_cpp_ratio']:.4f}) | {c} "
-                     + (f"| {r['transformers_ct_ppl']:.3f} ({r['transformers_ct_ratio']:.4f}) " if r["transformers_ct_ppl"]
-                        else "| not run (zero points: transformers 5.24 re-initialises them) ")
-                     + f"| {r['ampq_import_ct_ppl']:.3f} ({r['ampq_import_ct_ratio']:.4f}) |")
+                     + (f"| {r['llama_cpp_ppl']:.3f} ({r['llama_cpp_ratio']:.4f}) " if r["llama_cpp_ppl"] else "| - ")
+                     + f"| {c} " + ct_ppl
+                     + (f"| {r['ampq_import_ct_ppl']:.3f} ({r['ampq_import_ct_ratio']:.4f}) |" if r["ampq_import_ct_ppl"]
+                        else "| - |"))
     (RESULTS / "engines.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

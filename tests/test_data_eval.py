@@ -86,3 +86,18 @@ def test_calibration_windows_give_every_hessian_full_rank():
     assert sized_for(Text("wiki", 8), wide) == Text("wiki", 8)  # a count given is kept
     with pytest.raises(AmpqError, match="how many windows"):
         Text("wiki").cut(None, "calib")
+
+
+@pytest.mark.parametrize("experts,top_k,windows", [(4, 2, 32), (64, 2, 64), (256, 1, 256)])
+def test_calibration_windows_count_the_tokens_an_expert_is_routed(experts, top_k, windows):
+    import transformers
+
+    from ampq.data import calibration_windows
+
+    # each expert's gate/up take 512 inputs and see top_k / experts of the tokens: 2 x 512 x experts / top_k
+    config = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=512, intermediate_size=64, moe_intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                         num_experts=experts, num_experts_per_tok=top_k)
+    model = transformers.Qwen3MoeForCausalLM(config)
+    assert calibration_windows(model) == windows  # (4, 2): the floor; (256, 1): the experts' cap
+

@@ -501,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-f", "--format", default=None, help="number format (default: the scheme's, int4-g128 for rtn; see `ampq formats`)")
     q.add_argument("--calib", default="mix", help="calibration text: built-in corpus, a mix (default mix: wiki, code, technical and multilingual text, first halves) or a file")
     q.add_argument("--calib-windows", type=int, default=None,
-                   help="calibration windows (default: tokens for twice the widest linear's inputs, at least 32)")
+                   help="calibration windows (default: tokens for twice the widest linear's inputs, an expert's counted per routed token, at least 32)")
     q.add_argument("--calib-window", type=int, default=512, help="tokens per calibration window (default 512)")
     q.add_argument("--clip", action="store_true", help="search clipping ratios per group (needs calibration)")
     q.add_argument("--bias-correction", action="store_true", help="correct each output's mean shift (needs calibration)")
@@ -543,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--dtype", default=None)
     pl.add_argument("--calib", default="mix")
     pl.add_argument("--calib-windows", type=int, default=None,
-                    help="calibration windows (default: tokens for twice the widest linear's inputs, at least 32)")
+                    help="calibration windows (default: tokens for twice the widest linear's inputs, an expert's counted per routed token, at least 32)")
     pl.add_argument("--calib-window", type=int, default=512)
     pl.add_argument("--plan", default=None, help=argparse.SUPPRESS)
     _add_budget_args(pl)

@@ -16,6 +16,7 @@ from torch import nn
 
 from ampq import builtin
 from ampq.errors import AmpqError
+from ampq.experts import expert_shape, experts_modules, projections
 
 HUB_DATASETS = {"wikitext2": ("wikitext", "wikitext-2-raw-v1", "text")}
 _DOC_TAG = re.compile(r"^</?doc[^>]*>\s*$", re.MULTILINE)
@@ -183,15 +184,30 @@ def as_text(spec: "Text | str", **defaults) -> Text:
 
 
 MIN_CALIBRATION_WINDOWS = 32
+MAX_EXPERT_CALIBRATION_WINDOWS = 256
 
 
 def calibration_windows(model: nn.Module, window: int = 512) -> int:
     """How many calibration windows of ``window`` tokens a model gets by default: enough tokens for
     twice the inputs of its widest linear, so that every GPTQ Hessian (inputs x inputs, summed over
     tokens) has full rank with room to spare, and never fewer than 32 (the quality table's
-    calibration, docs/mixed-precision.md)."""
+    calibration, docs/mixed-precision.md).
+
+    A mixture-of-experts expert sees only the tokens routed to it, ``top_k`` of its ``n`` experts on
+    average, so its inputs need ``n / top_k`` times the tokens; for many small experts that grows
+    fast (DeepSeek-V3: 32x), so experts alone never ask for more than
+    :data:`MAX_EXPERT_CALIBRATION_WINDOWS`, beyond which GPTQ's damping carries the rarely routed ones."""
     widest = max((m.in_features for m in model.modules() if isinstance(m, nn.Linear)), default=0)
-    return max(MIN_CALIBRATION_WINDOWS, math.ceil(2 * widest / window))
+    needed = math.ceil(2 * widest / window)
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    top_k = int(getattr(config, "num_experts_per_tok", None) or 1)
+    for module in experts_modules(model).values():
+        for projection in projections(module):
+            inputs = expert_shape(module, projection)[1]
+            share = min(1.0, top_k / module._parameters[projection].shape[0])
+            needed = max(needed, min(MAX_EXPERT_CALIBRATION_WINDOWS, math.ceil(2 * inputs / share / window)))
+    return max(MIN_CALIBRATION_WINDOWS, needed)
 
 
 def sized_for(spec, model: nn.Module, window: int = 512):
