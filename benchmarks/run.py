@@ -26,6 +26,7 @@ PEERS_PYTHON = HERE / ".venv-peers" / "bin" / "python"
 # What a benchmark needs beyond `scripts/setup.sh test`; `all` leaves these out.
 NEEDS = {
     "engines": "llama-cpp-python (extra `engines`; compiles llama.cpp, about 15 minutes on 2 cores)",
+    "vs_llama_cpp": "llama-cpp-python (extra `engines`, as engines)",
     "peers": "the peers' virtual environment: bash benchmarks/peers/setup.sh",
 }
 # pareto sets AMPQ against the uniform rows that schemes and uniform measured: it runs after them

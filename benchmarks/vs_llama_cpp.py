@@ -21,7 +21,8 @@ Per model:
    ampq's own perplexity of each ampq checkpoint (its reference kernel) is beside it: the export
    is exact when the two agree within 1% (llama.cpp quantizes activations to 8 bits in its matmuls).
 
-Writes benchmarks/results/vs_llama_cpp/vs_llama_cpp.json. Needs llama-cpp-python (a benchmark extra).
+Writes benchmarks/results/vs_llama_cpp/vs_llama_cpp.{json,md} (`--table` rewrites the .md from the
+.json). Needs llama-cpp-python (a benchmark extra).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _machine import machine  # noqa: E402
+from _machine import describe, machine  # noqa: E402
 
 import ampq  # noqa: E402
 from ampq.data import make_windows  # noqa: E402
@@ -105,6 +106,26 @@ def llama_quantize(source: Path, out: Path, ftype_name: str, embeddings_f16: boo
     return out
 
 
+def load_llama(path: Path, **kwargs):
+    """llama.cpp's model without its extra CPU buffer types (``use_extra_bufts``): those repack the
+    weights for AMX, a path that crashes on some virtual machines (this one); the plain path computes
+    the same numbers from the file as written (tests/_llama_cpp.py does the same)."""
+    from unittest import mock
+
+    import llama_cpp
+    import llama_cpp.llama_cpp as low
+
+    default = low.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    with mock.patch.object(low, "llama_model_default_params", params):
+        return llama_cpp.Llama(str(path), **kwargs)
+
+
 def tensor_types(gguf: Path) -> dict[str, int]:
     from gguf import GGUFReader
 
@@ -115,10 +136,9 @@ def score(ggufs: dict[str, Path], reference: str, windows) -> dict[str, dict]:
     """Perplexity, KL to the reference's distribution and top-1 agreement of every file, window by
     window (every model loaded once, the reference's log-probabilities never all held at once)."""
     import numpy as np
-    from llama_cpp import Llama
 
     with Silenced():
-        models = {name: Llama(str(path), n_ctx=windows.window, n_batch=windows.window, logits_all=True,
+        models = {name: load_llama(path, n_ctx=windows.window, n_batch=windows.window, logits_all=True,
                               n_threads=torch.get_num_threads(), verbose=False) for name, path in ggufs.items()}
     sums = {name: {"nll": 0.0, "kl": 0.0, "top1": 0, "tokens": 0} for name in ggufs}
     for ids in windows.tokens.tolist():
@@ -143,6 +163,41 @@ def score(ggufs: dict[str, Path], reference: str, windows) -> dict[str, dict]:
                    "top1": s["top1"] / s["tokens"], "tokens": s["tokens"]} for name, s in sums.items()}
 
 
+def table(result: dict) -> str:
+    """One table per model: each llama.cpp type beside ampq's plan of the same file size, the
+    increase of perplexity over F16 as a ratio (ampq's / llama.cpp's: below 1, ampq loses less)."""
+    texts = result["texts"]
+    lines = [f"Machine: {describe(result['machine'])}; llama-cpp-python {result['llama_cpp_python']}, CPU. Scored by "
+             f"llama.cpp on the held-out half of {' and '.join(texts)}, {result['windows']} windows of "
+             f"{result['window']} tokens each; KL to the F16 file's next-token distribution, nats per token. "
+             "llama.cpp's types keep the embeddings and head in F16 as ampq does (its default, embeddings "
+             "quantized, is the last row); ampq = T is `--target llama.cpp --max-size` of T's file.", ""]
+    for model in dict.fromkeys(r["model"] for r in result["rows"]):
+        rows = {r["name"]: r for r in result["rows"] if r["model"] == model}
+        base = rows["F16"]
+        head = ["file", "MB"] + [f"{k} {t}" for t in texts for k in ("ppl", "KL", "top-1")] + \
+               [f"ppl increase ratio {t}" for t in texts] + ["ampq's own ppl " + texts[0], "linears (ampq: format:algorithm)"]
+        lines += [f"**{model}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name, r in rows.items():
+            cells = [name, f"{r['file_bytes'] / 1e6:.1f}"]
+            for t in texts:
+                cells += [f"{r[t]['perplexity']:.3f}", f"{r[t]['kl']:.4f}", f"{r[t]['top1']:.3f}"]
+            other = rows.get(name.replace("ampq = ", "llama.cpp ")) if name.startswith("ampq") else None
+            for t in texts:
+                if other:
+                    gain = (r[t]["perplexity"] - base[t]["perplexity"]) / (other[t]["perplexity"] - base[t]["perplexity"])
+                    cells.append(f"{gain:.2f}")
+                else:
+                    cells.append("")
+            own = r[texts[0]].get("ampq_perplexity")
+            cells.append(f"{own:.3f}" if own else "")
+            kinds = r.get("ampq_formats") or r["types"]
+            cells.append(", ".join(f"{k} {v}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="smollm2-135m,qwen2.5-coder-0.5b")
@@ -151,7 +206,11 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=8, help="evaluation windows of 512 tokens per text")
     p.add_argument("--work", type=Path, default=Path("/tmp/ampq-vs-llama-cpp"))
     p.add_argument("--out", type=Path, default=RESULTS / "vs_llama_cpp.json")
+    p.add_argument("--table", action="store_true", help="rewrite the Markdown table from --out and stop")
     args = p.parse_args()
+    if args.table:
+        args.out.with_suffix(".md").write_text(table(json.loads(args.out.read_text())))
+        return
     types = args.types.split(",")
     rows = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
     for model_name in args.models.split(","):
@@ -208,6 +267,7 @@ def main() -> None:
         tmp = args.out.with_suffix(".part")
         tmp.write_text(json.dumps(result, indent=1))
         tmp.rename(args.out)
+        args.out.with_suffix(".md").write_text(table(result))
 
 
 if __name__ == "__main__":

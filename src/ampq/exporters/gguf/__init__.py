@@ -25,6 +25,7 @@ into llama.cpp's 3D ``ffn_*_exps`` tensors (:mod:`.experts`).
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -56,6 +57,11 @@ class Gguf(Target):
     def check_source(self) -> None:
         self.spec = architectures.check(self.directory, AutoConfig.from_pretrained(self.directory), self.warnings)
         self.arch = self.spec.name
+        self.pooling = None
+        if self.spec.encoder:
+            manifest = self.directory / "ampq.json"
+            source = json.loads(manifest.read_text()).get("source") if manifest.is_file() else None
+            self.pooling = architectures.pooling(self.directory, source, self.warnings)
 
     def start(self, model: nn.Module) -> None:
         self.model = model
@@ -129,6 +135,8 @@ class Gguf(Target):
         return Conversion(tensors, qtype, decoded, expected)
 
     def plain(self, key: str, value: torch.Tensor) -> dict:
+        if self.spec.encoder and key.startswith(architectures.ENCODER_DROPPED):
+            return {}
         experts = self.experts.plain(key, value)
         if experts is not None:
             return experts
@@ -151,7 +159,7 @@ class Gguf(Target):
         self.file_type = writer.file_type([it.kind for it in layers.values()])
         name = (self.config.to_dict().get("_model_name_or_path") or "").strip() or self.directory.name
         self.tokenizer_summary = writer.write(tmp, self.spec, self.config, self.vocab_size, name, self.file_type,
-                                              self.tokenizer, tensors)
+                                              self.tokenizer, tensors, self.pooling)
 
     def summary(self, summary: dict, layers: dict[str, Layer], tensors: dict) -> dict:
         items = layers.values()
@@ -180,8 +188,8 @@ class Gguf(Target):
 
 def export_gguf(directory, out, nearest: bool = False, *, overwrite: bool = False) -> dict:
     """Write the ampq checkpoint ``directory`` as the GGUF file ``out`` (llama, mistral, qwen2, qwen3,
-    gemma2, gemma3, phi3, and the mixture-of-experts Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE: see
-    :mod:`.architectures`).
+    gemma2, gemma3, phi3, the mixture-of-experts Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE, and BERT
+    encoders: see :mod:`.architectures`).
 
     Quantized layers whose format has an exact GGUF counterpart are repacked block by block and
     checked bit for bit against ampq's decoding (see :mod:`.qtypes` for the table); the others are

@@ -14,6 +14,10 @@ global layers (every 2nd global), Gemma 3 makes every 6th layer global with a lo
 Phi-3 attends to the whole context. A config that differs is refused (or, for Phi-3's and Mistral's
 windows, warned about), never written to compute something else.
 
+BERT encoders (``BertModel``, as llama.cpp's ``BertModel`` converter writes them): no causal mask,
+layer norms with their epsilon, ``token_type_count``, the pooling type from the sentence-transformers
+``modules.json`` (mean, CLS or last token), the pooler left out; a WordPiece tokenizer (:mod:`.vocab`).
+
 Mixture-of-experts models (``LlamaModel`` for Mixtral, ``Qwen2MoeModel``, ``Qwen3MoeModel``,
 ``OlmoeModel``): the routers are ``ffn_gate_inp`` (F32), each projection of the experts of a block
 one 3D tensor ``ffn_gate_exps`` / ``ffn_up_exps`` / ``ffn_down_exps`` (transformers 5's fused
@@ -27,11 +31,13 @@ there, OLMoE's key/value heads as many as its query heads; a config that differs
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 
+from ampq import builtin
 from ampq.errors import AmpqError
 
 A = gguf.MODEL_ARCH
@@ -48,6 +54,7 @@ class Architecture:
     norm_top_k: bool | None = None  # whether llama.cpp renormalizes the top-k routing weights (MoE)
     expert_length: bool = False  # writes expert_feed_forward_length (moe_intermediate_size)
     shared_expert: bool = False  # Qwen2-MoE's gated shared expert
+    encoder: bool = False  # BERT: bidirectional attention, layer norms, a pooled embedding out
 
     @property
     def name(self) -> str:
@@ -67,7 +74,14 @@ ARCHITECTURES = {
                                         shared_expert=True),
     "Qwen3MoeForCausalLM": Architecture(A.QWEN3MOE, moe=True, norm_top_k=True, expert_length=True),
     "OlmoeForCausalLM": Architecture(A.OLMOE, moe=True, norm_top_k=False),
+    "BertModel": Architecture(A.BERT, encoder=True),
 }
+# what llama.cpp's BERT converter leaves out: the pooler (a sentence embedding is pooled by the
+# pooling type instead) and the position ids buffer
+ENCODER_DROPPED = ("pooler.", "embeddings.position_ids")
+# sentence-transformers' pooling modes -> llama.cpp's pooling type
+POOLING = {"pooling_mode_mean_tokens": gguf.PoolingType.MEAN, "pooling_mode_cls_token": gguf.PoolingType.CLS,
+           "pooling_mode_lasttoken": gguf.PoolingType.LAST}
 # mixture-of-experts families transformers 5 builds that this exporter does not write, and why
 UNSUPPORTED_MOE = {
     "deepseek_v3": "DeepSeek-V3 (multi-head latent attention and grouped, biased sigmoid routing: llama.cpp's "
@@ -160,6 +174,41 @@ def _check_moe(directory: Path, config, spec: Architecture) -> None:
         raise _refuse(directory, f"it clips q/k/v at {config.clip_qkv}; llama.cpp's {spec.name} does not")
 
 
+def _check_encoder(directory: Path, config) -> None:
+    position = getattr(config, "position_embedding_type", "absolute")
+    if position != "absolute":
+        raise _refuse(directory, f"its positions are {position!r}; llama.cpp's bert adds absolute position embeddings")
+    if getattr(config, "hidden_act", "gelu") != "gelu":
+        raise _refuse(directory, f"its feed-forward activation is {config.hidden_act}; llama.cpp's bert uses GELU")
+
+
+def pooling(directory: Path, source: str | None, warnings: list[str]) -> gguf.PoolingType:
+    """How llama.cpp pools the token states into one embedding: the sentence-transformers pooling of
+    the checkpoint, or of the model it was quantized from (``source``: a folder, or a built-in
+    name), as llama.cpp's converter reads it from ``modules.json``; mean pooling (what ampq's
+    embedding evaluation does) where neither says, with a warning."""
+    folders = [directory]
+    if source:
+        folders.append(Path(source))
+        if source in builtin.MODELS:
+            folders.append(builtin.cache_dir() / "models" / source)
+    for folder in folders:
+        modules = folder / "modules.json"
+        if not modules.is_file():
+            continue
+        for module in json.loads(modules.read_text()):
+            if module.get("type", "").endswith("Pooling"):
+                config = json.loads((folder / module["path"] / "config.json").read_text())
+                chosen = [POOLING[k] for k, v in config.items() if k in POOLING and v]
+                if len(chosen) != 1:
+                    raise _refuse(directory, f"its sentence-transformers pooling ({folder / module['path']}) is "
+                                             "none of llama.cpp's (mean, cls, last token)")
+                return chosen[0]
+    warnings.append("no sentence-transformers pooling found beside the checkpoint or its source: written as mean "
+                    "pooling (what ampq's embedding evaluation uses); llama.cpp's --pooling overrides it")
+    return gguf.PoolingType.MEAN
+
+
 def check(directory: Path, config, warnings: list[str]) -> Architecture:
     """The llama.cpp architecture of the checkpoint ``directory`` (its transformers ``config``), or
     an error saying why this exporter does not write it; warnings for what llama.cpp runs differently."""
@@ -176,6 +225,9 @@ def check(directory: Path, config, warnings: list[str]) -> Architecture:
                                  f"{', '.join(ARCHITECTURES)}. Use --to compressed-tensors, or llama.cpp's "
                                  "convert_hf_to_gguf.py on the unquantized model")
     spec = ARCHITECTURES[cls]
+    if spec.encoder:
+        _check_encoder(directory, config)
+        return spec
     rope_type = rope(config)["rope_type"]
     if rope_type not in (None, "default") and not (spec.arch == A.GEMMA3 and rope_type == "linear"):
         raise _refuse(directory, f"its rope scaling ({rope_type}) is not written by this exporter; only plain "

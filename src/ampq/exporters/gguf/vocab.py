@@ -1,7 +1,7 @@
 """The tokenizer of a GGUF export: llama.cpp's ``tokenizer.ggml.*`` keys, as llama.cpp's
 convert_hf_to_gguf.py writes them, for the two kinds of tokenizer.json decoder models use: byte-level
 BPE (``gpt2``: SmolLM, Qwen, Llama 3) and SentencePiece BPE with byte fallback (``llama``: Llama 2,
-Mistral, Phi-3, Gemma).
+Mistral, Phi-3, Gemma), and BERT's WordPiece (``bert``).
 
 A SentencePiece tokenizer's scores come from its ``tokenizer.model`` when the checkpoint has one and
 the ``sentencepiece`` package is installed (what the converter reads); otherwise from the merges of
@@ -57,6 +57,8 @@ def read_tokenizer(directory: Path, vocab_size: int, warnings: list[str]) -> dic
         return None
     spec = json.loads(spec_file.read_text(encoding="utf-8"))
     model = spec.get("model") or {}
+    if model.get("type") == "WordPiece":
+        return _wordpiece(directory, spec, vocab_size)
     byte_level = any((spec.get(k) or {}).get("type") == "ByteLevel"
                      or any(p.get("type") == "ByteLevel" for p in (spec.get(k) or {}).get("pretokenizers", []))
                      for k in ("pre_tokenizer", "decoder"))
@@ -111,6 +113,46 @@ def read_tokenizer(directory: Path, vocab_size: int, warnings: list[str]) -> dic
     if not special.merges:
         raise AmpqError(f"{directory}/tokenizer.json has no merges; a BPE tokenizer without them cannot be written")
     return {"model": "gpt2", "pre": pre, "tokens": tokens, "types": types, "special": special}
+
+
+def _wordpiece(directory: Path, spec: dict, vocab_size: int) -> dict:
+    """A BERT tokenizer as llama.cpp's converter writes it (``tokenizer.ggml.model`` "bert"): every
+    token in "phantom space" form, a word's first piece with ▁ in front and a continuation (``##x``)
+    without its mark, special tokens as they are. llama.cpp's WordPiece lower-cases and strips accents
+    always, so a cased tokenizer is refused rather than split differently."""
+    normalizer = spec.get("normalizer") or {}
+    if normalizer.get("type") == "BertNormalizer" and not normalizer.get("lowercase", True):
+        raise AmpqError(f"cannot export {directory} to GGUF: its WordPiece tokenizer keeps case, and llama.cpp's "
+                        "bert tokenizer lower-cases every text; serve this model with ampq or transformers")
+    prefix = (spec.get("model") or {}).get("continuing_subword_prefix", "##")
+    tok = AutoTokenizer.from_pretrained(directory)
+    reverse = {i: t for t, i in tok.get_vocab().items()}
+    if reverse and max(reverse) >= vocab_size:
+        raise AmpqError(f"{directory}: the tokenizer has token id {max(reverse)}, but the model's vocabulary is "
+                        f"{vocab_size}; they do not belong together")
+    added = tok.added_tokens_decoder
+    T = gguf.TokenType
+    tokens, types = [], []
+    for i in range(vocab_size):
+        token = reverse.get(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(T.UNUSED)
+        elif i in added and added[i].special:
+            tokens.append(token)
+            types.append(T.CONTROL)
+        else:
+            tokens.append(token[len(prefix):] if token.startswith(prefix) else _SPACE + token)
+            types.append(T.NORMAL)
+    special = gguf.SpecialVocab(directory, load_merges=False, n_vocab=vocab_size)
+    special.special_token_ids.pop("cls", None)  # GGUF has no key for it: llama.cpp's bert takes it as bos
+    ids = {"bos": tok.cls_token_id, "eos": tok.sep_token_id, "unk": tok.unk_token_id, "sep": tok.sep_token_id,
+           "pad": tok.pad_token_id, "mask": tok.mask_token_id}
+    special.special_token_ids.update({k: v for k, v in ids.items() if v is not None})
+    plain, full = tok("a", add_special_tokens=False)["input_ids"], tok("a")["input_ids"]
+    special.add_special_token["bos"] = bool(len(full) > len(plain) and full[0] == tok.cls_token_id)
+    special.add_special_token["eos"] = bool(len(full) > len(plain) and full[-1] == tok.sep_token_id)
+    return {"model": "bert", "pre": "default", "tokens": tokens, "types": types, "special": special}
 
 
 def _scores(directory: Path, model: dict, tokens: list[str], types: list, warnings: list[str]) -> list[float]:

@@ -21,6 +21,19 @@ FILE_TYPES = {T.F32: "ALL_F32", T.F16: "MOSTLY_F16", T.BF16: "MOSTLY_BF16", T.Q4
               T.Q6_K: "MOSTLY_Q6_K", T.IQ4_NL: "MOSTLY_IQ4_NL", T.IQ4_XS: "MOSTLY_IQ4_XS"}
 
 
+def _encoder_hyperparameters(writer, config, vocab_size: int, pooling) -> None:
+    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_embedding_length(int(config.hidden_size))
+    writer.add_block_count(int(config.num_hidden_layers))
+    writer.add_feed_forward_length(int(config.intermediate_size))
+    writer.add_head_count(int(config.num_attention_heads))
+    writer.add_layer_norm_eps(float(config.layer_norm_eps))
+    writer.add_causal_attention(False)
+    writer.add_pooling_type(pooling)
+    writer.add_token_type_count(int(getattr(config, "type_vocab_size", 1) or 1))
+    writer.add_vocab_size(int(vocab_size))
+
+
 def _hyperparameters(writer, config, vocab_size: int, spec: architectures.Architecture) -> None:
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -50,7 +63,7 @@ def file_type(qtypes: list[T]) -> str:
 
 
 def write(path: Path, spec: architectures.Architecture, config, vocab_size: int, name: str, kind: str,
-          tokenizer: dict | None, tensors: dict[str, tuple[np.ndarray, T]]) -> dict:
+          tokenizer: dict | None, tensors: dict[str, tuple[np.ndarray, T]], pooling=None) -> dict:
     """The GGUF file ``path``: metadata (``kind``: the file type), the tokenizer, then ``tensors``
     (name -> (data, type); uint8 data is raw blocks of its type). Returns the tokenizer's summary."""
     writer = gguf.GGUFWriter(path, spec.name)
@@ -58,7 +71,10 @@ def write(path: Path, spec: architectures.Architecture, config, vocab_size: int,
         writer.add_type("model")
         writer.add_name(name)
         writer.add_quantized_by(f"ampq {__version__}")
-        _hyperparameters(writer, config, vocab_size, spec)
+        if spec.encoder:
+            _encoder_hyperparameters(writer, config, vocab_size, pooling)
+        else:
+            _hyperparameters(writer, config, vocab_size, spec)
         writer.add_file_type(int(getattr(gguf.LlamaFileType, kind)))
         summary = write_tokenizer(writer, tokenizer)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
