@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _llama import load_llama  # noqa: E402
 from _machine import describe, machine  # noqa: E402
 
 import ampq  # noqa: E402
@@ -93,9 +94,8 @@ def export(ckpt: Path, to: str, out: Path, exact_only: bool = False) -> dict:
 
 def llama_cpp_perplexity(gguf: Path, windows) -> tuple[float, float]:
     import numpy as np
-    from llama_cpp import Llama
 
-    llm = Llama(str(gguf), n_ctx=windows.window, n_batch=windows.window, logits_all=True,
+    llm = load_llama(gguf, n_ctx=windows.window, n_batch=windows.window, logits_all=True,
                 n_threads=torch.get_num_threads(), verbose=False)
     nll, count, start = 0.0, 0, time.perf_counter()
     for ids in windows.tokens.tolist():

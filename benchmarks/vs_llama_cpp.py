@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _llama import load_llama  # noqa: E402
 from _machine import describe, machine  # noqa: E402
 
 import ampq  # noqa: E402
@@ -104,26 +105,6 @@ def llama_quantize(source: Path, out: Path, ftype_name: str, embeddings_f16: boo
             raise RuntimeError(f"llama_model_quantize {ftype_name} of {source} failed ({rc})")
         tmp.rename(out)
     return out
-
-
-def load_llama(path: Path, **kwargs):
-    """llama.cpp's model without its extra CPU buffer types (``use_extra_bufts``): those repack the
-    weights for AMX, a path that crashes on some virtual machines (this one); the plain path computes
-    the same numbers from the file as written (tests/_llama_cpp.py does the same)."""
-    from unittest import mock
-
-    import llama_cpp
-    import llama_cpp.llama_cpp as low
-
-    default = low.llama_model_default_params
-
-    def params():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    with mock.patch.object(low, "llama_model_default_params", params):
-        return llama_cpp.Llama(str(path), **kwargs)
 
 
 def tensor_types(gguf: Path) -> dict[str, int]:

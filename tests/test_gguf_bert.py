@@ -65,7 +65,7 @@ def test_llama_cpp_tokenizes_and_embeds_as_ampq(exported):
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from vs_llama_cpp import load_llama
+    from _llama import load_llama
 
     ckpt, path, _ = exported
     model, tok = ampq.load_model(str(ckpt))
