@@ -276,6 +276,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "uniform-qwen2.5-coder-0.5b": md_section("uniform/uniform.md", "uniform/uniform.json", "**qwen2.5-coder-0.5b**"),
     "encoders": md_whole("encoders/encoders.md", "encoders/encoders.json"),
     "engines": md_whole("engines/engines.md", "engines/engines.json"),
+    "vs-llama-cpp": md_whole("vs_llama_cpp/vs_llama_cpp.md", "vs_llama_cpp/vs_llama_cpp.json"),
     "import-llmc": import_llmc,
     "kernels-cpu": md_whole("kernel_speed/kernels.md", "kernel_speed/kernels.json"),
     "kernels-gpu": md_nth("kernel_speed/kernels-gpu.md", "kernel_speed/kernels-gpu.json", 0,

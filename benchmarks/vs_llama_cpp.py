@@ -148,17 +148,19 @@ def table(result: dict) -> str:
     """One table per model: each llama.cpp type beside ampq's plan of the same file size, the
     increase of perplexity over F16 as a ratio (ampq's / llama.cpp's: below 1, ampq loses less)."""
     texts = result["texts"]
-    lines = [f"Machine: {describe(result['machine'])}; llama-cpp-python {result['llama_cpp_python']}, CPU. Scored by "
+    about = (f"{describe(result['machine'])}; llama-cpp-python {result['llama_cpp_python']}, CPU. Scored by "
              f"llama.cpp on the held-out half of {' and '.join(texts)}, {result['windows']} windows of "
              f"{result['window']} tokens each; KL to the F16 file's next-token distribution, nats per token. "
              "llama.cpp's types keep the embeddings and head in F16 as ampq does (its default, embeddings "
-             "quantized, is the last row); ampq = T is `--target llama.cpp --max-size` of T's file.", ""]
+             "quantized, is the last row); ampq = T is `--target llama.cpp --max-size` of T's file; the ratio "
+             "divides ampq's perplexity increase over F16 by llama.cpp's.")
+    lines = []
     for model in dict.fromkeys(r["model"] for r in result["rows"]):
         rows = {r["name"]: r for r in result["rows"] if r["model"] == model}
         base = rows["F16"]
         head = ["file", "MB"] + [f"{k} {t}" for t in texts for k in ("ppl", "KL", "top-1")] + \
                [f"ppl increase ratio {t}" for t in texts] + ["ampq's own ppl " + texts[0], "linears (ampq: format:algorithm)"]
-        lines += [f"**{model}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += [f"**{model}** ({about})", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name, r in rows.items():
             cells = [name, f"{r['file_bytes'] / 1e6:.1f}"]
             for t in texts:
