@@ -132,7 +132,11 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--calib-windows", type=int, default=32)
     p.add_argument("--work", type=Path, default=Path("/tmp/ampq-engines"))
+    p.add_argument("--table", action="store_true", help="rewrite engines.md from engines.json and stop")
     args = p.parse_args()
+    if args.table:
+        write_table(json.loads((RESULTS / "engines.json").read_text()))
+        return
     plans = {"all": list(PLANS), "default": DEFAULT_PLANS}.get(args.plans) or [s.strip() for s in args.plans.split(";")]
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -184,18 +188,24 @@ def main() -> None:
               "transformers": _version("transformers"), "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "engines.json").write_text(json.dumps(result, indent=1))
-    lines = [f"Machine: {describe(result['machine'])}. wiki held-out half, {args.windows} windows of 512 tokens.", "",
-             "| model | plan | bits/weight | ampq ppl | GGUF export | llama.cpp ppl (ratio) | compressed-tensors export "
+    write_table(result)
+
+
+def write_table(result: dict) -> None:
+    rows = result["rows"]
+    lines = [f"Machine: {describe(result['machine'])} (each row on the date it gives). wiki held-out half, "
+             f"{result['windows']} windows of 512 tokens.", "",
+             "| date | model | plan | bits/weight | ampq ppl | GGUF export | llama.cpp ppl (ratio) | compressed-tensors export "
              "| transformers ppl (ratio) | ampq import ppl (ratio) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         g = "not made (plan for vLLM)" if r["gguf"] is None else "nearest" if r["gguf"]["nearest"] else "exact"
         c = ("not made (plan for llama.cpp)" if r.get("compressed_tensors") is None
              else "nearest" if r["compressed_tensors"]["nearest"] else "exact")
         ct_ppl = (f"| {r['transformers_ct_ppl']:.3f} ({r['transformers_ct_ratio']:.4f}) " if r["transformers_ct_ppl"]
-                  else "| not run (zero points: transformers 5.24 re-initialises them) " if r.get("compressed_tensors")
+                  else "| not run (transformers expects unpacked zero points, compressed-tensors and vLLM write them packed) " if r.get("compressed_tensors")
                   else "| - ")
-        lines.append(f"| {r['model']} | {r['plan']} | {r['bits_per_weight']:.3f} | {r['ampq_ppl']:.3f} | {g} "
+        lines.append(f"| {r['date']} | {r['model']} | {r['plan']} | {r['bits_per_weight']:.3f} | {r['ampq_ppl']:.3f} | {g} "
                      + (f"| {r['llama_cpp_ppl']:.3f} ({r['llama_cpp_ratio']:.4f}) " if r["llama_cpp_ppl"] else "| - ")
                      + f"| {c} " + ct_ppl
                      + (f"| {r['ampq_import_ct_ppl']:.3f} ({r['ampq_import_ct_ratio']:.4f}) |" if r["ampq_import_ct_ppl"]
