@@ -69,11 +69,7 @@ def read_tokenizer(directory: Path, vocab_size: int, warnings: list[str]) -> dic
                         "exporter writes byte-level BPE (SmolLM, Qwen2, Llama 3) and SentencePiece BPE with byte "
                         "fallback (Llama 2, Mistral, Phi-3, Gemma). Convert the original model with llama.cpp's "
                         "convert_hf_to_gguf.py instead")
-    tok = AutoTokenizer.from_pretrained(directory)
-    reverse = {i: t for t, i in tok.get_vocab().items()}
-    if reverse and max(reverse) >= vocab_size:
-        raise AmpqError(f"{directory}: the tokenizer has token id {max(reverse)}, but the model's vocabulary is "
-                        f"{vocab_size}; they do not belong together")
+    tok, reverse = _tokenizer(directory, vocab_size)
     added = tok.added_tokens_decoder
     unk = model.get("unk_token")
     T = gguf.TokenType
@@ -115,6 +111,16 @@ def read_tokenizer(directory: Path, vocab_size: int, warnings: list[str]) -> dic
     return {"model": "gpt2", "pre": pre, "tokens": tokens, "types": types, "special": special}
 
 
+def _tokenizer(directory: Path, vocab_size: int):
+    """The checkpoint's tokenizer and its id -> token map, refused when it names ids the model lacks."""
+    tok = AutoTokenizer.from_pretrained(directory)
+    reverse = {i: t for t, i in tok.get_vocab().items()}
+    if reverse and max(reverse) >= vocab_size:
+        raise AmpqError(f"{directory}: the tokenizer has token id {max(reverse)}, but the model's vocabulary is "
+                        f"{vocab_size}; they do not belong together")
+    return tok, reverse
+
+
 def _wordpiece(directory: Path, spec: dict, vocab_size: int) -> dict:
     """A BERT tokenizer as llama.cpp's converter writes it (``tokenizer.ggml.model`` "bert"): every
     token in "phantom space" form, a word's first piece with ▁ in front and a continuation (``##x``)
@@ -125,11 +131,7 @@ def _wordpiece(directory: Path, spec: dict, vocab_size: int) -> dict:
         raise AmpqError(f"cannot export {directory} to GGUF: its WordPiece tokenizer keeps case, and llama.cpp's "
                         "bert tokenizer lower-cases every text; serve this model with ampq or transformers")
     prefix = (spec.get("model") or {}).get("continuing_subword_prefix", "##")
-    tok = AutoTokenizer.from_pretrained(directory)
-    reverse = {i: t for t, i in tok.get_vocab().items()}
-    if reverse and max(reverse) >= vocab_size:
-        raise AmpqError(f"{directory}: the tokenizer has token id {max(reverse)}, but the model's vocabulary is "
-                        f"{vocab_size}; they do not belong together")
+    tok, reverse = _tokenizer(directory, vocab_size)
     added = tok.added_tokens_decoder
     T = gguf.TokenType
     tokens, types = [], []
