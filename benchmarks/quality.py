@@ -34,7 +34,7 @@ from ampq.pipeline import planner  # noqa: E402
 from ampq.data import make_windows  # noqa: E402
 from ampq.evaluation import Reference, evaluate  # noqa: E402
 from ampq.report import block_linear_names, linear_bits, model_bytes  # noqa: E402
-from ampq.sensitivity import DEFAULT_CANDIDATES, measure  # noqa: E402
+from ampq.sensitivity import DEFAULT_CANDIDATES, SensitivityTable, measure  # noqa: E402
 from ampq.pipeline.transform import apply_transform  # noqa: E402
 from ampq.resume import Resume  # noqa: E402
 
@@ -118,9 +118,18 @@ def run_ampq(original, tok, calib, variant: str, budgets: list[float], scorer: S
     # a run killed during the measurement (hours for a 1.5B model on 2 cores) resumes from the last block
     key = {"model": model_name, "variant": variant, "candidates": spec["candidates"], "transform": spec["transform"],
            "calibration": hashlib.sha256(getattr(calib, "tokens", calib).numpy().tobytes()).hexdigest()}
-    resume = Resume(Path(args.out).parent / f".{Path(args.out).stem}-{model_name}-{variant}.ampq-resume", key)
-    table = measure(model, calib, spec["candidates"], progress=False, resume=resume)
-    resume.finish()
+    # and one killed while quantizing keeps the table: each budget's row is saved as it is done, the
+    # table beside them, so a rerun measures nothing twice
+    stem = Path(args.out).parent / f".{Path(args.out).stem}-{model_name}-{variant}"
+    saved = stem.with_name(stem.name + f"-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}"
+                           ".sensitivity.json")
+    if saved.exists():
+        table = SensitivityTable.load(saved)
+    else:
+        resume = Resume(stem.with_name(stem.name + ".ampq-resume"), key)
+        table = measure(model, calib, spec["candidates"], progress=False, resume=resume)
+        table.save(saved)
+        resume.finish()
     t2 = time.perf_counter()
     rows = []
     for k, budget in enumerate(budgets):
