@@ -136,6 +136,9 @@ class Gguf(Target):
 
     def plain(self, key: str, value: torch.Tensor) -> dict:
         if self.spec.encoder and key.startswith(architectures.ENCODER_DROPPED):
+            if key.startswith("pooler.") and not any("pooler" in w for w in self.warnings):
+                self.warnings.append("the pooler (pooler.dense, a dense layer over the [CLS] state) is not written: llama.cpp "
+                                     "pools the token states by the pooling type instead, as its converter does")
             return {}
         experts = self.experts.plain(key, value)
         if experts is not None:
