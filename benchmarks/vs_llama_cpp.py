@@ -215,6 +215,9 @@ def main() -> None:
                 if gguf.stat().st_size <= size:
                     break
                 budget -= gguf.stat().st_size - size
+            else:  # never compare a larger ampq file as if it were the same size
+                raise RuntimeError(f"{model_name}: ampq's file stayed larger than llama.cpp's {t} "
+                                   f"({gguf.stat().st_size:,} > {size:,} bytes) after three plans")
             ggufs[f"ampq = {t}"] = gguf
             pairs.append((t, llama, out, gguf))
             print(f"[{model_name}] {t}: llama.cpp {size:,} B, ampq {gguf.stat().st_size:,} B", flush=True)

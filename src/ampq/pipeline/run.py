@@ -144,7 +144,8 @@ def quantize(model: nn.Module, spec: Spec | None, *, calibration: Text | str | W
     def announce() -> None:  # a count ampq chose is said, with how to choose another
         if progress and isinstance(calibration, Text):
             chosen = "" if isinstance(given, Text) and given.windows else (
-                " (default: twice the widest linear's inputs in tokens, at least 32; --calib-windows sets another)")
+                " (default: twice the widest linear's inputs in tokens, an expert's per routed token, at least 32; "
+                "--calib-windows sets another)")
             print(f"calibration: {calibration.describe()}{chosen}", file=sys.stderr)
 
     formats = spec.format if isinstance(spec, Scheme) else spec
