@@ -120,3 +120,22 @@ def test_reference_for_other_windows_is_refused():
     with pytest.raises(AmpqError, match="other windows") as e:
         evaluate(model, _windows(2), Reference(model, windows), progress=False)
     assert "\n" not in str(e.value)
+
+
+def test_models_evaluated_together_give_their_own_figures_with_one_reference_pass(monkeypatch):
+    monkeypatch.setattr(evaluation, "BATCH_LOGITS_BYTES", 2 * 48 * 256 * 4)  # batches of 2 windows over 5
+    original, windows = tiny_llama(seed=0), _windows(5)
+    models = {"int4": _quantized(), "int8": ampq.quantize(tiny_llama(seed=0), "int8-ch", progress=False)}
+    alone = {name: evaluate(m, windows, Reference(original, windows), progress=False) for name, m in models.items()}
+    calls = {id(m): 0 for m in [original, *models.values()]}
+    logits = evaluation._logits
+
+    def counting(m, tokens):
+        calls[id(m)] += 1
+        return logits(m, tokens)
+
+    monkeypatch.setattr(evaluation, "_logits", counting)
+    reference = Reference(original, windows)
+    together = evaluation.evaluate_all(models, windows, reference, progress=False)
+    assert together == alone and together["int4"] != together["int8"]
+    assert set(calls.values()) == {3} and reference.quality.perplexity > 1

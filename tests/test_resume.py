@@ -191,3 +191,29 @@ def test_an_adaptive_block_is_restored_with_the_levels_it_holds_aside(tmp_path):
     assert torch.equal(restored(x), low)
     restored.set_level(2)
     assert torch.equal(restored(x), full)
+
+
+def test_a_second_process_writing_the_same_output_is_stopped_until_the_first_ends(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from ampq.resume import Resume; r = Resume(sys.argv[1], {'k': 1}); "
+        "print('locked', flush=True); time.sleep(60)"), str(tmp_path / "p")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ampq.AmpqError, match=f"another ampq run \\(process {holder.pid}\\).*wait for it") as e:
+            Resume(tmp_path / "p", {"k": 1})
+        assert "\n" not in str(e.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    resume = Resume(tmp_path / "p", {"k": 1})  # a killed run's lock goes with it
+    ampq.quantize(tiny_llama(), "int4-g32", progress=False, resume=resume)
+    resume.finish()
+    assert not (tmp_path / "p").exists() and not (tmp_path / "p.lock").exists()
+
+
+def test_a_run_that_failed_in_this_process_does_not_lock_out_the_next(tmp_path):
+    Resume(tmp_path / "p", {"k": 1})  # never finished, as when quantize raised
+    resume = Resume(tmp_path / "p", {"k": 1})
+    ampq.quantize(tiny_llama(), "int4-g32", progress=False, resume=resume)
+    resume.finish()
+    assert not (tmp_path / "p.lock").exists()

@@ -81,10 +81,9 @@ def _spec(args):
 
 
 def cmd_quantize(args) -> int:
-    import copy
-
     import ampq
     from ampq.comparison import print_comparison, size_of
+    from ampq.models import copy_sharing_embeddings
     from ampq.data import Text
     from ampq.pipeline.run import check_output, summary
 
@@ -107,7 +106,7 @@ def cmd_quantize(args) -> int:
                         f"--max-memory, and score the result afterwards with `ampq eval {output}`")
     calibration = Text(args.calib, args.calib_windows, args.calib_window)
     model, tok = ampq.load_model(args.model, args.dtype, lazy=args.max_memory is not None)
-    original = copy.deepcopy(model) if args.eval else None
+    original = copy_sharing_embeddings(model) if args.eval else None
     t0 = time.perf_counter()
     ampq.quantize(model, spec, calibration=calibration, tokenizer=tok, adaptive=args.adaptive, lm_head=args.lm_head,
                   compute_dtype=args.compute_dtype, output=output, overwrite=args.overwrite, memory=args.max_memory,
@@ -136,9 +135,8 @@ def cmd_quantize(args) -> int:
 def _compared(args, spec, model, original, calibration, tok) -> dict:
     """The uniform models to score beside the quantized one (--compare): each quantized from a copy
     of the original. With a budget, by default the candidate nearest the budget's size."""
-    import copy
-
     import ampq
+    from ampq.models import copy_sharing_embeddings
     from ampq.pipeline.planner import fixed_bytes, matching_uniform
     from ampq.pipeline.run import label
     from ampq.report import block_linear_names
@@ -155,7 +153,7 @@ def _compared(args, spec, model, original, calibration, tok) -> dict:
     compared = {}
     for scheme in schemes:
         print(f"for comparison: {label(scheme)} in every linear", file=sys.stderr)
-        compared[label(scheme)] = ampq.quantize(copy.deepcopy(original), scheme, calibration=calibration,
+        compared[label(scheme)] = ampq.quantize(copy_sharing_embeddings(original), scheme, calibration=calibration,
                                                 tokenizer=tok, lm_head=args.lm_head, compute_dtype=args.compute_dtype)
     return compared
 

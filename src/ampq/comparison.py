@@ -18,7 +18,7 @@ from torch import nn
 from ampq.data import Text, Windows, text_pieces, windows_of
 from ampq.errors import AmpqError
 from ampq.evaluation import Quality, Reference
-from ampq.evaluation import evaluate as evaluate_windows
+from ampq.evaluation import evaluate_all
 from ampq.models import is_encoder
 from ampq.report import linear_bits, model_bytes, print_table
 from ampq.similarity import EmbeddingQuality, evaluate_embeddings
@@ -76,7 +76,7 @@ def evaluate(models: nn.Module | Mapping[str, nn.Module], reference: nn.Module |
             tokens = windows
             windows = Windows(tokens, [0] * len(tokens), tokens.shape[1], tokens.shape[1], "tokens")
         ref = Reference(reference, windows) if reference is not None else None
-        quality = {name: evaluate_windows(m, windows, ref, progress=progress) for name, m in models.items()}
+        quality = evaluate_all(models, windows, ref, progress=progress)
         name = spec.source if isinstance(spec, Text) else spec if isinstance(spec, str) else windows.source
         results.append(TextQuality(name, quality, ref.quality if ref is not None else None))
     return results

@@ -1,13 +1,15 @@
 """Quality of a model against its unquantized original: perplexity, KL divergence, top-1 agreement.
 
-The evaluation streams: the model and the original run on one batch of windows at a time and only
-running sums are kept, so memory holds the two models, the quantized weights decoded once
-(:mod:`ampq.decode_once`) and one batch, whatever the number of windows.
+The evaluation streams: the models and the original run on one batch of windows at a time and only
+running sums are kept, so memory holds the models, the quantized weights decoded once
+(:mod:`ampq.decode_once`) and one batch, whatever the number of windows. Several models evaluated
+together (:func:`evaluate_all`) share the original's pass over each batch.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import torch
@@ -20,7 +22,7 @@ from ampq.decode_once import decoded_once
 from ampq.errors import AmpqError
 
 # bytes of logits one forward pass may return (at least one window runs whatever this says)
-BATCH_LOGITS_BYTES = 1 << 28
+BATCH_LOGITS_BYTES = 1 << 27
 # bytes of log-probabilities scored at once: the positions of a window are scored in slices
 SLICE_BYTES = 1 << 26
 
@@ -86,7 +88,6 @@ def _batch_size(windows: Windows, vocab: int) -> int:
     return max(1, min(len(windows.tokens), BATCH_LOGITS_BYTES // (windows.window * vocab * 4)))
 
 
-@torch.inference_mode()
 def evaluate(model: nn.Module, windows: Windows, reference: Reference | None = None,
              progress: bool = True, *, decode_once: bool = True) -> Quality:
     """Perplexity of ``model`` on ``windows``; with a reference, also KL and top-1 agreement (and
@@ -94,33 +95,48 @@ def evaluate(model: nn.Module, windows: Windows, reference: Reference | None = N
     compute what the reference kernel computes, whatever kernel would run them elsewhere: the
     figures are the format's own. ``decode_once=False`` decodes their weights on every call, as
     evaluations did before (same figures, slower; for comparisons)."""
+    return evaluate_all({"model": model}, windows, reference, progress, decode_once=decode_once)["model"]
+
+
+@torch.inference_mode()
+def evaluate_all(models: Mapping[str, nn.Module], windows: Windows, reference: Reference | None = None,
+                 progress: bool = True, *, decode_once: bool = True) -> dict[str, Quality]:
+    """:func:`evaluate` for several models on the same windows, by name: each batch runs through
+    the reference once for all of them (the figures are each model's own, as evaluated alone)."""
+    if not models:
+        raise AmpqError("evaluate_all needs at least one model")
     if reference is not None and reference.windows is not windows and not _same(reference.windows, windows):
         raise AmpqError("the reference was made for other windows than the ones evaluated; make the Reference "
                         "with the same Windows")
-    vocab = _vocab(model)
+    vocab = max(_vocab(m) for m in models.values())
     batch = _batch_size(windows, vocab)
     slice_rows = max(1, SLICE_BYTES // (vocab * 4))
-    sums = _Sums()
+    sums = {name: _Sums() for name in models}
     n = len(windows.tokens)
-    models = [model] + ([reference.model] if reference is not None else [])
-    with decoded_once(models, once=decode_once):
+    everything = list(models.values()) + ([reference.model] if reference is not None else [])
+    with decoded_once(everything, once=decode_once):
         for start in tqdm(range(0, n, batch), desc="evaluate", unit="batch", disable=not progress, leave=False):
             tokens = windows.tokens[start:start + batch]
-            logits = _logits(model, tokens)
-            ref_logits = _logits(reference.model, tokens).to(logits.device) if reference is not None else None
-            targets = tokens.to(logits.device)
-            for i, first in enumerate(windows.first_scored[start:start + batch]):
-                # position t is predicted from the logits at t - 1; the first token is never scored
-                for lo in range(max(first, 1), windows.window, slice_rows):
-                    hi = min(windows.window, lo + slice_rows)
-                    sums.add(logits[i, lo - 1:hi - 1], targets[i, lo:hi],
-                             ref_logits[i, lo - 1:hi - 1] if ref_logits is not None else None)
-            del logits, ref_logits
+            ref_logits = _logits(reference.model, tokens) if reference is not None else None
+            for name, model in models.items():
+                logits = _logits(model, tokens)
+                targets = tokens.to(logits.device)
+                ref = ref_logits.to(logits.device) if ref_logits is not None else None
+                for i, first in enumerate(windows.first_scored[start:start + batch]):
+                    # position t is predicted from the logits at t - 1; the first token is never scored
+                    for lo in range(max(first, 1), windows.window, slice_rows):
+                        hi = min(windows.window, lo + slice_rows)
+                        sums[name].add(logits[i, lo - 1:hi - 1], targets[i, lo:hi],
+                                       ref[i, lo - 1:hi - 1] if ref is not None else None)
+                del logits, ref
+            del ref_logits
+    first = next(iter(sums.values()))
     if reference is not None and reference.quality is None:
-        reference.quality = Quality(math.exp(sums.ref_nll / sums.count), 0.0, 1.0, sums.count, windows.window,
+        reference.quality = Quality(math.exp(first.ref_nll / first.count), 0.0, 1.0, first.count, windows.window,
                                     windows.stride, windows.source)
-    return Quality(
-        perplexity=math.exp(sums.nll / sums.count),
-        kl=sums.kl / sums.count if reference is not None else None,
-        top1=sums.agree / sums.count if reference is not None else None,
-        tokens=sums.count, window=windows.window, stride=windows.stride, source=windows.source)
+    return {name: Quality(
+        perplexity=math.exp(s.nll / s.count),
+        kl=s.kl / s.count if reference is not None else None,
+        top1=s.agree / s.count if reference is not None else None,
+        tokens=s.count, window=windows.window, stride=windows.stride, source=windows.source)
+        for name, s in sums.items()}

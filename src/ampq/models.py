@@ -5,6 +5,8 @@ quantization or files (the loader is :mod:`ampq.loading`)."""
 
 from __future__ import annotations
 
+import copy
+
 from torch import nn
 
 from ampq.errors import AmpqError
@@ -117,6 +119,15 @@ def fused_groups(names: list[str]) -> list[list[str]]:
         if kind and not prefix.endswith("experts"):  # an experts module's up_proj is no dense MLP's
             groups.setdefault((prefix.rpartition(".")[0], kind), []).append(name)
     return [g for g in groups.values() if len(g) > 1]
+
+
+def copy_sharing_embeddings(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` that holds the same input embedding table (and so a tied head's),
+    not a copy of it: the largest tensor that quantizing a copy replaces but never changes in place,
+    kept once however many copies are made to compare schemes."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    return copy.deepcopy(model, {id(weight): weight} if isinstance(weight, nn.Parameter) else {})
 
 
 def tied_embeddings(model: nn.Module) -> bool:

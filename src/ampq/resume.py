@@ -5,13 +5,16 @@ with calibration, the next block's inputs are written beside the output, each fi
 temporary name and then renamed, and only then the count of finished blocks. A run killed at any
 moment and started again with the same arguments restores the finished blocks instead of
 quantizing them, continues from the saved inputs, and so writes the same bytes as a run that was
-never killed. Different arguments or a different model start afresh.
+never killed. Different arguments or a different model start afresh. A run holds a lock beside
+its progress folder while it lives, so a second run writing the same output stops at once instead
+of overwriting the first one's files (the lock goes with the process, however it ends).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +31,15 @@ from ampq.io.lazy import sample as stored_sample
 from ampq.io.lazy import weights_of
 from ampq.layer_table import install_layer, layer_entries
 from ampq.ranks import Ranks
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; two runs there must not share an output
+    fcntl = None
+
+# the locks this process holds, by path: a run that raised keeps its lock until the next run of the
+# same output in this process takes it over (another process still finds it held)
+_HELD: dict[str, object] = {}
 
 RUN, STATE = "run.json", "state.json"
 
@@ -77,7 +89,9 @@ class Resume:
         self.key = json.loads(json.dumps(key, sort_keys=True, default=str))
         self.ranks = ranks or Ranks()
         self.done = 0
+        self._lock_file = None
         if self.ranks.main:
+            self._lock()
             self._open()
         self.ranks.barrier()
         if not self.ranks.main:
@@ -93,6 +107,37 @@ class Resume:
             shutil.rmtree(self.directory, ignore_errors=True)
             self.directory.mkdir(parents=True)
             _write_json(self.directory / RUN, self.key)
+
+    def _lock(self) -> None:
+        path = self.directory.with_name(f"{self.directory.name}.lock")
+        if fcntl is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stale = _HELD.pop(str(path.resolve()), None)
+        if stale is not None:
+            stale.close()
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            pid = handle.read().strip() or "unknown"
+            handle.close()
+            raise AmpqError(f"another ampq run (process {pid}) is writing the same output (its progress: "
+                            f"{self.directory}); wait for it to finish or stop it, then run again") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._lock_file = _HELD[str(path.resolve())] = handle
+
+    def _unlock(self) -> None:
+        if self._lock_file is not None:
+            path = Path(self._lock_file.name)
+            path.unlink(missing_ok=True)
+            _HELD.pop(str(path.resolve()), None)
+            self._lock_file.close()  # closing releases the lock
+            self._lock_file = None
 
     def _block_file(self, i: int) -> Path:
         return self.directory / f"block-{i:05d}.safetensors"
@@ -198,6 +243,7 @@ class Resume:
         self.ranks.barrier()
         if self.ranks.main:
             shutil.rmtree(self.directory, ignore_errors=True)
+            self._unlock()
 
 
 def _cpu(t):
