@@ -46,3 +46,21 @@ def test_resident_memory_sees_an_allocation():
     grown = bench.resident_bytes() - before
     assert 150 << 20 < grown < 260 << 20, grown
     del block
+
+
+def test_a_prompt_computes_the_logits_of_its_last_position_only(monkeypatch):
+    import torch
+
+    from ampq.models import last_logits_only
+
+    model = tiny_llama()
+    assert last_logits_only(model) == {"logits_to_keep": 1}
+    assert last_logits_only(torch.nn.Linear(2, 2)) == {}
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(model(ids, **last_logits_only(model)).logits[:, -1], model(ids).logits[:, -1], atol=1e-5)
+    seen = []
+    head = model.lm_head.forward
+    monkeypatch.setattr(model.lm_head, "forward", lambda x: seen.append(x.shape[-2]) or head(x))
+    bench.bench(model, batches=(1,), prompt_tokens=12, new_tokens=2, repeats=1)
+    assert seen and set(seen) == {1}  # the prompt's head ran on its last position, as each step's does

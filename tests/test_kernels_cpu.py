@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ampq import kernels, memory
-from ampq.kernels import cpu_planes
+from ampq.kernels import cpu_bf16, cpu_planes
 from ampq.kernels.cpu import packed_linear, supports
 from ampq.kernels.cpu_planes import planes_linear
 from ampq.kernels.cpu_planes import supports as planes_supports
@@ -12,6 +12,13 @@ from ampq.kernels.cpu_slab import slab_linear
 from ampq.kernels.cpu_slab import supports as slab_supports
 from ampq.kernels.reference import reference_linear
 from ampq.pipeline.blockwise import quantize_linear
+
+
+@pytest.fixture(autouse=True)
+def float32_prompts(monkeypatch):
+    """The dispatch these tests check is the same on every processor: prompts on the slab kernel,
+    unless a test says the processor multiplies bf16 natively."""
+    monkeypatch.setattr(cpu_bf16, "native", lambda: False)
 
 
 def layer(fmt, out_features, in_features, bias=True, seed=0):
@@ -282,3 +289,38 @@ def test_greedy_decoding_on_the_real_model_agrees(smollm2, fmt):
     with kernels.use("reference"):
         exact = q.generate(ids, max_new_tokens=12, do_sample=False)
     assert fast.shape == exact.shape and (fast == exact).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("fmt", ["int4-g32-sym", "int4-g64", "int8-ch", "int8-ch-zp", "nf4-b64-dq", "fp8-e4m3-ch",
+                                 "int8-g32", "bf16"])
+def test_prompts_run_in_bf16_where_the_processor_multiplies_it(monkeypatch, fmt):
+    monkeypatch.setattr(cpu_bf16, "native", lambda: True)
+    q = layer(fmt, 1536, 576, bias=fmt != "bf16")
+    prompt, decode = torch.randn(2, cpu_bf16.MIN_ROWS, 576), torch.randn(1, 1, 576)
+    got = q(prompt)
+    assert torch.equal(got, cpu_bf16.bf16_linear(q, prompt)) and got.dtype == torch.float32
+    assert got.shape == (2, cpu_bf16.MIN_ROWS, 1536)
+    want = reference_linear(q, prompt)
+    # bf16 activations and weights: about 2^-8 relative on top of the format's own error
+    assert 0 < rel_err(got, want) < 6e-3, rel_err(got, want)
+    assert kernels.cpu_kernel(q, 2 * cpu_bf16.MIN_ROWS) is cpu_bf16.bf16_linear
+    for rows in (1, cpu_bf16.MIN_ROWS - 1):  # decoding, and short prompts: the kernels that never decode
+        assert kernels.cpu_kernel(q, rows) is not cpu_bf16.bf16_linear, rows
+    for mode in ("reference", "lean"):  # exact, and without copies: never here
+        assert kernels.cpu_kernel(q, 2 * cpu_bf16.MIN_ROWS, mode) is not cpu_bf16.bf16_linear, mode
+    monkeypatch.setattr(cpu_bf16, "native", lambda: False)
+    assert kernels.cpu_kernel(q, 2 * cpu_bf16.MIN_ROWS) is not cpu_bf16.bf16_linear
+
+
+def test_bf16_detection_reads_the_processor_flags_and_the_override(monkeypatch):
+    import importlib
+
+    detect = importlib.reload(cpu_bf16).native  # the real detection, not the fixture's
+    for forced in ("0", "1"):
+        monkeypatch.setenv("AMPQ_CPU_BF16", forced)
+        detect.cache_clear()
+        assert detect() is (forced == "1")
+    monkeypatch.delenv("AMPQ_CPU_BF16")
+    detect.cache_clear()
+    assert isinstance(detect(), bool)
+    detect.cache_clear()

@@ -31,7 +31,7 @@ from ampq.atomic import atomic_file
 from ampq.errors import AmpqError
 from ampq.compiled import CompiledDecoder
 from ampq.memory import resident, return_freed_memory
-from ampq.models import is_encoder
+from ampq.models import is_encoder, last_logits_only
 from ampq.nn import QuantLinear
 from ampq.report import model_bytes
 
@@ -100,7 +100,7 @@ def _run(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[float, l
     device = ids.device
     _sync(device)
     t0 = time.perf_counter()
-    out = model(ids, use_cache=True)
+    out = model(ids, use_cache=True, **last_logits_only(model))  # as engines do: the prompt's last logits only
     _sync(device)
     prefill = time.perf_counter() - t0
     # transformers >= 5.2x calls the KV cache `cache`, older versions `past_key_values`

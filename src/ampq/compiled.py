@@ -30,6 +30,7 @@ from torch import nn
 
 from ampq.errors import AmpqError
 from ampq.kernels import prepare
+from ampq.models import last_logits_only
 from ampq.nested import NestedLinear
 from ampq.nn import QuantLinear
 
@@ -129,7 +130,8 @@ class CompiledDecoder:
                             "positions; compile with a larger max_len")
         self.cache.reset()
         positions = torch.arange(ids.shape[1], device=self.device).expand(self.batch, -1)
-        out = self.model(input_ids=ids, position_ids=positions, cache=self.cache, use_cache=True)
+        out = self.model(input_ids=ids, position_ids=positions, cache=self.cache, use_cache=True,
+                         **last_logits_only(self.model))
         self._length = ids.shape[1]
         return out.logits[:, -1]
 

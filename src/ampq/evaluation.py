@@ -24,7 +24,7 @@ from ampq.errors import AmpqError
 # bytes of logits one forward pass may return (at least one window runs whatever this says)
 BATCH_LOGITS_BYTES = 1 << 27
 # bytes of log-probabilities scored at once: the positions of a window are scored in slices
-SLICE_BYTES = 1 << 26
+SLICE_BYTES = 1 << 24
 
 
 @dataclass

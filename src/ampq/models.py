@@ -6,6 +6,7 @@ quantization or files (the loader is :mod:`ampq.loading`)."""
 from __future__ import annotations
 
 import copy
+import inspect
 
 from torch import nn
 
@@ -119,6 +120,21 @@ def fused_groups(names: list[str]) -> list[list[str]]:
         if kind and not prefix.endswith("experts"):  # an experts module's up_proj is no dense MLP's
             groups.setdefault((prefix.rpartition(".")[0], kind), []).append(name)
     return [g for g in groups.values() if len(g) > 1]
+
+
+def last_logits_only(model: nn.Module) -> dict:
+    """The keyword that makes a causal language model compute the logits of the last position only,
+    where its forward takes one (``logits_to_keep``; ``num_logits_to_keep`` before transformers
+    4.50): a prompt's other logits are never read, and the head over every position of a long
+    prompt costs as much as a few of its blocks."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in params:
+            return {name: 1}
+    return {}
 
 
 def copy_sharing_embeddings(model: nn.Module) -> nn.Module:

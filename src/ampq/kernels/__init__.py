@@ -17,7 +17,7 @@ import torch
 from ampq import memory
 from ampq.errors import AmpqError
 from ampq.dtypes import parse_dtype
-from ampq.kernels import cpu, cpu_planes, cpu_slab
+from ampq.kernels import cpu, cpu_bf16, cpu_planes, cpu_slab
 from ampq.kernels import triton as triton_kernels
 from ampq.kernels.activation import activation_linear
 from ampq.kernels.cache import KernelCache
@@ -155,6 +155,8 @@ def cpu_kernel(layer, rows: int, mode: str = "auto"):
         cache.slab_ok, cache.planes_ok = cpu_slab.supports(layer), cpu_planes.supports(layer)
     if rows <= cache.plain_rows:
         return cpu.plain_linear
+    if mode == "auto" and rows >= cpu_bf16.MIN_ROWS and cache.slab_ok and cpu_bf16.native():
+        return cpu_bf16.bf16_linear  # a prompt, on a processor that multiplies bf16 natively
     if mode == "auto" and rows <= cache.packed_rows and _may_copy(layer, "packed", cpu.copy_bytes):
         return cpu.packed_linear
     slab = cache.slab_ok
