@@ -90,6 +90,8 @@ def test_compiled_decoding_equals_eager_decoding():
     tokens, logits = _eager_greedy(model, IDS, 12)
     assert len(set(tokens[0].tolist())) > 3  # the comparison below is not of one repeated token
     decoder = compile_decoder(model, max_len=24)
+    # grouped-query attention (2 key/value heads for 4) without the KV cache repeated in the step
+    assert model.config._attn_implementation == "ampq_sdpa" and model.model.layers[0].self_attn.num_key_value_groups == 2
     assert torch.equal(decoder.generate(IDS, 12), tokens)
     assert len(decoder.capture_seconds) == 1  # captured once: the second generation reuses it
     with torch.inference_mode():
@@ -158,3 +160,31 @@ def test_a_switchable_decoder_switches_without_a_capture(cpp_wrapper):
     assert not torch.equal(steps[0], steps[1]) and torch.equal(steps[0], steps[2])  # the switch took effect
     assert len(decoder.capture_seconds) == 1
     assert torch.equal(decoder.generate(IDS, 4), _eager_greedy(model, IDS, 4)[0])
+
+
+def test_the_grouped_query_attention_is_transformers_sdpa_without_the_copies(monkeypatch):
+    from transformers.integrations import sdpa_attention
+
+    from ampq.attention import gqa_sdpa_forward, use_gqa_attention
+
+    model = _varied_model()
+    with torch.inference_mode():
+        full = model(IDS).logits
+    assert use_gqa_attention(model) and use_gqa_attention(model)  # twice: already on
+    with torch.inference_mode():
+        torch.testing.assert_close(model(IDS).logits, full, rtol=1e-5, atol=1e-5)
+    # one query over a masked cache, as a traced decoding step sees it: transformers repeats the
+    # key/value heads (a copy of the cache), this attention does not, and both give the same output
+    attn = model.model.layers[0].self_attn
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, n, 24, generator=gen) for h, n in ((4, 1), (2, 16), (2, 16)))
+    mask = torch.arange(16).view(1, 1, 1, 16) < 11
+    repeats = []
+    repeat_kv = sdpa_attention.repeat_kv
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", lambda x, n: repeats.append(n) or repeat_kv(x, n))
+    monkeypatch.setattr(sdpa_attention, "is_torchdynamo_compiling", lambda: True)
+    want, _ = sdpa_attention.sdpa_attention_forward(attn, q, k, v, mask, scaling=attn.scaling)
+    assert repeats == [2, 2]
+    got, _ = gqa_sdpa_forward(attn, q, k, v, mask, scaling=attn.scaling)
+    assert repeats == [2, 2] and got.shape == want.shape == (1, 1, 4, 24)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -28,6 +28,7 @@ import time
 import torch
 from torch import nn
 
+from ampq.attention import use_gqa_attention
 from ampq.errors import AmpqError
 from ampq.kernels import prepare
 from ampq.models import last_logits_only
@@ -51,6 +52,10 @@ class CompiledDecoder:
         self.model, self.max_len, self.batch, self.cpp_wrapper = model, max_len, batch, cpp_wrapper
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        if self.device.type == "cpu":
+            # a traced step would otherwise copy the KV cache to the query heads' number every layer
+            # (on GPUs the copies are cheap and torch's masked GQA kernel is not)
+            use_gqa_attention(model)
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         self._nested = [m for m in model.modules() if isinstance(m, NestedLinear)]
         self.switchable = switchable
