@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # Bottom to top. A module belongs to the entry with the longest prefix that names it or a package
 # above it; it may import from its own layer and those below, never above.
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundation", ["ampq.errors", "ampq.atomic", "ampq.version", "ampq.dtypes", "ampq.memory", "ampq.models", "ampq.builtin",
+    ("foundation", ["ampq.errors", "ampq.atomic", "ampq.version", "ampq.dtypes", "ampq.memory", "ampq.models", "ampq.attention", "ampq.builtin",
                     "ampq.figures", "ampq.experts", "ampq.expert_names"]),
     ("formats", ["ampq.formats"]),
     ("algorithms and kernels", ["ampq.algorithms", "ampq.kernels"]),
