@@ -4,6 +4,7 @@ process each, and the table with decode speed-ups over the bf16 model.
     python benchmarks/bench.py [--model smollm2-135m] [--formats int4-g64,int8-ch,int4-g64+head]
     python benchmarks/bench.py --llama-cpp int4-g32-sym,int8-g32-sym   # also llama.cpp on the GGUF export
     python benchmarks/bench.py --checkpoint ampq-4.25=DIR   # also a checkpoint quantized beforehand
+    python benchmarks/bench.py --checkpoint compiled:ampq-4.25=DIR   # the same, decoded with ampq.compile
     python benchmarks/bench.py --table-only      # rebuild the table from the JSON files
     python benchmarks/bench.py --batch 1 --formats fp32,compiled:int4-g32-sym,int4-g32-sym,compiled:int8-ch-sym,int8-ch-sym \
         --llama-cpp int4-g32-sym,int8-g32-sym --threads 1 --name smollm2-135m-compiled   # ampq.compile against llama.cpp
@@ -42,8 +43,9 @@ def run(model: str, variant: str, args) -> None:
         common += ["--threads", str(args.threads)]
     if variant in args.checkpoints:  # a checkpoint made elsewhere (an AMPQ plan, say), as it is
         mode = variant.partition("@")[2]
-        subprocess.run([sys.executable, "-m", "ampq", "bench", args.checkpoints[variant], *common], check=True,
-                       env=dict(os.environ, AMPQ_KERNELS=mode) if mode else None)
+        compiled = ["--compile"] if variant.startswith("compiled:") else []
+        subprocess.run([sys.executable, "-m", "ampq", "bench", args.checkpoints[variant], *common, *compiled],
+                       check=True, env=dict(os.environ, AMPQ_KERNELS=mode) if mode else None)
         return
     if variant in ("fp32", "bf16"):
         target = [model] + (["--dtype", "bfloat16"] if variant == "bf16" else [])
