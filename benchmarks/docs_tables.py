@@ -285,6 +285,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "bench-qwen2.5-coder-0.5b": md_whole("bench/bench-qwen2.5-coder-0.5b.md", "bench/bench-qwen2.5-coder-0.5b-bf16.json"),
     "bench-compiled-smollm2-135m": md_whole("bench/bench-smollm2-135m-compiled.md",
                                             "bench/bench-smollm2-135m-compiled-compiled:int4-g32-sym.json"),
+    "bench-mixed-smollm2-135m": md_whole("bench/bench-smollm2-135m-mixed.md",
+                                         "bench/bench-smollm2-135m-mixed-compiled:ampq-4.25.json"),
     "bench-prompt512-smollm2-135m": md_whole("bench/bench-smollm2-135m-prompt512.md",
                                              "bench/bench-smollm2-135m-prompt512-compiled:int4-g32-sym.json"),
     "bench-prompt512-qwen2.5-coder-0.5b": md_whole("bench/bench-qwen2.5-coder-0.5b-prompt512.md",
