@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ampq.kernels.cpu_slab import decode_rows, prepared
+from ampq.kernels.cpu_slab import slab_linear
 
 DTYPE = torch.bfloat16
 # From how many rows a prompt runs here: below, the packed kernels (which never decode) are as fast
@@ -44,21 +44,4 @@ def native() -> bool:
 
 
 def bf16_linear(layer, x: torch.Tensor) -> torch.Tensor:
-    kernel = prepared(layer)
-    k, n = layer.in_features, layer.out_features
-    x2 = x.reshape(-1, k)
-    xb = x2.to(DTYPE)
-    out = torch.empty(x2.shape[0], n, dtype=torch.float32)
-    a, b = kernel["a"], kernel["b"]
-    per_row = kernel["groups"] == 1  # one a (and b) per output row: applied to the float32 product
-    for r in range(0, n, kernel["slab"]):
-        rows = min(kernel["slab"], n - r)
-        w = decode_rows(kernel, r, rows, k, per_row_scales=not per_row).to(DTYPE)
-        out[:, r:r + rows] = xb @ w.t()
-    if per_row and a is not None:
-        out.mul_(a.reshape(1, n))
-        if b is not None:
-            out.add_(x2.float().sum(-1, keepdim=True) * b.reshape(1, n))
-    if layer.bias is not None:
-        out += layer.bias.float()
-    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+    return slab_linear(layer, x, compute=DTYPE)

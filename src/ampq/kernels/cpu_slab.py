@@ -34,29 +34,33 @@ def supports(layer) -> bool:
     return has_lut_form(layer) and layer.in_features % layer.format.group_width(layer.in_features) == 0
 
 
-def slab_linear(layer, x: torch.Tensor) -> torch.Tensor:
+def slab_linear(layer, x: torch.Tensor, compute: torch.dtype | None = None) -> torch.Tensor:
+    """``compute``: the dtype the products run in (default the activations'; the bf16 prompt kernel
+    passes bf16 and gets a float32 sum back)."""
     kernel = prepared(layer)
     k, n = layer.in_features, layer.out_features
     x2 = x.reshape(-1, k)
     # the product runs in the activations' dtype, as the reference's does: a bf16 compute dtype
     # (bitsandbytes' compute_dtype) is honoured
-    out = torch.empty(x2.shape[0], n, dtype=x.dtype)
+    dtype = compute or x.dtype
+    xc = x2.to(dtype)
+    out = torch.empty(x2.shape[0], n, dtype=x.dtype if compute is None else torch.float32)
     a, b = kernel["a"], kernel["b"]
     per_row = kernel["groups"] == 1  # one a (and b) per output row: applied to the product instead, one pass less
     for r in range(0, n, kernel["slab"]):
         rows = min(kernel["slab"], n - r)
-        w = decode_rows(kernel, r, rows, k, per_row_scales=not per_row).to(x.dtype)
-        if x2.shape[0] == 1:
-            torch.mm(x2, w.t(), out=out[:, r:r + rows])
+        w = decode_rows(kernel, r, rows, k, per_row_scales=not per_row).to(dtype)
+        if x2.shape[0] == 1 and compute is None:
+            torch.mm(xc, w.t(), out=out[:, r:r + rows])
         else:
-            out[:, r:r + rows] = x2 @ w.t()
+            out[:, r:r + rows] = xc @ w.t()
     if per_row and a is not None:
         out.mul_(a.reshape(1, n))
         if b is not None:
-            out.add_(x2.sum(-1, keepdim=True) * b.reshape(1, n))
+            out.add_(x2.to(out.dtype).sum(-1, keepdim=True) * b.reshape(1, n))
     if layer.bias is not None:
-        out += layer.bias.to(x.dtype)
-    return out.reshape(*x.shape[:-1], n)
+        out += layer.bias.to(out.dtype)
+    return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
 def prepared(layer) -> dict:
