@@ -211,9 +211,8 @@ def main() -> None:
         for t in types:
             ggufs[f"llama.cpp {t}"] = llama = llama_quantize(ref, work / f"llama-{t}.gguf", t, embeddings_f16=True)
             size = llama.stat().st_size
-            # the F16 pair's overhead misses a few tens of KB that a quantized file's metadata and
-            # alignment add (27-31 KB on both built-in models): planned that much smaller, a second plan,
-            # a whole quantization, is rarely needed
+            # the F16 pair's overhead misses the few tens of KB that a quantized file's metadata and
+            # alignment add: planned that much smaller, a second plan (a whole quantization) is rarely needed
             budget = size - offset - GGUF_MARGIN_BYTES
             for _ in range(3):
                 out = work / f"ampq-{t}-{budget}"

@@ -4,7 +4,7 @@ activations rounded to bf16 and multiplied there, into a float32 output.
 
 A prompt multiplies every weight by many rows at once, so its time is the matmul's, not the
 decoding's; where the processor multiplies bf16 natively, that matmul runs several times faster than
-in float32 (benchmarks/kernels.py and bench.py measure it). The packed int4/int8 kernels
+in float32 (benchmarks/bench.py --prompt-tokens 512 measures the prefill). The packed int4/int8 kernels
 (:mod:`ampq.kernels.cpu`) already run with bf16 activations; this adds the weights' own rounding to
 bf16, about 2^-9 relative, so results stay within the packed kernels' tolerance of the reference
 (tests/test_kernels_cpu.py). Without such instructions torch emulates bf16 products, which is
