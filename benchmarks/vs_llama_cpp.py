@@ -10,7 +10,8 @@ Per model:
    --types, with its mixing rules (Q4_K_M: Q6_K for some attn_v/ffn_down, Q4_K elsewhere, Q5_0/Q8_0
    where a row is not whole blocks of 256), and its embedding table and head kept in F16 as ampq
    keeps them, so both files differ only in the decoder blocks' linears, which is what AMPQ
-   allocates. llama.cpp's default Q4_K_M (embeddings quantized) is scored too, as its own row.
+   allocates. llama.cpp's default Q4_K_M (embeddings quantized) is scored too, as its own row, against
+   ampq of its size with the embedding table in the same type (`--embeddings`, e.g. Q8_0 as int8-g32-sym).
    No importance matrix: llama-cpp-python passes it as a C++ map, which Python cannot build.
 3. ampq at the same file size: `ampq quantize MODEL --target llama.cpp --max-size S --dtype float16`
    and `ampq export --to gguf`, S being llama.cpp's file size less what the GGUF holds beyond
@@ -110,10 +111,43 @@ def llama_quantize(source: Path, out: Path, ftype_name: str, embeddings_f16: boo
 GGUF_MARGIN_BYTES = 64 << 10
 
 
+# llama.cpp's type of a token table -> the ampq format that stores it as llama.cpp does
+AMPQ_FORMAT = {"Q8_0": "int8-g32-sym", "Q6_K": "q6_k", "Q5_K": "q5_k", "Q4_K": "q4_k", "Q3_K": "q3_k", "Q2_K": "q2_k",
+               "Q5_0": "int5-g32-sym", "Q5_1": "int5-g32", "Q4_0": "int4-g32-sym", "Q4_1": "int4-g32",
+               "IQ4_NL": "iq4_nl", "IQ4_XS": "iq4_xs"}
+
+
 def tensor_types(gguf: Path) -> dict[str, int]:
+    """The count of each type among the blocks' tensors, and the embedding table's and head's types."""
     from gguf import GGUFReader
 
-    return dict(Counter(t.tensor_type.name for t in GGUFReader(str(gguf)).tensors if t.name.startswith("blk.")))
+    tensors = GGUFReader(str(gguf)).tensors
+    types = Counter(t.tensor_type.name for t in tensors if t.name.startswith("blk."))
+    types.update(f"{t.name.removesuffix('.weight')} {t.tensor_type.name}" for t in tensors
+                 if t.name in ("token_embd.weight", "output.weight"))
+    return dict(types)
+
+
+def type_of(gguf: Path, tensor: str) -> str | None:
+    from gguf import GGUFReader
+
+    return next((t.tensor_type.name for t in GGUFReader(str(gguf)).tensors if t.name == tensor), None)
+
+
+def ampq_of_size(model_name: str, work: Path, tag: str, size: int, offset: int, extra: list[str]) -> tuple[Path, Path]:
+    """ampq's llama.cpp plan whose GGUF is at most ``size`` bytes: (its checkpoint, its GGUF)."""
+    # the F16 pair's overhead misses the few tens of KB that a quantized file's metadata and
+    # alignment add: planned that much smaller, a second plan (a whole quantization) is rarely needed
+    budget = size - offset - GGUF_MARGIN_BYTES
+    for _ in range(3):
+        out = work / f"ampq-{tag}-{budget}"
+        gguf = ampq_checkpoint(model_name, ["--target", "llama.cpp", "--max-size", str(budget), *extra], out)
+        if gguf.stat().st_size <= size:
+            return out, gguf
+        budget -= gguf.stat().st_size - size
+    # never compare a larger ampq file as if it were the same size
+    raise RuntimeError(f"{model_name}: ampq's file stayed larger than llama.cpp's {tag} "
+                       f"({gguf.stat().st_size:,} > {size:,} bytes) after three plans")
 
 
 def score(ggufs: dict[str, Path], reference: str, windows) -> dict[str, dict]:
@@ -154,9 +188,10 @@ def table(result: dict) -> str:
     about = (f"{describe(result['machine'])}; llama-cpp-python {result['llama_cpp_python']}, CPU. Scored by "
              f"llama.cpp on the held-out half of {' and '.join(texts)}, {result['windows']} windows of "
              f"{result['window']} tokens each; KL to the F16 file's next-token distribution, nats per token. "
-             "llama.cpp's types keep the embeddings and head in F16 as ampq does (its default, embeddings "
-             "quantized, is the last row); ampq = T is `--target llama.cpp --max-size` of T's file; the ratio "
-             "divides ampq's perplexity increase over F16 by llama.cpp's.")
+             "llama.cpp's types keep the embeddings and head in F16 as ampq does, but for its default Q4_K_M "
+             "(embeddings quantized), set against ampq with `--embeddings` of the same type; ampq = T is "
+             "`--target llama.cpp --max-size` of T's file; the ratio divides ampq's perplexity increase over F16 "
+             "by llama.cpp's.")
     lines = []
     for model in dict.fromkeys(r["model"] for r in result["rows"]):
         rows = {r["name"]: r for r in result["rows"] if r["model"] == model}
@@ -211,23 +246,23 @@ def main() -> None:
         for t in types:
             ggufs[f"llama.cpp {t}"] = llama = llama_quantize(ref, work / f"llama-{t}.gguf", t, embeddings_f16=True)
             size = llama.stat().st_size
-            # the F16 pair's overhead misses the few tens of KB that a quantized file's metadata and
-            # alignment add: planned that much smaller, a second plan (a whole quantization) is rarely needed
-            budget = size - offset - GGUF_MARGIN_BYTES
-            for _ in range(3):
-                out = work / f"ampq-{t}-{budget}"
-                gguf = ampq_checkpoint(model_name, ["--target", "llama.cpp", "--max-size", str(budget)], out)
-                if gguf.stat().st_size <= size:
-                    break
-                budget -= gguf.stat().st_size - size
-            else:  # never compare a larger ampq file as if it were the same size
-                raise RuntimeError(f"{model_name}: ampq's file stayed larger than llama.cpp's {t} "
-                                   f"({gguf.stat().st_size:,} > {size:,} bytes) after three plans")
+            out, gguf = ampq_of_size(model_name, work, t, size, offset, [])
             ggufs[f"ampq = {t}"] = gguf
             pairs.append((t, llama, out, gguf))
             print(f"[{model_name}] {t}: llama.cpp {size:,} B, ampq {gguf.stat().st_size:,} B", flush=True)
-        ggufs["llama.cpp Q4_K_M (default)"] = llama_quantize(ref, work / "llama-Q4_K_M-default.gguf", "Q4_K_M",
-                                                             embeddings_f16=False)
+        t = "Q4_K_M (default)"
+        ggufs[f"llama.cpp {t}"] = llama = llama_quantize(ref, work / "llama-Q4_K_M-default.gguf", "Q4_K_M",
+                                                          embeddings_f16=False)
+        # ampq of its size with the embedding table (and an untied head) in the types llama.cpp gave them
+        extra = ["--embeddings", AMPQ_FORMAT[type_of(llama, "token_embd.weight")]]
+        if type_of(llama, "output.weight") is not None:
+            extra += ["--lm-head", AMPQ_FORMAT[type_of(llama, "output.weight")]]
+        out, gguf = ampq_of_size(model_name, work, "-".join(["Q4_K_M-default", *extra[1::2]]), llama.stat().st_size,
+                                 offset, extra)
+        ggufs[f"ampq = {t}"] = gguf
+        pairs.append((t, llama, out, gguf))
+        print(f"[{model_name}] {t}: llama.cpp {llama.stat().st_size:,} B, ampq {gguf.stat().st_size:,} B "
+              f"({' '.join(extra)})", flush=True)
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(work / "f16")

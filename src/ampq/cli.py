@@ -69,7 +69,8 @@ def _spec(args):
         if plan is not None:
             return Plan.load(plan), f"plan-{Path(plan).stem}"
         budget = Budget(bits=args.budget, bytes=args.max_size, candidates=args.candidates, estimator=args.estimator,
-                        tied=not args.untied, sensitivity=args.sensitivity, transform=args.transform, target=args.target)
+                        tied=not args.untied, sensitivity=args.sensitivity, transform=args.transform, target=args.target,
+                        embeddings=args.embeddings, head=args.lm_head if isinstance(args.lm_head, str) else None)
         return budget, budget.label
     levels = parse_levels(adaptive) if adaptive else None
     chosen = get_scheme(scheme or ("gptq" if levels else "rtn"))
@@ -110,7 +111,8 @@ def cmd_quantize(args) -> int:
     t0 = time.perf_counter()
     ampq.quantize(model, spec, calibration=calibration, tokenizer=tok, adaptive=args.adaptive, lm_head=args.lm_head,
                   compute_dtype=args.compute_dtype, output=output, overwrite=args.overwrite, memory=args.max_memory,
-                  device=args.device, devices=args.devices, max_gpu_memory=args.max_gpu_memory)
+                  device=args.device, devices=args.devices, max_gpu_memory=args.max_gpu_memory,
+                  embeddings=args.embeddings)
     seconds = time.perf_counter() - t0
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # the main rank reports
@@ -486,6 +488,13 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
                    help="AMPQ: rescale the float model before measuring sensitivity (awq: AWQ's per-channel scales, "
                    "folded into the op before each group), so every candidate is measured on the weights it will "
                    "quantize; auto: measure without and with it, keep the plan of least estimated damage; default none)")
+    p.add_argument("--embeddings", default=None, metavar="FORMAT",
+                   help="store the token embedding table in FORMAT (e.g. q6_k, int8-g32-sym, int4-g32), as llama.cpp's "
+                   "default files do; a tied head reads the same table, and --max-size leaves the bytes saved to the "
+                   "linears (GGUF export only; default: kept in 16/32 bits)")
+    p.add_argument("--lm-head", nargs="?", const=True, default=False, metavar="FORMAT",
+                   help="quantize the output head too (round to nearest): in FORMAT (e.g. int8-g32-sym, as llama.cpp's "
+                   "Q8_0), or without one in the --format given; --max-size leaves the bytes saved to the linears")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -514,7 +523,6 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", default=None, help="dtype of the unquantized parts: float32 (default), bfloat16, float16")
     q.add_argument("--compute-dtype", default=None, help="dtype the quantized matmuls run in "
                    "(bitsandbytes' compute_dtype: bfloat16, float16, float32; default: the activations')")
-    q.add_argument("--lm-head", action="store_true", help="quantize the output head too")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     q.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="keep resident memory under SIZE (e.g. 2GB): weights are read from the safetensors one "

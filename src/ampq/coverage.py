@@ -16,6 +16,7 @@ from torch import nn
 from ampq.experts import is_experts, is_router
 from ampq.models import kept_towers, lm_head_name
 from ampq.nn import quantized_linears
+from ampq.quant_embedding import quantized_embeddings
 from ampq.quant_experts import quantized_experts
 
 
@@ -26,6 +27,7 @@ class Coverage:
     linears: int  # quantized linears (adaptive ones included)
     experts: list[int] = field(default_factory=list)  # the number of experts of each quantized experts module
     kept: dict[str, int] = field(default_factory=dict)  # what was kept -> its weights, largest first
+    embeddings: list[str] = field(default_factory=list)  # the formats of quantized embedding tables
 
     @property
     def share(self) -> float:
@@ -35,6 +37,7 @@ class Coverage:
         parts = [f"{self.linears} linears"] if self.linears else []
         for count in sorted(set(self.experts)):
             parts.append(f"{self.experts.count(count)} x {count} experts")
+        parts += [f"embeddings ({f})" for f in self.embeddings]
         made = " + ".join(parts) or "nothing"
         kept = ", ".join(self.kept) or "nothing"
         return f"quantized {100 * self.share:.1f}% of the weights: {made}; kept: {kept}"
@@ -50,6 +53,8 @@ def coverage(model: nn.Module) -> Coverage:
     quantized = sum(m.in_features * m.out_features for m in linears.values())
     quantized += sum(e.num_experts * e.shapes[p][0] * e.shapes[p][1]
                      for e in experts.values() for p in e.names if e.quantized(p) is not None)
+    tables = quantized_embeddings(model)
+    quantized += sum(m.in_features * m.out_features for m in tables.values())
     head = lm_head_name(model, required=False)
     towers = kept_towers(model)
     kept: dict[str, int] = {}
@@ -66,7 +71,7 @@ def coverage(model: nn.Module) -> Coverage:
     kept = dict(sorted(kept.items(), key=lambda kv: -kv[1]))
     return Coverage(quantized + sum(kept.values()), quantized, len(linears),
                     [e.num_experts for e in experts.values() if any(e.quantized(p) is not None for p in e.names)],
-                    kept)
+                    kept, [m.format_name for m in tables.values()])
 
 
 def _kind(model: nn.Module, name: str, head: str | None) -> str:

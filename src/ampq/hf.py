@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ampq.io.safetensors_file import read_header
-from ampq.layer_table import CONFIG_VERSION, EXPERTS, QUANT_METHOD, check_entry, install_layer, quantization_config
+from ampq.layer_table import CONFIG_VERSION, EMBEDDING, EXPERTS, QUANT_METHOD, check_entry, install_layer, quantization_config
 from ampq.models import replace_module
 from ampq.nn import quantized_linears
 from ampq.quant_experts import quantized_projections
@@ -118,6 +118,10 @@ def replace_linears(model: nn.Module, layers: dict[str, dict], specs) -> None:
     linear or expert projection of ``model``, its buffers placeholders of the stored shapes and
     dtypes (``specs``)."""
     for name, entry in layers.items():
+        if entry.get("kind") == EMBEDDING:
+            raise ValueError(f"this checkpoint stores its embedding table {name} quantized (ampq quantize --embeddings), "
+                             "which transformers' from_pretrained cannot tie or resize; load it with ampq.load_model, "
+                             "or quantize without --embeddings")
         experts = entry.get("kind") == EXPERTS
         try:
             module = model.get_submodule(name.rpartition(".")[0] if experts else name)

@@ -6,7 +6,9 @@ permutation, the compute dtype and, for an adaptive layer (:class:`ampq.nested.N
 residual levels under ``nested``. A mixture-of-experts projection (``mlp.experts.gate_up_proj``,
 one 3D weight) is one record of ``kind`` "experts": the same keys describe each expert's (out, in)
 matrix, ``experts`` says how many there are, and ``expert_algorithms`` the algorithm of each where
-they differ (GPTQ with a fallback to RTN for experts calibration reached too little). The same record is the entry of ``ampq.json``'s ``layers``, of
+they differ (GPTQ with a fallback to RTN for experts calibration reached too little). A quantized
+token table (:class:`ampq.quant_embedding.QuantEmbedding`) is a record of ``kind`` "embedding", its
+shape (vocabulary, width). The same record is the entry of ``ampq.json``'s ``layers``, of
 config.json's ``quantization_config`` (which transformers' loader reads, :mod:`ampq.hf`) and of a
 resumable run's block files (:mod:`ampq.resume`). This module writes records from modules, checks
 them, and builds modules from them, given a way to take each stored tensor by name; where the
@@ -27,6 +29,7 @@ from ampq.formats import get_format
 from ampq.models import replace_module
 from ampq.nested import NestedLinear, ResidualSource
 from ampq.nn import QuantLinear, quantized_linears
+from ampq.quant_embedding import QuantEmbedding, quantized_embeddings
 from ampq.quant_experts import QuantExperts, quantized_projections
 
 QUANT_METHOD = "ampq"  # config.json's quantization_config.quant_method for ampq checkpoints
@@ -35,6 +38,7 @@ CONFIG_VERSION = 1
 LOADER_KEYS = ("format", "algorithm", "shape", "tensors", "bias", "activation", "input_scale", "compute_dtype",
                "input_perm", "kind", "experts", "expert_algorithms")
 EXPERTS = "experts"  # the kind of a record that describes a stack of expert matrices
+EMBEDDING = "embedding"  # the kind of a record that describes a quantized token table (shape: vocabulary, width)
 
 Take = Callable[[str], torch.Tensor]  # a stored tensor by its full name (model.layers.0.mlp.up_proj.codes)
 
@@ -86,6 +90,7 @@ def layer_entries(model: nn.Module, keep_spare: bool = False) -> dict[str, dict]
     """The record of every quantized linear and expert projection of ``model``, by name."""
     entries = {name: layer_entry(m, keep_spare) for name, m in quantized_linears(model).items()}
     entries.update({name: experts_entry(m, p) for name, (m, p) in quantized_projections(model).items()})
+    entries.update({name: {**_plain_entry(m), "kind": EMBEDDING} for name, m in quantized_embeddings(model).items()})
     return entries
 
 
@@ -149,9 +154,12 @@ def check_entry(entry) -> None:
             and _are_names(entry.get("tensors"))):
         raise ValueError("malformed entry")
     nested = entry.get("nested")
-    if entry.get("kind", EXPERTS) != EXPERTS:
+    if entry.get("kind", EXPERTS) not in (EXPERTS, EMBEDDING):
         raise ValueError(f"unknown kind of layer {entry['kind']!r}")
-    if "kind" in entry:
+    if entry.get("kind") == EMBEDDING and (nested is not None or entry.get("bias") or entry.get("input_scale")
+                                           or entry.get("input_perm") or entry.get("activation")):
+        raise ValueError("malformed embedding entry")
+    if entry.get("kind") == EXPERTS:
         count = entry.get("experts")
         algorithms = entry.get("expert_algorithms")
         if type(count) is not int or count <= 0 or nested is not None or not (
@@ -196,6 +204,9 @@ def install_layer(root: nn.Module, name: str, entry: dict, take: Take, source: R
     """Put the module ``entry`` describes in ``root`` at ``name`` (see :func:`build_layer`); an
     experts record makes its experts module a :class:`QuantExperts` (once, for all its projections)
     and stores that projection quantized."""
+    if entry.get("kind") == EMBEDDING:
+        replace_module(root, name, build_embedding(name, entry, root.get_submodule(name), take))
+        return
     if entry.get("kind") != EXPERTS:
         replace_module(root, name, build_layer(name, entry, root.get_submodule(name), take, source))
         return
@@ -235,6 +246,18 @@ def build_layer(name: str, entry: dict, linear: nn.Module, take: Take,
     for k, r in nested.get("spare", {}).items():
         layer.spare[int(k)] = _quant_linear(f"{name}.spare.{k}", {**r, "shape": entry["shape"]}, take)
     return layer
+
+
+def build_embedding(name: str, entry: dict, embedding: nn.Module, take: Take) -> QuantEmbedding:
+    """The quantized table ``entry`` describes, to take the place of ``embedding`` (module ``name``,
+    whose dtype, padding index and embedding scale it keeps); ValueError where they disagree."""
+    check_entry(entry)
+    shape = tuple(entry["shape"])
+    if not isinstance(embedding, nn.Embedding) or tuple(embedding.weight.shape) != shape:
+        raise ValueError(f"the model has no {shape[0]}x{shape[1]} embedding table there")
+    layer = _quant_linear(name, entry, take)
+    return QuantEmbedding(shape[0], shape[1], layer.format_name, layer.stored(), embedding.weight.dtype,
+                          embedding.padding_idx, getattr(embedding, "embed_scale", None), layer.algorithm)
 
 
 def _quant_linear(prefix: str, entry: dict, take: Take) -> QuantLinear:

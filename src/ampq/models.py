@@ -149,6 +149,8 @@ def copy_sharing_embeddings(model: nn.Module) -> nn.Module:
 def tied_embeddings(model: nn.Module) -> bool:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if head is not None and getattr(head, "table", None) is not None and head.table is emb:
+        return True  # a quantized table read as the head too (ampq.quant_embedding.TiedQuantHead)
     return (head is not None and emb is not None and isinstance(head, nn.Linear)
             and head.weight is emb.weight)
 

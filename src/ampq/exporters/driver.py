@@ -18,6 +18,7 @@ from ampq.atomic import atomic_file, atomic_folder
 from ampq.errors import AmpqError
 from ampq.io.model import load
 from ampq.models import lm_head_name, tied_embeddings
+from ampq.quant_embedding import quantized_embeddings
 from ampq.nn import quantized_linears
 from ampq.quant_experts import quantized_projections
 from ampq.pipeline.targets import check_export
@@ -98,6 +99,7 @@ class Target(ABC):
     holds = ""  # a sentence on what it holds exactly, for the refusal ("" or ending in ". ")
     nearest_how = ""  # how ``nearest`` re-quantizes, for the refusal
     allow_nearest = False  # whether this export may re-quantize (``nearest``), for :meth:`check`
+    quantized_embeddings = False  # whether the target holds a quantized embedding table (else it is refused)
 
     def __init__(self, directory: Path):
         self.directory = directory
@@ -172,8 +174,14 @@ def run(target_class: type[Target], directory, out, nearest: bool = False, *, ov
     model = load(directory)
     target.start(model)
 
+    tables = quantized_embeddings(model)
+    if tables and not target.quantized_embeddings:
+        name, table = next(iter(tables.items()))
+        raise AmpqError(f"cannot export {directory} to {target.name}: its embedding table {name} is stored in "
+                        f"{table.format_name} (quantized with --embeddings), and {target.name} keeps embeddings in 16 "
+                        "bits; quantize without --embeddings to serve the model there")
     layers = {}
-    for name, module in {**quantized_linears(model), **target.expert_layers(model)}.items():
+    for name, module in {**quantized_linears(model), **target.expert_layers(model), **tables}.items():
         d = target.decide(module)
         layers[name] = Layer(name, module, source_of(module), d.kind, d.exact, d.why, d.widened)
     inexact = [it for it in layers.values() if not it.exact]

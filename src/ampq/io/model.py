@@ -19,6 +19,7 @@ from ampq.io.config import empty_model, model_config, transformers_class
 from ampq.io.lazy import Converted, weights_of
 from ampq.io.residuals import CheckpointResiduals
 from ampq.models import lm_head_name, tied_embeddings
+from ampq.quant_embedding import TiedQuantHead
 from ampq.version import __version__
 
 MANIFEST_FORMAT = "ampq-checkpoint/1"
@@ -124,7 +125,11 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module
     except RuntimeError as e:
         raise AmpqError(f"checkpoint {directory} does not match its config.json ({first_line(e)})") from None
     if manifest.get("tied_embeddings"):
-        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+        table = model.get_input_embeddings()
+        if getattr(table, "is_quantized_embedding", False):  # the head reads the same stored table
+            model.set_output_embeddings(TiedQuantHead(table))
+        else:
+            model.get_output_embeddings().weight = table.weight
     missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"]
     if missing or result.unexpected_keys:
         problem = f"lacks {missing[0]}" if missing else f"has unexpected tensor {result.unexpected_keys[0]}"

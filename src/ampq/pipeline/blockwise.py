@@ -143,7 +143,7 @@ def quantize_linear(name: str, linear: nn.Linear, fmt_name: str, algorithm: str 
 
 def quantize_blocks(model: nn.Module, formats: FormatSpec, *, algorithm: str = "rtn", calibration=None,
              clip: bool = False, bias_correction: bool = False, awq: bool = False,
-             activation: str | None = None, lm_head: bool = False, options: dict | None = None,
+             activation: str | None = None, lm_head: bool | str = False, options: dict | None = None,
              compute_dtype: str | None = None, batch_size: int = 8, sequential: bool = True,
              on_layer=None, progress: bool = True, resume=None, memory: MemoryCap | None = None,
              placement: Placement | None = None) -> nn.Module:
@@ -158,7 +158,8 @@ def quantize_blocks(model: nn.Module, formats: FormatSpec, *, algorithm: str = "
     ``calibration`` (token windows: a :class:`ampq.data.Windows` or an (n, T) tensor).
     ``compute_dtype`` (e.g. "bfloat16") makes the quantized matmuls run in that dtype whatever
     the activations' dtype. Embeddings and norms are never touched; the output head only with
-    ``lm_head=True`` (round to nearest; a tied head is untied). Blocks are done one at a time.
+    ``lm_head=True`` (round to nearest, in the spec's format for it; a format name gives that one; a
+    tied head is untied). Blocks are done one at a time.
     ``on_layer(name, linear, quantized, stats)``, when given, returns what replaces each linear
     instead of ``quantized`` (adaptive checkpoints nest residuals there); with ``calibration`` it
     gets the layer's input statistics, whatever the algorithm. ``resume`` (an
@@ -248,7 +249,7 @@ def quantize_blocks(model: nn.Module, formats: FormatSpec, *, algorithm: str = "
               "applied to the linears only; the experts were quantized without it", file=sys.stderr)
     if lm_head:
         module = model.get_submodule(head)
-        fmt = format_for(head, formats)
+        fmt = lm_head if isinstance(lm_head, str) else format_for(head, formats)
         if isinstance(module, nn.Linear) and fmt is not None:
             if weights is not None:
                 weights.materialize(model, lambda name: name.startswith(f"{head}."))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ampq.errors import AmpqError
+from ampq.formats import get_format
 from ampq.pipeline.targets import check_target
 from ampq.pipeline.transform import TRANSFORMS
 from ampq.sensitivity import ESTIMATORS
@@ -44,7 +45,9 @@ class Budget:
     quantize (:mod:`ampq.pipeline.transform`), and ``auto`` measures the model both without and with
     each transform and keeps the plan of least estimated damage; ``target`` (``vllm``, ``llama.cpp``) makes the
     candidates the formats that engine serves as stored, so the plan exports unchanged
-    (:mod:`ampq.pipeline.targets`; explicit ``candidates`` must be among them)."""
+    (:mod:`ampq.pipeline.targets`; explicit ``candidates`` must be among them); ``embeddings`` stores
+    the token embedding table in that format (:mod:`ampq.quant_embedding`), so a size budget leaves
+    the bytes it saves to the linears; ``head`` does the same for an untied output head."""
 
     bits: float | None = None
     bytes: int | str | None = None
@@ -54,6 +57,8 @@ class Budget:
     sensitivity: str | Path | None = None
     transform: str = "none"
     target: str = "any"
+    embeddings: str | None = None
+    head: str | None = None
 
     def __post_init__(self):
         if (self.bits is None) == (self.bytes is None):
@@ -68,6 +73,9 @@ class Budget:
         if self.transform not in (*TRANSFORMS, "auto"):
             raise AmpqError(f"unknown transform {self.transform!r}; choose one of {', '.join(TRANSFORMS)} or auto")
         check_target(self.target)
+        for name in (self.embeddings, self.head):
+            if name is not None:
+                get_format(name)
         if isinstance(self.candidates, str):
             object.__setattr__(self, "candidates", tuple(c for c in self.candidates.split(",") if c.strip()))
         elif self.candidates is not None:

@@ -23,10 +23,12 @@ from ampq.allocate import allocate, reachable
 from ampq.builtin import cache_dir
 from ampq.data import Text, Windows, as_text, calibration_windows, sized_for
 from ampq.errors import AmpqError
-from ampq.models import decoder_blocks, fused_groups, replace_module
+from ampq.formats import get_format
+from ampq.models import decoder_blocks, fused_groups, replace_module, tied_embeddings
 from ampq.pipeline.budget import Budget, parse_size
 from ampq.pipeline.expert_damage import expert_projection_names, expert_weight_bytes
 from ampq.placement import Placement
+from ampq.quant_embedding import check_row_format
 from ampq.pipeline.plans import LayerPlan, Plan
 from ampq.pipeline.targets import target_candidates
 from ampq.pipeline.transform import TRANSFORMS, ensure_transform
@@ -143,11 +145,13 @@ def plan_with_table(model: nn.Module, budget: Budget | float, calibration, token
         raise AmpqError("a budget needs calibration text to measure sensitivity: pass calibration='wiki' and the "
                         "model's tokenizer (CLI: --calib wiki)")
     t1 = time.perf_counter()
+    fixed = fixed_bytes(model, block_linear_names(model) + expert_projection_names(model))
     result = plan_for_budget(table, bits_per_weight=budget.bits, max_size=budget.bytes,
-                             fixed=fixed_bytes(model, block_linear_names(model) + expert_projection_names(model)),
-                             tied=budget.tied)
+                             fixed=fixed - embedding_bytes_saved(model, budget.embeddings)
+                             - head_bytes_saved(model, budget.head), tied=budget.tied)
     result.transform = transform
     result.target = budget.target
+    result.embeddings, result.head = budget.embeddings, budget.head
     if progress:
         print(f"stage times: sensitivity {t1 - t0:.1f} s (0 when reused from the cache), allocation "
               f"{1e3 * (time.perf_counter() - t1):.0f} ms", file=sys.stderr)
@@ -214,6 +218,29 @@ def fixed_bytes(model: nn.Module, layers: list[str]) -> int:
     chosen = sum(expert_weight_bytes(model, n) if n in experts else
                  model.get_submodule(n).weight.numel() * model.get_submodule(n).weight.element_size() for n in layers)
     return model_bytes(model) - chosen
+
+
+def embedding_bytes_saved(model: nn.Module, format_name: str | None) -> int:
+    """Bytes that storing ``model``'s embedding table in ``format_name`` takes off the model (0 for None)."""
+    if format_name is None:
+        return 0
+    table = model.get_input_embeddings().weight
+    shape = tuple(table.shape)
+    try:
+        check_row_format(format_name, shape)
+    except ValueError as e:
+        raise AmpqError(f"cannot store the embedding table ({shape[0]}x{shape[1]}) in {format_name}: {e}; choose "
+                        "another --embeddings format (e.g. int8-g32-sym, q6_k or int4-g32)") from None
+    return table.numel() * table.element_size() - get_format(format_name).nbytes(shape)
+
+
+def head_bytes_saved(model: nn.Module, format_name: str | None) -> int:
+    """Bytes that storing ``model``'s untied output head in ``format_name`` takes off the model (0
+    for None; a tied head is the embedding table, which ``embeddings`` stores)."""
+    if format_name is None or tied_embeddings(model):
+        return 0
+    weight = model.get_output_embeddings().weight
+    return weight.numel() * weight.element_size() - get_format(format_name).nbytes(tuple(weight.shape))
 
 
 def plan_for_budget(table: SensitivityTable, *, bits_per_weight: float | None = None,

@@ -40,6 +40,9 @@ class Plan:
     # is followed on a model transformed the same way (ampq.pipeline.transform)
     transform: dict = field(default_factory=dict)
     target: str = "any"  # the engine whose formats the candidates were (ampq.pipeline.targets)
+    # the format of the embedding table (ampq.quant_embedding), whose bytes a size budget counted; None: kept
+    embeddings: str | None = None
+    head: str | None = None  # the same for an untied output head (quantize's lm_head)
 
     @property
     def total_bytes(self) -> int | None:
@@ -76,7 +79,8 @@ class Plan:
         if transform.get("name", "none") not in TRANSFORMS:
             raise AmpqError(f"{where}: unknown transform {transform.get('name')!r}; known: {', '.join(TRANSFORMS)}")
         return cls(layers, data.get("budget") or {}, data.get("source"), data.get("estimator"),
-                   data.get("tie_groups") or [], transform, check_target(data.get("target") or "any"))
+                   data.get("tie_groups") or [], transform, check_target(data.get("target") or "any"),
+                   _embeddings(data.get("embeddings"), where), _embeddings(data.get("head"), where))
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
@@ -87,3 +91,13 @@ class Plan:
         except ValueError as e:
             raise AmpqError(f"plan {path} is not valid JSON ({e})") from None
         return cls.from_dict(data, str(path))
+
+
+def _embeddings(name, where: str) -> str | None:
+    if name is None:
+        return None
+    try:
+        get_format(name)
+    except AmpqError as e:
+        raise AmpqError(f"{where}: embeddings: {e}") from None
+    return name

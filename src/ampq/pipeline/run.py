@@ -26,16 +26,18 @@ from ampq.data import Text, Windows, sized_for, windows_of
 from ampq.errors import AmpqError
 from ampq.experts import experts_modules
 from ampq.formats import get_format
+from ampq.io.lazy import weights_of
 from ampq.io.model import save
 from ampq.memory import MemoryCap
-from ampq.models import decoder_blocks, kept_towers
+from ampq.models import decoder_blocks, kept_towers, lm_head_name, tied_embeddings
 from ampq.nested import parse_levels
 from ampq.nn import quantized_linears
 from ampq.quant_experts import quantized_projections
 from ampq.pipeline.adaptive import level_table, nested_layers, quantize_adaptive, stored_range
-from ampq.pipeline.blockwise import quantize_blocks
+from ampq.pipeline.blockwise import format_for, quantize_blocks
 from ampq.pipeline.budget import Budget, parse_size
-from ampq.pipeline.planner import plan_with_table
+from ampq.pipeline.planner import embedding_bytes_saved, plan_with_table
+from ampq.quant_embedding import quantize_embeddings
 from ampq.pipeline.transform import ensure_transform
 from ampq.pipeline.plans import Plan
 from ampq.placement import placement_for
@@ -75,11 +77,12 @@ def check_output(output: str | Path, overwrite: bool) -> Path:
 def quantize(model: nn.Module, spec: Spec | None, *, calibration: Text | str | Windows | torch.Tensor | None = None,
              tokenizer=None, device: str | torch.device | None = None, algorithm: str | None = None,
              clip: bool = False, bias_correction: bool = False, awq: bool = False, activation: str | None = None,
-             lm_head: bool = False, options: dict | None = None, compute_dtype: str | None = None,
+             lm_head: bool | str = False, options: dict | None = None, compute_dtype: str | None = None,
              batch_size: int = 8, sequential: bool = True, on_layer=None, adaptive: str | list[int] | None = None,
              output: str | Path | None = None, overwrite: bool = False, resume: Resume | None = None,
              memory: MemoryCap | str | int | None = None, progress: bool = True,
-             devices: str | list | None = None, max_gpu_memory: str | int | None = None) -> nn.Module:
+             devices: str | list | None = None, max_gpu_memory: str | int | None = None,
+             embeddings: str | None = None) -> nn.Module:
     """Quantize ``model`` in place and return it.
 
     ``spec`` says what each linear of the decoder blocks becomes:
@@ -104,8 +107,12 @@ def quantize(model: nn.Module, spec: Spec | None, *, calibration: Text | str | W
     own) and the main rank writes the output: the same bytes for any number of ranks. ``algorithm`` (``rtn``, ``gptq``), ``clip``,
     ``bias_correction``, ``awq``, ``activation``, ``options`` and ``compute_dtype`` choose the method
     where the spec does not (:func:`ampq.pipeline.blockwise.quantize_blocks` tells each); the output
-    head is quantized only with ``lm_head``. ``adaptive`` (``"4:8"``) stores every layer at several
+    head is quantized only with ``lm_head`` (``True``: in the spec's format for it, by round to
+    nearest; a format name: in that one). ``adaptive`` (``"4:8"``) stores every layer at several
     precisions to switch between at run time (:func:`ampq.adapt`); ``spec`` is then the base format.
+    ``embeddings`` (a format name, e.g. ``"q6_k"``) stores the token embedding table in that format,
+    by round to nearest, last (:mod:`ampq.quant_embedding`; a tied head reads the same table); a
+    Budget's or a Plan's ``embeddings`` is used where this is not given.
 
     ``output``: save the checkpoint there (with ``tokenizer``; its manifest carries the plan and
     the sensitivity table); the progress is recorded beside it after every block, so a killed run
@@ -160,6 +167,13 @@ def quantize(model: nn.Module, spec: Spec | None, *, calibration: Text | str | W
     if levels:
         formats = formats or f"int{levels[0]}-g128"
     _check_formats(formats, levels)
+    embeddings = _planned("embeddings", embeddings, spec, formats)
+    if embeddings is not None:
+        embedding_bytes_saved(model, embeddings)  # refuses a format the table cannot take before any work
+    lm_head = _planned("head", lm_head if isinstance(lm_head, str) else None, spec, formats) or lm_head
+    if lm_head is True and format_for(lm_head_name(model), formats) is None:
+        raise AmpqError("lm_head=True takes the head's format from the spec, which names none for it; give the "
+                        "format (CLI: --lm-head int8-g32-sym)")
     transform = formats.transform.get("name", "none") if isinstance(formats, Plan) else "none"
     needs = levels or method["clip"] or method["bias_correction"] or method["awq"] or (
         method["algorithm"] in NEEDS_CALIBRATION) or on_layer is not None or transform != "none" or (
@@ -193,6 +207,16 @@ def quantize(model: nn.Module, spec: Spec | None, *, calibration: Text | str | W
             quantize_blocks(model, formats, calibration=tokens, lm_head=lm_head, batch_size=batch_size,
                             sequential=sequential, on_layer=on_layer, progress=progress, resume=resume,
                             memory=memory, placement=placement, **method)
+    if embeddings is not None:
+        with placement.stage("embeddings"):
+            weights = weights_of(model)
+            if weights is not None:  # a lazily loaded model reads its table now (and the tied head with it)
+                weights.materialize(model, lambda n: n.startswith(_embedding_prefixes(model)))
+            table = quantize_embeddings(model, embeddings)
+        manifest["embeddings"] = embeddings
+        if progress:
+            print(f"embeddings: {table} stored in {embeddings}"
+                  + (" (the head reads the same table)" if tied_embeddings(model) else ""), file=sys.stderr)
     towers = {t: sum(p.numel() for p in model.get_submodule(t).parameters()) for t in kept_towers(model)}
     if towers:  # a vision-language model: only its language model was quantized (the summary names them)
         manifest["kept_towers"] = towers
@@ -214,6 +238,24 @@ def quantize(model: nn.Module, spec: Spec | None, *, calibration: Text | str | W
     if memory is not None and progress:
         print(memory.report(), file=sys.stderr)
     return model
+
+
+def _embedding_prefixes(model: nn.Module) -> tuple[str, ...]:
+    emb = model.get_input_embeddings()
+    return tuple(f"{n}." for n, m in model.named_modules() if m is emb or (tied_embeddings(model) and
+                                                                           m is model.get_output_embeddings()))
+
+
+def _planned(what: str, given: str | None, spec, formats) -> str | None:
+    """The format of the embedding table or the head (``what``): the call's, else the budget's or
+    the plan's; they must agree (a size budget counted the plan's)."""
+    source = spec if isinstance(spec, Budget) else formats if isinstance(formats, Plan) else None
+    planned = getattr(source, what, None)
+    if given is not None and planned is not None and given != planned:
+        flag = "--embeddings" if what == "embeddings" else "--lm-head"
+        raise AmpqError(f"the plan was made with the {'embedding table' if what == 'embeddings' else 'head'} in "
+                        f"{planned}, not {given}; drop {flag} or make the plan again with it")
+    return given or planned
 
 
 def _levels(adaptive: str | list[int]) -> list[int]:

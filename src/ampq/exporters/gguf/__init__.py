@@ -12,7 +12,8 @@ Which type holds which format is in :mod:`.qtypes` (with the table), the blocks 
 shares are :mod:`ampq.exporters.driver`'s. Every exact layer is checked: gguf-py's
 ``gguf.quants.dequantize`` of the blocks written must equal ampq's decoded weight bit for bit.
 
-Embeddings and an untied output head are written as stored (F32, F16 or BF16); 1-D tensors
+Embeddings and an untied output head are written as stored (F32, F16 or BF16; a table quantized with
+``--embeddings`` as its type, which llama.cpp also multiplies by as the head where tied); 1-D tensors
 (norms, biases) as F32, as llama.cpp's converter does. The tokenizer (byte-level BPE as
 ``tokenizer.ggml.model`` "gpt2", SentencePiece BPE as "llama": :mod:`.vocab`) is written as
 llama.cpp's converter writes it: tokens, token types, merges or scores, special token ids,
@@ -53,6 +54,7 @@ class Gguf(Target):
     holds = (f"GGUF holds int4/int5 (asymmetric or -sym) and int8-sym with groups of a multiple of {BLOCK} "
              "exactly (Q4_1/Q4_0, Q5_1/Q5_0, Q8_0), and llama.cpp's own q2_k..q6_k, iq4_nl, iq4_xs. ")
     nearest_how = "with gguf-py to the types it writes, per layer whichever moves the weights least"
+    quantized_embeddings = True  # token_embd in any type; llama.cpp reads it as the head too when tied
 
     def check_source(self) -> None:
         self.spec = architectures.check(self.directory, AutoConfig.from_pretrained(self.directory), self.warnings)
