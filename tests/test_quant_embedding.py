@@ -165,3 +165,18 @@ def test_a_head_without_a_format_is_refused_before_any_work():
     with pytest.raises(AmpqError, match="--lm-head int8-g32-sym"):
         ampq.quantize(model, plan, calibration=CALIB, progress=False, lm_head=True)
     assert not ampq.nn.quantized_linears(model)
+
+
+def test_uniform_peers_are_set_beside_a_budget_with_its_embedding_table():
+    import copy
+
+    from ampq.comparison import uniform_peers
+
+    original = tiny_llama()
+    budget = Budget(bits=5, candidates=("int4-g32:rtn", "int8-ch:rtn"), embeddings="int8-ch")
+    model = ampq.quantize(copy.deepcopy(original), budget, calibration=CALIB, progress=False)
+    peers = uniform_peers(model, original, budget, calibration=CALIB, progress=False)
+    (name, peer), = peers.items()
+    assert peer.model.embed_tokens.format_name == "int8-ch" and isinstance(original.model.embed_tokens, nn.Embedding)
+    assert {m.format_name for m in ampq.nn.quantized_linears(peer).values()} == {name.split()[-1]}
+    assert uniform_peers(model, original, budget, "none", progress=False) == {}

@@ -83,7 +83,7 @@ def _spec(args):
 
 def cmd_quantize(args) -> int:
     import ampq
-    from ampq.comparison import print_comparison, size_of
+    from ampq.comparison import print_comparison, size_of, uniform_peers
     from ampq.models import copy_sharing_embeddings
     from ampq.data import Text
     from ampq.pipeline.run import check_output, summary
@@ -118,7 +118,8 @@ def cmd_quantize(args) -> int:
         return 0  # the main rank reports
     print(summary(model, args.model, label, seconds, output))
     if args.eval:
-        compared = _compared(args, spec, model, original, calibration, tok)
+        compared = uniform_peers(model, original, spec, args.compare, calibration=calibration, tokenizer=tok,
+                                 lm_head=args.lm_head, compute_dtype=args.compute_dtype)
         models = {label: model, **compared}
         results = ampq.evaluate(models, original, text=_texts(args, model), tokenizer=tok)
         title = f"{args.model}: {label} against the original" + (
@@ -132,32 +133,6 @@ def cmd_quantize(args) -> int:
                                         "original_bytes": size_of(original)[1],
                                         "results": _results_json(results, label)})
     return 0
-
-
-def _compared(args, spec, model, original, calibration, tok) -> dict:
-    """The uniform models to score beside the quantized one (--compare): each quantized from a copy
-    of the original. With a budget, by default the candidate nearest the budget's size."""
-    import ampq
-    from ampq.models import copy_sharing_embeddings
-    from ampq.pipeline.planner import fixed_bytes, matching_uniform
-    from ampq.pipeline.run import label
-    from ampq.report import block_linear_names
-    from ampq.schemes import get_scheme
-    from ampq.sensitivity import SensitivityTable
-
-    names = [c.strip() for c in (args.compare or "").split(",") if c.strip() and c.strip() != "none"]
-    if args.compare is None and isinstance(spec, ampq.Budget):
-        table = SensitivityTable(**model.ampq_manifest["sensitivity"])
-        fixed = fixed_bytes(original, block_linear_names(original))
-        schemes = [matching_uniform(table, spec, fixed)]
-    else:
-        schemes = [get_scheme(n) for n in names]
-    compared = {}
-    for scheme in schemes:
-        print(f"for comparison: {label(scheme)} in every linear", file=sys.stderr)
-        compared[label(scheme)] = ampq.quantize(copy_sharing_embeddings(original), scheme, calibration=calibration,
-                                                tokenizer=tok, lm_head=args.lm_head, compute_dtype=args.compute_dtype)
-    return compared
 
 
 def cmd_plan(args) -> int:

@@ -148,3 +148,41 @@ def _print_embedding_comparison(title: str, results: list[TextQuality], sizes, r
 def size_of(model: nn.Module) -> tuple[float, int]:
     """(bits per weight over the linears, bytes of the whole model): a table's size columns."""
     return linear_bits(model), model_bytes(model)
+
+
+def uniform_peers(model: nn.Module, original: nn.Module, spec, schemes: str | list[str] | None = None, *,
+                  calibration=None, tokenizer=None, lm_head: bool | str = False, compute_dtype: str | None = None,
+                  progress: bool = True) -> dict[str, nn.Module]:
+    """Uniform models to score beside ``model`` (quantized from ``original`` by ``spec``), each
+    quantized from a copy of ``original`` that shares its embedding table, by label. ``schemes``:
+    scheme names (a list, or comma-separated; "none" for none); None with a :class:`~ampq.Budget`
+    spec: the budget's candidate nearest its size, measured from the sensitivity table ``model``
+    was planned with (what ``ampq quantize --budget B --eval`` sets beside it). A quantized embedding
+    table or head that the budget or plan names is quantized the same way in every peer."""
+    import sys
+
+    import ampq
+    from ampq.models import copy_sharing_embeddings
+    from ampq.pipeline.planner import embedding_bytes_saved, fixed_bytes, head_bytes_saved, matching_uniform
+    from ampq.pipeline.run import label
+    from ampq.report import block_linear_names
+    from ampq.schemes import get_scheme
+    from ampq.sensitivity import SensitivityTable
+
+    embeddings, head = getattr(spec, "embeddings", None), getattr(spec, "head", None)
+    if schemes is None and isinstance(spec, ampq.Budget):
+        table = SensitivityTable(**model.ampq_manifest["sensitivity"])
+        fixed = fixed_bytes(original, block_linear_names(original)) - embedding_bytes_saved(original, embeddings) \
+            - head_bytes_saved(original, head)
+        chosen = [matching_uniform(table, spec, fixed)]
+    else:
+        names = schemes.split(",") if isinstance(schemes, str) else list(schemes or [])
+        chosen = [get_scheme(n.strip()) for n in names if n.strip() and n.strip() != "none"]
+    peers = {}
+    for scheme in chosen:
+        if progress:
+            print(f"for comparison: {label(scheme)} in every linear", file=sys.stderr)
+        peers[label(scheme)] = ampq.quantize(copy_sharing_embeddings(original), scheme, calibration=calibration,
+                                             tokenizer=tokenizer, lm_head=head or lm_head, compute_dtype=compute_dtype,
+                                             embeddings=embeddings, progress=progress)
+    return peers
