@@ -180,3 +180,12 @@ def test_uniform_peers_are_set_beside_a_budget_with_its_embedding_table():
     assert peer.model.embed_tokens.format_name == "int8-ch" and isinstance(original.model.embed_tokens, nn.Embedding)
     assert {m.format_name for m in ampq.nn.quantized_linears(peer).values()} == {name.split()[-1]}
     assert uniform_peers(model, original, budget, "none", progress=False) == {}
+
+
+def test_a_compiled_decoder_reads_the_quantized_table_and_tied_head():
+    torch.manual_seed(0)
+    model = ampq.quantize(tiny_llama(), "int4-g32", embeddings="int8-g32-sym", progress=False)
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(3))
+    eager = model.generate(ids, max_new_tokens=6, do_sample=False)[:, ids.shape[1]:]
+    compiled = ampq.compile(model, max_len=32).generate(ids, 6)
+    assert torch.equal(torch.as_tensor(compiled).reshape(eager.shape), eager)

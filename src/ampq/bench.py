@@ -60,7 +60,11 @@ def weight_bytes(model: nn.Module) -> int:
     (the input embedding reads one row per token: not counted)."""
     seen, total = set(), 0
     for m in model.modules():
-        if isinstance(m, QuantLinear):
+        if getattr(m, "is_quantized_embedding", False):
+            continue  # a lookup; a head tied to it reads it whole (below)
+        if isinstance(getattr(m, "table", None), QuantLinear):  # ampq.quant_embedding.TiedQuantHead
+            total += m.table.nbytes()
+        elif isinstance(m, QuantLinear):
             total += m.nbytes()
         elif isinstance(m, nn.Linear) and id(m.weight) not in seen:
             seen.add(id(m.weight))

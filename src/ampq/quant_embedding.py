@@ -25,6 +25,9 @@ from ampq.models import replace_module, tied_embeddings
 from ampq.nn import QuantLinear
 
 
+_DIRECT_ROWS = 64  # up to this many tokens, rows are decoded as they come (repeats and all)
+
+
 def rows_of(stored: dict[str, torch.Tensor], shape: tuple[int, int], rows: torch.Tensor) -> dict[str, torch.Tensor]:
     """The stored tensors of the rows ``rows`` of a quantized (out, in) table alone, as if the table
     were those rows; ValueError where a stored tensor does not run row by row."""
@@ -65,6 +68,7 @@ class QuantEmbedding(QuantLinear):
         super().__init__(embedding_dim, num_embeddings, format_name, stored, algorithm=algorithm)
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         self.out_dtype = dtype
+        self._format = get_format(format_name)  # looked up once: a compiled step cannot trace the registry
         # models that scale their embeddings in the embedding module (Gemma's sqrt(width)) keep doing so
         self.embed_scale = embed_scale
 
@@ -75,14 +79,20 @@ class QuantEmbedding(QuantLinear):
         return self.dequantize(self.out_dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        # each distinct token's row is decoded once per call
-        unique, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
-        picked = rows_of(self.stored(), self.shape, unique)
-        rows = self.format.dequantize(picked, (unique.numel(), self.embedding_dim)).to(self.out_dtype)
-        out = rows.index_select(0, inverse).reshape(*ids.shape, self.embedding_dim)
+        flat = ids.reshape(-1)
+        if torch.compiler.is_compiling() or flat.numel() <= _DIRECT_ROWS:
+            rows = self._rows(flat)  # a decode step: no data-dependent shapes in a compiled graph
+        else:  # a prompt: each distinct token's row decoded once
+            unique, inverse = torch.unique(flat, return_inverse=True)
+            rows = self._rows(unique).index_select(0, inverse)
+        out = rows.reshape(*ids.shape, self.embedding_dim)
         if self.embed_scale is not None:
             out = out * torch.as_tensor(self.embed_scale, dtype=out.dtype, device=out.device)
         return out
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        picked = rows_of(self.stored(), self.shape, ids)
+        return self._format.dequantize(picked, (ids.numel(), self.embedding_dim)).to(self.out_dtype)
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, format_name: str) -> "QuantEmbedding":

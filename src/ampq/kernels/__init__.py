@@ -100,7 +100,7 @@ def prepare(layer, rows: int, dtype: torch.dtype = torch.float32) -> None:
     if rows in cache.prepared_rows:
         return
     device = next(iter(layer.stored().values())).device
-    layer(torch.zeros(rows, layer.in_features, dtype=dtype, device=device))
+    linear(layer, torch.zeros(rows, layer.in_features, dtype=dtype, device=device))
     cache.prepared_rows = cache.prepared_rows | {rows}
 
 
