@@ -148,7 +148,10 @@ def cmd_plan(args) -> int:
     out = plan.save(args.output)
     rows = [[name, p.format, p.algorithm + ("+clip" if p.clip else ""), p.bytes, p.damage] for name, p in plan.layers.items()]
     print_table(f"plan for {args.model} ({plan.budget})", ["layer", "format", "algorithm", "bytes", "est. damage"], rows,
-                f"{plan.total_bytes:,} bytes of linears; written to {out}; quantize with: ampq quantize {args.model} --plan {out}")
+                f"{plan.total_bytes:,} bytes of linears"
+                + "".join(f"; {what} in {fmt}" for what, fmt in (("embedding table", plan.embeddings),
+                                                                 ("head", plan.head)) if fmt)
+                + f"; written to {out}; quantize with: ampq quantize {args.model} --plan {out}")
     return 0
 
 
