@@ -12,7 +12,8 @@ Per model:
    keeps them, so both files differ only in the decoder blocks' linears, which is what AMPQ
    allocates. llama.cpp's default Q4_K_M (embeddings quantized) is scored too, as its own row, against
    ampq of its size with the embedding table in the same type (`--embeddings`, e.g. Q8_0 as int8-g32-sym).
-   No importance matrix: llama-cpp-python passes it as a C++ map, which Python cannot build.
+   Each type twice: without and with an importance matrix (`_imatrix.py`: the mean square of each
+   linear's inputs over the calibration windows `ampq quantize` uses, passed as llama-imatrix's).
 3. ampq at the same file size: `ampq quantize MODEL --target llama.cpp --max-size S --dtype float16`
    and `ampq export --to gguf`, S being llama.cpp's file size less what the GGUF holds beyond
    ampq's safetensors (tokenizer, F32 norms; measured on the F16 pair of step 1). The row says both
@@ -43,6 +44,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _imatrix import as_ctypes, importance  # noqa: E402
 from _llama import load_llama  # noqa: E402
 from _machine import describe, machine  # noqa: E402
 
@@ -89,7 +91,7 @@ class Silenced:
         os.close(self.saved)
 
 
-def llama_quantize(source: Path, out: Path, ftype_name: str, embeddings_f16: bool) -> Path:
+def llama_quantize(source: Path, out: Path, ftype_name: str, embeddings_f16: bool, imatrix: dict | None = None) -> Path:
     import llama_cpp
 
     if not out.exists():
@@ -99,6 +101,9 @@ def llama_quantize(source: Path, out: Path, ftype_name: str, embeddings_f16: boo
         if embeddings_f16:
             params.token_embedding_type = GGML_TYPE_F16
             params.output_tensor_type = GGML_TYPE_F16
+        if imatrix is not None:
+            entries, keep = as_ctypes(imatrix)  # noqa: F841 (kept alive until llama.cpp is done)
+            params.imatrix = ctypes.cast(entries, ctypes.POINTER(type(entries[0])))
         tmp = out.with_suffix(".part")
         with Silenced():
             rc = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
@@ -190,26 +195,26 @@ def table(result: dict) -> str:
              f"{result['window']} tokens each; KL to the F16 file's next-token distribution, nats per token. "
              "llama.cpp's types keep the embeddings and head in F16 as ampq does, but for its default Q4_K_M "
              "(embeddings quantized), set against ampq with `--embeddings` of the same type; ampq = T is "
-             "`--target llama.cpp --max-size` of T's file; the ratio divides ampq's perplexity increase over F16 "
-             "by llama.cpp's.")
+             "`--target llama.cpp --max-size` of the smaller of T's files (without and with an importance matrix "
+             "from ampq's calibration text); the ratios divide ampq's perplexity increase over F16 by llama.cpp's "
+             "without and with it.")
     lines = []
     for model in dict.fromkeys(r["model"] for r in result["rows"]):
         rows = {r["name"]: r for r in result["rows"] if r["model"] == model}
         base = rows["F16"]
         head = ["file", "MB"] + [f"{k} {t}" for t in texts for k in ("ppl", "KL", "top-1")] + \
-               [f"ppl increase ratio {t}" for t in texts] + ["ampq's own ppl " + texts[0], "linears (ampq: format:algorithm)"]
+               [f"ppl increase ratio {t} (plain / imatrix)" for t in texts] + \
+               ["ampq's own ppl " + texts[0], "linears (ampq: format:algorithm)"]
         lines += [f"**{model}** ({about})", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name, r in rows.items():
             cells = [name, f"{r['file_bytes'] / 1e6:.1f}"]
             for t in texts:
                 cells += [f"{r[t]['perplexity']:.3f}", f"{r[t]['kl']:.4f}", f"{r[t]['top1']:.3f}"]
-            other = rows.get(name.replace("ampq = ", "llama.cpp ")) if name.startswith("ampq") else None
+            others = [rows.get(name.replace("ampq = ", "llama.cpp ") + kind) for kind in ("", " imatrix")]
             for t in texts:
-                if other:
-                    gain = (r[t]["perplexity"] - base[t]["perplexity"]) / (other[t]["perplexity"] - base[t]["perplexity"])
-                    cells.append(f"{gain:.2f}")
-                else:
-                    cells.append("")
+                gains = [(r[t]["perplexity"] - base[t]["perplexity"]) / (o[t]["perplexity"] - base[t]["perplexity"])
+                         for o in others if o and name.startswith("ampq")]
+                cells.append(" / ".join(f"{g:.2f}" for g in gains))
             own = r[texts[0]].get("ampq_perplexity")
             cells.append(f"{own:.3f}" if own else "")
             kinds = r.get("ampq_formats") or r["types"]
@@ -243,9 +248,12 @@ def main() -> None:
         offset = ref.stat().st_size - safetensors_bytes(work / "f16")
         ggufs: dict[str, Path] = {"F16": ref}
         pairs = []
+        matrix = importance(model_name, work / "f16")  # llama.cpp's importance matrix, on ampq's calibration
         for t in types:
             ggufs[f"llama.cpp {t}"] = llama = llama_quantize(ref, work / f"llama-{t}.gguf", t, embeddings_f16=True)
-            size = llama.stat().st_size
+            ggufs[f"llama.cpp {t} imatrix"] = with_matrix = llama_quantize(
+                ref, work / f"llama-{t}-imatrix.gguf", t, embeddings_f16=True, imatrix=matrix)
+            size = min(llama.stat().st_size, with_matrix.stat().st_size)
             out, gguf = ampq_of_size(model_name, work, t, size, offset, [])
             ggufs[f"ampq = {t}"] = gguf
             pairs.append((t, llama, out, gguf))
@@ -253,12 +261,14 @@ def main() -> None:
         t = "Q4_K_M (default)"
         ggufs[f"llama.cpp {t}"] = llama = llama_quantize(ref, work / "llama-Q4_K_M-default.gguf", "Q4_K_M",
                                                           embeddings_f16=False)
+        ggufs[f"llama.cpp {t} imatrix"] = with_matrix = llama_quantize(
+            ref, work / "llama-Q4_K_M-default-imatrix.gguf", "Q4_K_M", embeddings_f16=False, imatrix=matrix)
         # ampq of its size with the embedding table (and an untied head) in the types llama.cpp gave them
         extra = ["--embeddings", AMPQ_FORMAT[type_of(llama, "token_embd.weight")]]
         if type_of(llama, "output.weight") is not None:
             extra += ["--lm-head", AMPQ_FORMAT[type_of(llama, "output.weight")]]
-        out, gguf = ampq_of_size(model_name, work, "-".join(["Q4_K_M-default", *extra[1::2]]), llama.stat().st_size,
-                                 offset, extra)
+        out, gguf = ampq_of_size(model_name, work, "-".join(["Q4_K_M-default", *extra[1::2]]),
+                                 min(llama.stat().st_size, with_matrix.stat().st_size), offset, extra)
         ggufs[f"ampq = {t}"] = gguf
         pairs.append((t, llama, out, gguf))
         print(f"[{model_name}] {t}: llama.cpp {llama.stat().st_size:,} B, ampq {gguf.stat().st_size:,} B "
