@@ -189,3 +189,8 @@ def test_a_compiled_decoder_reads_the_quantized_table_and_tied_head():
     eager = model.generate(ids, max_new_tokens=6, do_sample=False)[:, ids.shape[1]:]
     compiled = ampq.compile(model, max_len=32).generate(ids, 6)
     assert torch.equal(torch.as_tensor(compiled).reshape(eager.shape), eager)
+
+
+def test_a_plan_for_vllm_refuses_a_quantized_table_up_front():
+    with pytest.raises(AmpqError, match="vLLM keeps the embedding table in 16 bits"):
+        Budget(bits=4.25, target="vllm", embeddings="int8-ch")

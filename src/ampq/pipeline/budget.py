@@ -76,6 +76,9 @@ class Budget:
         for name in (self.embeddings, self.head):
             if name is not None:
                 get_format(name)
+        if self.embeddings is not None and self.target == "vllm":
+            raise AmpqError("vLLM keeps the embedding table in 16 bits, so a plan for it cannot quantize the table; "
+                            "drop --embeddings (or plan with --target llama.cpp)")
         if isinstance(self.candidates, str):
             object.__setattr__(self, "candidates", tuple(c for c in self.candidates.split(",") if c.strip()))
         elif self.candidates is not None:
