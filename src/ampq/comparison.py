@@ -161,16 +161,16 @@ def uniform_peers(model: nn.Module, original: nn.Module, spec, schemes: str | li
     table or head that the budget or plan names is quantized the same way in every peer."""
     import sys
 
-    import ampq
     from ampq.models import copy_sharing_embeddings
+    from ampq.pipeline.budget import Budget
     from ampq.pipeline.planner import embedding_bytes_saved, fixed_bytes, head_bytes_saved, matching_uniform
-    from ampq.pipeline.run import label
+    from ampq.pipeline.run import label, quantize
     from ampq.report import block_linear_names
     from ampq.schemes import get_scheme
     from ampq.sensitivity import SensitivityTable
 
     embeddings, head = getattr(spec, "embeddings", None), getattr(spec, "head", None)
-    if schemes is None and isinstance(spec, ampq.Budget):
+    if schemes is None and isinstance(spec, Budget):
         table = SensitivityTable(**model.ampq_manifest["sensitivity"])
         fixed = fixed_bytes(original, block_linear_names(original)) - embedding_bytes_saved(original, embeddings) \
             - head_bytes_saved(original, head)
@@ -182,7 +182,7 @@ def uniform_peers(model: nn.Module, original: nn.Module, spec, schemes: str | li
     for scheme in chosen:
         if progress:
             print(f"for comparison: {label(scheme)} in every linear", file=sys.stderr)
-        peers[label(scheme)] = ampq.quantize(copy_sharing_embeddings(original), scheme, calibration=calibration,
-                                             tokenizer=tokenizer, lm_head=head or lm_head, compute_dtype=compute_dtype,
-                                             embeddings=embeddings, progress=progress)
+        peers[label(scheme)] = quantize(copy_sharing_embeddings(original), scheme, calibration=calibration,
+                                        tokenizer=tokenizer, lm_head=head or lm_head, compute_dtype=compute_dtype,
+                                        embeddings=embeddings, progress=progress)
     return peers
