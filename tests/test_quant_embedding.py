@@ -194,3 +194,12 @@ def test_a_compiled_decoder_reads_the_quantized_table_and_tied_head():
 def test_a_plan_for_vllm_refuses_a_quantized_table_up_front():
     with pytest.raises(AmpqError, match="vLLM keeps the embedding table in 16 bits"):
         Budget(bits=4.25, target="vllm", embeddings="int8-ch")
+
+
+def test_a_table_holding_nan_is_refused_in_one_line():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[3, 5] = float("nan")
+    with pytest.raises(AmpqError, match="cannot quantize the embedding table") as e:
+        quantize_embeddings(model, "int8-ch")
+    assert "\n" not in str(e.value) and isinstance(model.model.embed_tokens, nn.Embedding)

@@ -46,13 +46,17 @@ def rows_of(stored: dict[str, torch.Tensor], shape: tuple[int, int], rows: torch
 
 
 def check_row_format(format_name: str, shape: tuple[int, int]) -> None:
-    """ValueError naming why a table of ``shape`` cannot be stored in ``format_name`` and read by rows."""
+    """A one-line error naming why a table of ``shape`` cannot be stored in ``format_name`` and read by rows."""
     fmt = get_format(format_name)
     rows, cols = shape
-    if cols * fmt.bits % 8:
-        raise ValueError(f"a row of {cols} {fmt.bits}-bit codes is not a whole number of bytes")
-    probe = fmt.quantize(torch.randn(2, cols))
-    rows_of(probe, (2, cols), torch.tensor([1]))
+    try:
+        if cols * fmt.bits % 8:
+            raise ValueError(f"a row of {cols} {fmt.bits}-bit codes is not a whole number of bytes")
+        probe = fmt.quantize(torch.randn(2, cols))
+        rows_of(probe, (2, cols), torch.tensor([1]))
+    except ValueError as e:
+        raise AmpqError(f"cannot store the embedding table ({rows}x{cols}) in {format_name}: {e}; choose another "
+                        "--embeddings format (e.g. int8-g32-sym, q6_k or int4-g32)") from None
 
 
 class QuantEmbedding(QuantLinear):
@@ -98,6 +102,9 @@ class QuantEmbedding(QuantLinear):
     def from_embedding(cls, embedding: nn.Embedding, format_name: str) -> "QuantEmbedding":
         weight = embedding.weight.detach()
         check_row_format(format_name, tuple(weight.shape))
+        bad = (~torch.isfinite(weight)).any(dim=1).nonzero()
+        if bad.numel():
+            raise ValueError(f"row {int(bad[0])} holds inf or NaN; the checkpoint is damaged or was saved mid-training")
         fmt = get_format(format_name)
         codes, params = fmt.quantize_codes(weight.float())
         return cls(weight.shape[0], weight.shape[1], format_name, fmt.pack(codes, params), weight.dtype,
@@ -149,10 +156,8 @@ def quantize_embeddings(model: nn.Module, format_name: str) -> str:
     tied = tied_embeddings(model)
     try:
         table = QuantEmbedding.from_embedding(emb, format_name)
-    except ValueError as e:
-        raise AmpqError(f"cannot store the embedding table ({emb.weight.shape[0]}x{emb.weight.shape[1]}) in "
-                        f"{format_name}: {e}; choose another --embeddings format (e.g. int8-g32-sym, q6_k or "
-                        "int4-g32)") from None
+    except ValueError as e:  # the table's own values (inf or NaN)
+        raise AmpqError(f"cannot quantize the embedding table of {type(model).__name__}: {e}") from None
     name = next(n for n, m in model.named_modules() if m is emb)
     replace_module(model, name, table.to(emb.weight.device))
     if tied:
