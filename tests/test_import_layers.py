@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                     "ampq.figures", "ampq.experts", "ampq.expert_names"]),
     ("formats", ["ampq.formats"]),
     ("algorithms and kernels", ["ampq.algorithms", "ampq.kernels"]),
-    ("quantized modules", ["ampq.nn", "ampq.nested", "ampq.quant_experts", "ampq.quant_embedding"]),
+    ("quantized modules", ["ampq.nn", "ampq.nested", "ampq.quant_experts", "ampq.nested_experts", "ampq.quant_embedding"]),
     ("layer table", ["ampq.layer_table", "ampq.coverage"]),
     ("io", ["ampq.io"]),
     # AWQ's scaling runs a block on calibration data: a pipeline step that lives beside the algorithms

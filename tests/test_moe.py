@@ -205,13 +205,6 @@ def test_coverage_line_counts_experts(tmp_path, capsys):
     assert line in capsys.readouterr().out
 
 
-def test_refusals():
-    model = tiny_moe("olmoe")
-    with pytest.raises(ampq.AmpqError, match="--adaptive does not yet nest mixture-of-experts"):
-        ampq.quantize(model, "int4-g32", adaptive="4:8", calibration=_tokens(2), progress=False)
-    # export: tests/test_moe_export.py
-
-
 CANDIDATES = ["int3-g32:gptq", "int4-g32:gptq", "int8-ch:rtn"]
 
 

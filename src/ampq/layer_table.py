@@ -74,22 +74,35 @@ def _residual_entry(r: QuantLinear) -> dict:
     return {"format": r.format_name, "tensors": list(r.stored_names)}
 
 
-def experts_entry(experts: QuantExperts, name: str) -> dict:
-    """The record of one quantized expert projection: its first expert's, for all of them."""
+def experts_entry(experts: QuantExperts, name: str, keep_spare: bool = False) -> dict:
+    """The record of one quantized expert projection: its first expert's, for all of them. An
+    adaptive projection (every expert a NestedLinear, all at one level) records the levels as an
+    adaptive linear does, with the damage summed over the experts and each expert's own under
+    ``expert_damage``."""
     layers = experts.quantized(name)
     algorithms = [m.algorithm for m in layers]
     nbytes, weights = experts.nbytes(name), len(layers) * layers[0].shape[0] * layers[0].shape[1]
-    entry = {**_plain_entry(layers[0]), "kind": EXPERTS, "experts": len(layers),
-             "bytes": nbytes, "bits_per_weight": 8 * nbytes / weights}
+    first = layers[0]
+    entry = {**_plain_entry(first.base if isinstance(first, NestedLinear) else first), "kind": EXPERTS,
+             "experts": len(layers), "bytes": nbytes, "bits_per_weight": 8 * nbytes / weights}
     if len(set(algorithms)) > 1:
         entry["expert_algorithms"] = algorithms
+    if isinstance(first, NestedLinear):
+        known = None if any(m.damage is None for m in layers) else first.levels if keep_spare else first.level + 1
+        nested = {"residuals": [_residual_entry(r) for r in first.residuals],
+                  "damage": [sum(m.damage[k] for m in layers) for k in range(known)] if known else None,
+                  "expert_damage": [list(m.damage[:known]) for m in layers] if known else None}
+        if keep_spare:
+            nested.update(formats=list(first.residual_formats),
+                          spare={str(k): _residual_entry(r) for k, r in first.spare.items()})
+        entry["nested"] = nested
     return entry
 
 
 def layer_entries(model: nn.Module, keep_spare: bool = False) -> dict[str, dict]:
     """The record of every quantized linear and expert projection of ``model``, by name."""
     entries = {name: layer_entry(m, keep_spare) for name, m in quantized_linears(model).items()}
-    entries.update({name: experts_entry(m, p) for name, (m, p) in quantized_projections(model).items()})
+    entries.update({name: experts_entry(m, p, keep_spare) for name, (m, p) in quantized_projections(model).items()})
     entries.update({name: {**_plain_entry(m), "kind": EMBEDDING} for name, m in quantized_embeddings(model).items()})
     return entries
 
@@ -103,6 +116,8 @@ def loader_entries(entries: dict[str, dict]) -> dict[str, dict]:
         if nested is not None:
             out["nested"] = {"residuals": [_residual_entry_of(r) for r in nested["residuals"]],
                              "damage": nested.get("damage")}
+            if "expert_damage" in nested:
+                out["nested"]["expert_damage"] = nested["expert_damage"]
         layers[name] = out
     return layers
 
@@ -162,9 +177,13 @@ def check_entry(entry) -> None:
     if entry.get("kind") == EXPERTS:
         count = entry.get("experts")
         algorithms = entry.get("expert_algorithms")
-        if type(count) is not int or count <= 0 or nested is not None or not (
+        if type(count) is not int or count <= 0 or not (
                 algorithms is None or (_are_names(algorithms) and len(algorithms) == count)):
             raise ValueError("malformed experts entry")
+        per_expert = nested.get("expert_damage") if isinstance(nested, dict) else None
+        if per_expert is not None and not (isinstance(per_expert, list) and len(per_expert) == count and all(
+                isinstance(d, list) and len(d) == len(nested.get("damage") or []) for d in per_expert)):
+            raise ValueError("malformed expert damage")
     if nested is None:
         return
     if not isinstance(nested, dict) or not isinstance(nested.get("residuals"), list):
@@ -222,8 +241,15 @@ def install_layer(root: nn.Module, name: str, entry: dict, take: Take, source: R
     if projection not in experts.names or experts.shapes[projection] != shape or experts.num_experts != entry["experts"]:
         raise ValueError(f"the model has no {entry['experts']} experts of {shape[0]}x{shape[1]} there")
     algorithms = entry.get("expert_algorithms") or [entry.get("algorithm") or "rtn"] * entry["experts"]
-    experts.set_quantized(projection, [_quant_linear(f"{name}.{e}", {**entry, "algorithm": a}, take)
-                                       for e, a in enumerate(algorithms)])
+    nested = entry.get("nested")
+    if nested is None:
+        experts.set_quantized(projection, [_quant_linear(f"{name}.{e}", {**entry, "algorithm": a}, take)
+                                           for e, a in enumerate(algorithms)])
+        return
+    damage = nested.get("expert_damage") or [None] * entry["experts"]
+    experts.set_quantized(projection, [
+        _nested_layer(f"{name}.{e}", {**entry, "algorithm": a}, take, source.part(str(e)) if source else None, damage[e])
+        for e, a in enumerate(algorithms)])
 
 
 def build_layer(name: str, entry: dict, linear: nn.Module, take: Take,
@@ -235,17 +261,36 @@ def build_layer(name: str, entry: dict, linear: nn.Module, take: Take,
     shape = tuple(entry["shape"])
     if not isinstance(linear, nn.Linear) or tuple(linear.weight.shape) != shape:
         raise ValueError(f"the model has no {shape[0]}x{shape[1]} linear there")
-    nested = entry.get("nested")
-    if nested is None:
+    if entry.get("nested") is None:
         return _quant_linear(name, entry, take)
+    return _nested_layer(name, entry, take, source, entry["nested"].get("damage"))
+
+
+def _nested_layer(name: str, entry: dict, take: Take, source: ResidualSource | None, damage) -> NestedLinear:
+    nested = entry["nested"]
     base = _quant_linear(f"{name}.base", entry, take)
     residuals = [_quant_linear(f"{name}.residuals.{i}", {**r, "shape": entry["shape"]}, take)
                  for i, r in enumerate(nested["residuals"])]
     formats = nested.get("formats", [r.format_name for r in residuals])
-    layer = NestedLinear(base, formats, residuals, nested.get("damage"), source)
+    layer = NestedLinear(base, formats, residuals, damage, source)
     for k, r in nested.get("spare", {}).items():
         layer.spare[int(k)] = _quant_linear(f"{name}.spare.{k}", {**r, "shape": entry["shape"]}, take)
     return layer
+
+
+def spare_state(root: nn.Module, entries: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """The tensors of the residuals the adaptive layers among ``entries`` hold off the model (a
+    resumed run needs them; they are no part of the state dict), under the names
+    :func:`install_layer` takes them by: ``<layer>.spare.<k>.<tensor>``, an expert's
+    ``<projection>.<expert>.spare.<k>.<tensor>``."""
+    out = {}
+    for name, entry in entries.items():
+        module = root.get_submodule(name)
+        parts = {f"{name}.{e}": m for e, m in enumerate(module)} if entry.get("kind") == EXPERTS else {name: module}
+        for prefix, layer in parts.items():
+            for k, r in getattr(layer, "spare", {}).items():
+                out.update({f"{prefix}.spare.{k}.{t}": v.detach().cpu().contiguous() for t, v in r.state_dict().items()})
+    return out
 
 
 def build_embedding(name: str, entry: dict, embedding: nn.Module, take: Take) -> QuantEmbedding:

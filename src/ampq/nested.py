@@ -34,6 +34,9 @@ class ResidualSource(Protocol):
         """The stored tensors of residual ``k`` (1: the first), by role; an AmpqError where they
         are missing, damaged or do not hold ``nbytes`` bytes."""
 
+    def part(self, suffix: str) -> "ResidualSource":
+        """The source of the layer ``<this layer>.<suffix>`` (one expert of an expert projection)."""
+
 
 def residual_formats(levels: list[int], base_format: str) -> list[str]:
     """The residual formats that take a ``levels[0]``-bit base to each following bit width: for
@@ -96,6 +99,10 @@ class NestedLinear(nn.Module):
     @property
     def shape(self) -> tuple[int, int]:
         return self.base.shape
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
 
     @property
     def bias(self):

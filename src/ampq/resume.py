@@ -29,7 +29,7 @@ from ampq import atomic
 from ampq.io import safetensors_file
 from ampq.io.lazy import sample as stored_sample
 from ampq.io.lazy import weights_of
-from ampq.layer_table import install_layer, layer_entries
+from ampq.layer_table import install_layer, layer_entries, spare_state
 from ampq.ranks import Ranks
 
 try:
@@ -163,10 +163,7 @@ class Resume:
             layers = layer_entries(block, keep_spare=True)
             metadata["layers"] = json.dumps(layers)
             state = {k: v.detach().cpu().clone().contiguous() for k, v in block.state_dict().items()}
-            for name in layers:
-                for k, r in getattr(block.get_submodule(name), "spare", {}).items():
-                    state.update({f"{name}.spare.{k}.{t}": v.detach().cpu().contiguous()
-                                  for t, v in r.state_dict().items()})
+            state.update(spare_state(block, layers))
         with atomic.atomic_file(self._block_file(i)) as tmp:
             save_file(state, str(tmp), metadata=metadata)
         _write_json(self.directory / STATE, {"blocks": i + 1})

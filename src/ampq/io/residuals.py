@@ -20,6 +20,9 @@ class CheckpointResiduals:
     def __init__(self, directory: str | Path, prefix: str, entries: dict[str, dict]):
         self.directory, self.prefix, self.entries = Path(directory), prefix, entries
 
+    def part(self, suffix: str) -> "CheckpointResiduals":
+        return CheckpointResiduals(self.directory, f"{self.prefix}.{suffix}", self.entries)
+
     def read(self, k: int, nbytes: int) -> dict[str, torch.Tensor]:
         head = f"{self.prefix}.residuals.{k - 1}."
         names = [n for n in self.entries if n.startswith(head)]

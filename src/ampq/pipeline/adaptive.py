@@ -19,21 +19,28 @@ import torch
 from torch import nn
 
 from ampq.allocate import allocate, reachable
+from ampq.calibrate import MIN_EXPERT_TOKENS
 from ampq.errors import AmpqError
 from ampq.fisher import fisher_damage, output_fisher
 from ampq.io.residuals import reading
 from ampq.memory import available_memory, return_freed_memory
 from ampq.nested import NestedLinear, nest, residual_formats
+from ampq.nested_experts import NestedProjection, nested_projections
 from ampq.nn import quantized_linears
 from ampq.pipeline.blockwise import quantize_blocks
 from ampq.pipeline.budget import parse_size
+from ampq.pipeline.expert_damage import expert_projection_names
 from ampq.pipeline.planner import tie_groups
 from ampq.report import block_linear_names, model_bytes
 from ampq.sensitivity import row_errors
 
 
-def nested_layers(model: nn.Module) -> dict[str, NestedLinear]:
-    return {n: m for n, m in quantized_linears(model).items() if isinstance(m, NestedLinear)}
+def nested_layers(model: nn.Module) -> dict[str, NestedLinear | NestedProjection]:
+    """Every unit that switches level by name: the adaptive linears, and the adaptive expert
+    projections (all experts of one projection move together)."""
+    layers: dict = {n: m for n, m in quantized_linears(model).items() if isinstance(m, NestedLinear)}
+    layers.update(nested_projections(model))
+    return layers
 
 
 def quantize_adaptive(model: nn.Module, levels: list[int], calibration, *, base_format: str | None = None,
@@ -47,7 +54,7 @@ def quantize_adaptive(model: nn.Module, levels: list[int], calibration, *, base_
     tokens = getattr(calibration, "tokens", calibration)
     if tokens is None:
         raise AmpqError("adaptive quantization needs calibration text to estimate each level's damage (CLI: --calib wiki)")
-    names = block_linear_names(model)
+    names = block_linear_names(model) + expert_projection_names(model)
     resume = kwargs.get("resume")
     fisher = resume.tensors("fisher") if resume is not None else None  # a killed run's, when it got that far
     if fisher is None or set(fisher) != set(names):
@@ -58,13 +65,18 @@ def quantize_adaptive(model: nn.Module, levels: list[int], calibration, *, base_
             resume.save_tensors("fisher", fisher)
 
     def on_layer(name, linear, base, stats):
-        weight = linear.weight.detach().float()
-        residuals = nest(base, weight, formats, stats)
+        # an expert's matrix comes as its (out, in) weight, named "<projection>.<expert>"
+        weight = (linear.weight if isinstance(linear, nn.Module) else linear).detach().float()
+        projection, _, expert = name.rpartition(".")
+        f = fisher[name] if name in fisher else fisher[projection][int(expert)]
+        # fitted on the routed tokens where there are enough; an expert no calibration token reached
+        # adds nothing measurable to the KL (as sensitivity counts it)
+        residuals = nest(base, weight, formats, stats if stats is not None and stats.count >= MIN_EXPERT_TOKENS else None)
         damage, approx = [], base.dequantize(torch.float32)
         for k in range(len(residuals) + 1):
             if k:
                 approx = approx + residuals[k - 1].dequantize(torch.float32)
-            damage.append(fisher_damage(row_errors(weight, approx, stats.hessian), fisher[name]))
+            damage.append(fisher_damage(row_errors(weight, approx, stats.hessian), f) if stats is not None else 0.0)
         layer = NestedLinear(base, formats, residuals, damage)
         # later blocks are calibrated on the base's outputs, so the lowest level is exactly the
         # model quantized directly to the base format
@@ -97,7 +109,7 @@ def stored_range(model: nn.Module) -> tuple[float, float]:
     """Bits per weight of the lowest and the highest plan this model can switch to."""
     _, nbytes = level_table(model)
     lo, hi = reachable(nbytes, tie_groups(list(nbytes)))
-    weights = sum(m.shape[0] * m.shape[1] for m in nested_layers(model).values())
+    weights = sum(m.numel for m in nested_layers(model).values())
     return 8 * lo / weights, 8 * hi / weights
 
 
@@ -120,7 +132,7 @@ def plan_levels(model: nn.Module, *, budget: float | None = None, max_size: int 
         raise AmpqError("give exactly one budget to adapt to: bits per weight (budget=4.5) or a size (max_size='120MB')")
     damage, nbytes = level_table(model)
     layers = nested_layers(model)
-    weights = sum(m.shape[0] * m.shape[1] for m in layers.values())
+    weights = sum(m.numel for m in layers.values())
     groups = tie_groups(list(damage)) if tied else []
     fixed = model_bytes(model) - sum(m.nbytes() for m in layers.values())
     if linear_bytes is not None:

@@ -162,7 +162,9 @@ def quantize_blocks(model: nn.Module, formats: FormatSpec, *, algorithm: str = "
     tied head is untied). Blocks are done one at a time.
     ``on_layer(name, linear, quantized, stats)``, when given, returns what replaces each linear
     instead of ``quantized`` (adaptive checkpoints nest residuals there); with ``calibration`` it
-    gets the layer's input statistics, whatever the algorithm. ``resume`` (an
+    gets the layer's input statistics, whatever the algorithm. An expert's matrix comes to it as
+    ``name`` "<projection>.<expert>" with its float (out, in) weight in place of the linear, and the
+    statistics of the tokens routed to it (None where none were, or without calibration). ``resume`` (an
     :class:`ampq.resume.Resume`) records each finished block and restores those a killed run finished.
     ``memory`` (an :class:`ampq.memory.MemoryCap`) keeps the run under a resident-memory cap: with a
     model loaded with ``lazy=True`` each block's weights are read just before it is quantized, and
@@ -323,8 +325,9 @@ def _quantize_block(prefix, block, formats, algorithm, clip, bias_correction, aw
         algo, layer_clip = _layer_method(name, formats, algorithm, clip)
         return format_for(name, formats), algo, layer_clip, options if algo == algorithm else None
 
-    def make(name, weight, fmt, algo, stats, layer_clip, layer_options):
-        return quantize_matrix(name, weight, fmt, algo, stats, clip=layer_clip, options=layer_options, **layer_kwargs)
+    def make(name, weight, fmt, algo, stats, layer_clip, layer_options, observed=None):
+        layer = quantize_matrix(name, weight, fmt, algo, stats, clip=layer_clip, options=layer_options, **layer_kwargs)
+        return on_layer(name, weight, layer, observed) if on_layer else layer
 
     if cal is None:
         for sub, fmt in targets.items():
@@ -367,6 +370,6 @@ def _quantize_block(prefix, block, formats, algorithm, clip, bias_correction, aw
                 mine = done[sub].cpu() if sub in done else None
                 done[sub] = ranks.share(mine, owners[sub]).to(cal.device)
             replace_module(block, sub, done[sub])
-    quantize_experts(prefix, block, choose, make, cal, counts)
+    quantize_experts(prefix, block, choose, make, cal, counts, observe=on_layer is not None)
     cal.advance(block)
 

@@ -53,10 +53,11 @@ def keeps_router(block: nn.Module, prefix: str, sub: str, spec) -> bool:
 
 
 def quantize_experts(prefix: str, block: nn.Module, choose: Callable, make: Callable, cal,
-                     counts: ExpertCounts) -> None:
+                     counts: ExpertCounts, observe: bool = False) -> None:
     """Every experts module of ``block``: ``choose(name)`` gives a projection's (format or None,
-    algorithm, clip, options); ``make(name, weight, format, algorithm, stats, clip, options)`` its
-    QuantLinear. Projections are done in the order a token passes them, each measured after the one
+    algorithm, clip, options); ``make(name, weight, format, algorithm, stats, clip, options,
+    observed)`` its QuantLinear, ``observed`` being the statistics of the tokens routed to that
+    expert whatever the algorithm needs (with ``observe``; None where no token reached it). Projections are done in the order a token passes them, each measured after the one
     before it was quantized."""
     for sub, module in experts_modules(block).items():
         names = module.names if isinstance(module, QuantExperts) else projections(module)
@@ -69,7 +70,7 @@ def quantize_experts(prefix: str, block: nn.Module, choose: Callable, make: Call
         for projection, (fmt, algorithm, clip, options) in chosen.items():
             name = f"{prefix}.{sub}.{projection}"
             needs = algorithm in NEEDS_CALIBRATION or clip
-            stats = cal.expert_stats(block, sub, projection) if needs and cal is not None else {}
+            stats = cal.expert_stats(block, sub, projection) if (needs or observe) and cal is not None else {}
             layers = []
             for e in range(experts.num_experts):
                 s = stats.get(e)
@@ -77,6 +78,6 @@ def quantize_experts(prefix: str, block: nn.Module, choose: Callable, make: Call
                 counts.fallback += short
                 layers.append(make(f"{name}.{e}", experts.expert_weight(projection, e), fmt,
                                    "rtn" if short else algorithm, None if short else s, clip and not short,
-                                   None if short else options))
+                                   None if short else options, s))
             counts.matrices += len(layers)
             experts.set_quantized(projection, layers)

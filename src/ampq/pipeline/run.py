@@ -138,9 +138,6 @@ def quantize(model: nn.Module, spec: Spec | None, *, calibration: Text | str | W
     method["compute_dtype"] = compute_dtype
     if isinstance(memory, (str, int)):
         memory = MemoryCap(parse_size(memory), output.parent if output is not None else Path.cwd())
-    if levels and experts_modules(model):
-        raise AmpqError("--adaptive does not yet nest mixture-of-experts weights; quantize this model with a format, "
-                        "a scheme or a budget instead")
     if memory is not None and levels:
         raise AmpqError("--adaptive measures every level on the whole model; drop --adaptive or --max-memory")
     _check_ranks(model, ranks, spec, method, levels, memory)
@@ -348,7 +345,8 @@ def _adaptive_manifest(model: nn.Module, levels: list[int], base_format: str, ca
     return {"adaptive": {"levels": levels, "base_format": base_format, "bits_per_weight": [lo, hi]},
             "sensitivity": {"estimator": "fisher", "candidates": sorted(next(iter(damage.values()))),
                             "damage": damage, "nbytes": nbytes,
-                            "shapes": {n: list(m.shape) for n, m in nested_layers(model).items()},
+                            # as sensitivity tables write them: an expert projection's experts stacked by rows
+                            "shapes": {n: [m.numel // m.shape[1], m.shape[1]] for n, m in nested_layers(model).items()},
                             "source": getattr(model.config, "ampq_source", None),
                             "calibration": {"text": text.source, "windows": text.windows, "window": text.window}
                             if text is not None else {}}}
