@@ -40,6 +40,7 @@ from _llama import load_llama  # noqa: E402
 from _machine import describe, machine  # noqa: E402
 
 import ampq  # noqa: E402
+from ampq import atomic  # noqa: E402
 from ampq.data import make_windows  # noqa: E402
 from ampq.evaluation import evaluate  # noqa: E402
 
@@ -187,7 +188,7 @@ def main() -> None:
               "llama_cpp_python": _version("llama_cpp_python"), "compressed_tensors": _version("compressed-tensors"),
               "transformers": _version("transformers"), "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "engines.json").write_text(json.dumps(result, indent=1))
+    atomic.write_text(RESULTS / "engines.json", json.dumps(result, indent=1))
     write_table(result)
 
 
@@ -210,7 +211,7 @@ def write_table(result: dict) -> None:
                      + f"| {c} " + ct_ppl
                      + (f"| {r['ampq_import_ct_ppl']:.3f} ({r['ampq_import_ct_ratio']:.4f}) |" if r["ampq_import_ct_ppl"]
                         else "| - |"))
-    (RESULTS / "engines.md").write_text("\n".join(lines) + "\n")
+    atomic.write_text(RESULTS / "engines.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
