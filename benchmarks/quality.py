@@ -50,6 +50,9 @@ ZERO = ["int2-g64-zp:gptq", "int3-g128-zp:gptq", "int3-g64-zp:gptq", "int4-g128-
 BOTH = sorted(set(V01) | set(ZERO), key=(V01 + ZERO).index)
 NO2 = [c for c in BOTH if not c.startswith("int2")]
 DEFAULT = list(DEFAULT_CANDIDATES)  # what --budget uses: the layouts the plans of `both` chose, int2 aside
+# the default set with clip search before GPTQ on the 3- and 4-bit candidates, where
+# benchmarks/clip_search.py found it lowers the layer error (not at 5 and 6 bits, where it can raise it)
+CLIPPED = [c + "+clip" if c.endswith(":gptq") and c.startswith(("int3", "int4", "nf4")) else c for c in DEFAULT]
 
 VARIANTS = {
     "v0.1": {"candidates": V01, "transform": "none", "calib": "wiki"},
@@ -57,6 +60,7 @@ VARIANTS = {
     "both": {"candidates": BOTH, "transform": "none"},
     "both-no-int2": {"candidates": NO2, "transform": "none"},
     "default": {"candidates": DEFAULT, "transform": "none"},
+    "default+clip": {"candidates": CLIPPED, "transform": "none"},
     "awq": {"candidates": V01, "transform": "awq"},
     "awq+zero": {"candidates": ZERO, "transform": "awq"},
     "awq+both": {"candidates": BOTH, "transform": "awq"},

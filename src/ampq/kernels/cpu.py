@@ -23,16 +23,15 @@ from ampq.formats.plain import PlainFloatFormat
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes the packed int4 kernel takes
 DTYPE = torch.bfloat16
 # Up to how many rows the packed kernels run; above, the slab kernel (cpu_slab.py), which decodes
-# each weight once per call, is as fast or faster. benchmarks/kernels.py's "slab ms" column on this
-# 2-core CPU (Llama-3-8B shapes): int4 packed 3.7 ms against slab 16.4 at 16 rows, even at 128 (29.4
-# against 29.3 at 4096x4096); int8 even at 64 (15.2 against 14.1). int2/int3 have no slab kernel,
-# and the packed one beats decoding the weight first at every size tried (up to 1024 rows).
+# each weight once per call, is as fast or faster: the crossovers benchmarks/kernel_speed.py measures
+# (its "slab ms" column; docs/kernels.md). int2/int3 have no slab kernel, and the packed one beat
+# decoding the weight first at every size tried.
 MAX_ROWS = {2: 1 << 62, 3: 1 << 62, 4: 128, 8: 64}
 
 
-# 16-bit layers (kept by a mixed plan) multiply their stored weight directly up to these rows: at
-# one row 16x faster than widening it to float32 first on this CPU, beyond about two slower than
-# widening it by slabs (cpu_slab.py), as this CPU has no 16-bit arithmetic
+# 16-bit layers (kept by a mixed plan) multiply their stored weight directly up to these rows: for a
+# row or two reading half the bytes wins; beyond, widening it by slabs (cpu_slab.py) does, where the
+# CPU has no 16-bit arithmetic
 PLAIN_ROWS = {torch.bfloat16: 2, torch.float16: 1}
 
 

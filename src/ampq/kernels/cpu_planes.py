@@ -30,12 +30,11 @@ from ampq.kernels import cpu, cpu_slab
 PLANES = 3
 DTYPE = torch.bfloat16
 # Up to how many rows this kernel runs; beyond, the slab kernel decodes each weight once per call
-# and wins (benchmarks/kernels.py: at 4096x4096, 11.3 ms against 14.2 at 16 rows, 22.6 against 17.7
-# at 32).
+# and wins (the crossover benchmarks/kernel_speed.py measures, docs/kernels.md).
 MAX_ROWS = 16
 # For formats the slab kernel cannot take (int5/int6, 6-bit minifloats, partial last groups) the
-# alternative is the reference kernel, which decodes the whole weight each call: at 4096x4096 here
-# 241 ms against 44 for the planes at 64 rows, 260 against 174 at 256, 310 against 356 at 512.
+# alternative is the reference kernel, which decodes the whole weight each call; the planes' three
+# products cost more per row, so the reference wins again between 256 and 512 rows.
 MAX_ROWS_WITHOUT_SLAB = 256
 _CHUNK = 1024  # output rows decoded at a time when preparing: bounds the float32 temporaries
 

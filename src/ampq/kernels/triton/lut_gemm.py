@@ -18,10 +18,10 @@ divides the group width), a and b are loaded once per tile and row instead of pe
 Tile shapes are tuned per (row bucket, N, K) on the GPU (``triton.autotune``, the first call of a
 shape; a few seconds); in Triton's interpreter (CPU tests) a fixed shape runs. Correctness is
 checked against the reference kernel in the interpreter (tests/_triton_check.py), speed on a GPU
-(benchmarks/kernel_speed.py --gpu). Measured on an H200 (benchmarks/results/kernel_speed/kernels-gpu.md): integer
-formats at 0.9-1.1x fp16 cuBLAS up to 16 rows and 0.2-0.6x beyond (still 3-10x faster there than
-decoding the weight with torch ops, then cuBLAS, so it serves every M); NF4/FP8 weights, whose
-values come from a table lookup per element, at 0.4-0.7x for one row and 0.02-0.13x beyond.
+(benchmarks/kernel_speed.py --gpu; the figures, against fp16 cuBLAS and against decoding the weight
+with torch ops first, are in benchmarks/results/kernel_speed/kernels-gpu.md). It serves every
+number of rows because decoding first loses to it everywhere; the formats whose values come from a
+table lookup per element (NF4, FP8) gain least.
 """
 
 from __future__ import annotations
