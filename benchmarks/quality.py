@@ -170,8 +170,11 @@ def merge(out: Path, files: list[Path], note: str | None) -> None:
     keys = {(r["model"], r["name"], r.get("budget"), r["calib"], r["eval_windows"]) for r in rows}
     for d in data:
         rows += [r for r in d["rows"] if (r["model"], r["name"], r.get("budget"), r["calib"], r["eval_windows"]) not in keys]
-    commands = [d["command"] for d in data]
-    save_rows(out, rows, " ; ".join(commands), note)
+    # the commands that made the rows already there are kept, each once
+    before = json.loads(out.read_text()).get("command", "") if out.exists() else ""
+    commands = [c for c in before.split(" ; ") if c] + [d["command"] for d in data]
+    note = note or (json.loads(out.read_text()).get("note") if out.exists() else None)
+    save_rows(out, rows, " ; ".join(dict.fromkeys(commands)), note)
     print(f"{len(rows)} rows in {out}")
 
 
