@@ -14,6 +14,7 @@ and a scatter plot sensitivity.png.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -31,7 +32,8 @@ import ampq  # noqa: E402
 from ampq.data import make_windows  # noqa: E402
 from ampq.evaluation import Reference, evaluate  # noqa: E402
 from ampq.report import block_linear_names, print_table  # noqa: E402
-from ampq.sensitivity import measure  # noqa: E402
+from ampq.calibrate import LayerStats  # noqa: E402
+from ampq.sensitivity import Candidate, SensitivityTable, measure  # noqa: E402
 
 ESTIMATORS = ("hessian", "fisher")
 
@@ -42,8 +44,10 @@ def run(model_name: str, args) -> dict:
     sampled = set(names[::args.every])
     calib = make_windows(tok, args.calib, "calib", args.calib_window, args.calib_windows)
     held_out = make_windows(tok, args.eval, "eval", args.eval_window, args.eval_windows)
-    reference = Reference(model, held_out)
-    evaluate(model, held_out, reference, progress=False)  # fills the reference cache
+    # the original runs beside each evaluation (ampq.evaluation streams, keeps no log-probabilities),
+    # so it must be a copy: the model itself has one layer swapped at a time
+    reference = Reference(copy.deepcopy(model), held_out)
+    evaluate(model, held_out, reference, progress=False)
     truth: dict[str, dict[str, float]] = {}
 
     def measure_truth(name, cand, deq):
@@ -58,8 +62,11 @@ def run(model_name: str, args) -> dict:
             weight.copy_(saved)
 
     t0 = time.perf_counter()
-    table = measure(model, calib, args.candidates, estimator="fisher", gradient_windows=args.gradient_windows,
-                    on_candidate=measure_truth, progress=True)
+    if args.table:
+        table = reuse_table(model, calib, args, sampled, measure_truth)
+    else:
+        table = measure(model, calib, args.candidates, estimator="fisher", gradient_windows=args.gradient_windows,
+                        on_candidate=measure_truth, progress=True)
     seconds = time.perf_counter() - t0
     pairs = [(layer, cand) for layer in truth for cand in truth[layer]]
     result = {"model": model_name, "layers": len(truth), "of_layers": len(names), "seconds": seconds,
@@ -78,6 +85,37 @@ def run(model_name: str, args) -> dict:
         ratio = np.array([p["fisher"] / p["kl"] for p in points if p["kl"] > 0])
         result["spearman"][group]["fisher_over_kl_median"] = float(np.median(ratio)) if len(ratio) else None
     return result
+
+
+def reuse_table(model, calib, args, sampled: set[str], measure_truth) -> SensitivityTable:
+    """The estimates of a saved table (``--table``: one a quality or plan run measured, hours for a
+    1.5B model here), and the ground truth of the sampled layers: each candidate quantized from the
+    same float-model calibration statistics the table's measurement used (every linear's inputs with
+    the model unquantized), then put in alone and scored."""
+    table = SensitivityTable.load(args.table)
+    missing = [c for c in args.candidates if c not in table.candidates]
+    if missing:
+        raise SystemExit(f"{args.table} has no estimates for {', '.join(missing)}; it holds {', '.join(table.candidates)}")
+    if table.calibration.get("windows") not in (None, args.calib_windows):
+        print(f"note: the table was measured on {table.calibration['windows']} calibration windows, the ground "
+              f"truth quantizes from {args.calib_windows}", file=sys.stderr)
+    stats, hooks = {}, []
+    for name in sampled:
+        linear = model.get_submodule(name)
+        stats[name] = LayerStats.empty(linear.in_features, "cpu")
+        hooks.append(linear.register_forward_pre_hook(lambda m, a, n=name: stats[n].add(a[0])))
+    with torch.inference_mode():
+        for i in range(0, len(calib.tokens), 4):
+            model(calib.tokens[i:i + 4], use_cache=False)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        for name in sorted(sampled):
+            weight = model.get_submodule(name).weight.detach().float()
+            for cand in map(Candidate.parse, args.candidates):
+                measure_truth(name, cand, cand.dequantized(weight, stats[name]))
+            print(f"{name}: ground truth measured", flush=True)
+    return table
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -121,6 +159,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "sensitivity" / "sensitivity.json"))
     p.add_argument("--merge", nargs="*", default=[], help="fold in the results of other runs of this script, then report")
+    p.add_argument("--table", default=None, help="a saved sensitivity table of the model (one model only) to take the "
+                   "estimates from instead of measuring them; give the calibration it was measured with")
     args = p.parse_args()
     args.candidates = [c for c in args.candidates.split(",") if c]
     if args.threads:
