@@ -292,6 +292,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "bench-prompt512-qwen2.5-coder-0.5b": md_whole("bench/bench-qwen2.5-coder-0.5b-prompt512.md",
                                                    "bench/bench-qwen2.5-coder-0.5b-prompt512-compiled:int4-g32-sym.json"),
     "moe-block": md_whole("moe_block/moe_block.md", "moe_block/moe_block.json"),
+    "clip-search": md_whole("clip_search/clip_search.md", "clip_search/clip_search.json"),
     "first-run": md_whole("first_run/first_run.md", "first_run/first_run.json"),
     "compile-switch": md_whole("compile_switch/compile_switch.md", "compile_switch/compile_switch.json"),
 }
