@@ -134,3 +134,9 @@ def test_malformed_expert_damage_is_refused():
     with pytest.raises(ValueError, match="expert damage"):
         check_entry(entry)
 
+
+
+def test_residuals_of_experts_without_enough_tokens_are_said(capsys):
+    ampq.quantize(tiny_moe("qwen3_moe"), BASE, adaptive="4:8", calibration=CALIB[:1, :8], progress=True)
+    err = capsys.readouterr().err
+    assert "the residuals of 16 expert matrices were rounded to nearest" in err

@@ -12,6 +12,7 @@ layer stores, with the damage of each level measured when the checkpoint was mad
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 
@@ -64,6 +65,8 @@ def quantize_adaptive(model: nn.Module, levels: list[int], calibration, *, base_
         if resume is not None:
             resume.save_tensors("fisher", fisher)
 
+    short = []  # expert matrices whose residuals were rounded to nearest for want of routed tokens
+
     def on_layer(name, linear, base, stats):
         # an expert's matrix comes as its (out, in) weight, named "<projection>.<expert>"
         weight = (linear.weight if isinstance(linear, nn.Module) else linear).detach().float()
@@ -71,7 +74,9 @@ def quantize_adaptive(model: nn.Module, levels: list[int], calibration, *, base_
         f = fisher[name] if name in fisher else fisher[projection][int(expert)]
         # fitted on the routed tokens where there are enough; an expert no calibration token reached
         # adds nothing measurable to the KL (as sensitivity counts it)
-        residuals = nest(base, weight, formats, stats if stats is not None and stats.count >= MIN_EXPERT_TOKENS else None)
+        enough = stats is not None and (name in fisher or stats.count >= MIN_EXPERT_TOKENS)  # a linear sees every token
+        short.extend([] if enough else [name])
+        residuals = nest(base, weight, formats, stats if enough else None)
         damage, approx = [], base.dequantize(torch.float32)
         for k in range(len(residuals) + 1):
             if k:
@@ -85,6 +90,10 @@ def quantize_adaptive(model: nn.Module, levels: list[int], calibration, *, base_
 
     quantize_blocks(model, base_format, algorithm=algorithm, calibration=calibration, on_layer=on_layer,
              progress=progress, **kwargs)
+    if progress and short:
+        print(f"adaptive: the residuals of {len(short)} expert matrices were rounded to nearest (RTN): fewer than "
+              f"{MIN_EXPERT_TOKENS} calibration tokens were routed to them; more calibration text reaches more",
+              file=sys.stderr)
     for layer in nested_layers(model).values():
         layer.set_level(layer.levels - 1)
     return model
