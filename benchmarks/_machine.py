@@ -11,6 +11,8 @@ import sys
 def machine() -> dict:
     import torch
 
+    from ampq.calibrate import autocast_dtype
+
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -26,6 +28,8 @@ def machine() -> dict:
             "memory_gib": round(mem, 1) if mem else None, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "torch": torch.__version__, "python": platform.python_version(),
             "date": datetime.date.today().isoformat(),
+            # the dtype calibration's statistics passes multiplied in (float32 before 2026-12-07)
+            "calibration_dtype": str(autocast_dtype("cuda" if torch.cuda.is_available() else "cpu") or "float32").removeprefix("torch."),
             # how the run was started, so that a result can be remade from its own file
             "command": " ".join(["python", *sys.argv])}
 

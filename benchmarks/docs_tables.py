@@ -294,6 +294,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "moe-block": md_whole("moe_block/moe_block.md", "moe_block/moe_block.json"),
     "clip-search": md_whole("clip_search/clip_search.md", "clip_search/clip_search.json"),
     "first-run": md_whole("first_run/first_run.md", "first_run/first_run.json"),
+    "calib-dtype": md_whole("calib_dtype/calib_dtype.md", "calib_dtype/calib_dtype.json"),
     "compile-switch": md_whole("compile_switch/compile_switch.md", "compile_switch/compile_switch.json"),
 }
 

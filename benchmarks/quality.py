@@ -22,6 +22,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from collections.abc import Iterator
 
 import torch
 
@@ -110,7 +111,7 @@ class Scorer:
 
 
 def run_ampq(original, tok, calib, variant: str, budgets: list[float], scorer: Scorer, args,
-             model_name: str) -> list[dict]:
+             model_name: str) -> Iterator[dict]:
     spec = VARIANTS[variant]
     # sensitivity leaves the model as it was: only a transform needs a copy of its own
     model = copy.deepcopy(original) if spec["transform"] != "none" else original
@@ -135,23 +136,22 @@ def run_ampq(original, tok, calib, variant: str, budgets: list[float], scorer: S
         table.save(saved)
         resume.finish()
     t2 = time.perf_counter()
-    rows = []
     for k, budget in enumerate(budgets):
         plan = planner.plan_for_budget(table, bits_per_weight=budget, fixed=fixed)
         # the last budget quantizes the transformed copy itself: one float copy fewer at the peak
         quantized = copy.deepcopy(model) if k < len(budgets) - 1 or model is original else model
         t3 = time.perf_counter()
         ampq.quantize(quantized, plan, calibration=calib, progress=False)
-        rows.append({"kind": "ampq", "name": f"AMPQ {variant}", "variant": variant, "budget": budget,
+        row = {"kind": "ampq", "name": f"AMPQ {variant}", "variant": variant, "budget": budget,
                      "candidates": spec["candidates"], "transform": spec["transform"],
                      "bits_per_weight": linear_bits(quantized), "model_bytes": model_bytes(quantized),
                      "predicted_kl": sum(p.damage for p in plan.layers.values()),
                      "formats": planner.describe(plan),
                      "seconds": {"transform": t1 - t0, "sensitivity": t2 - t1,
                                  "quantize": time.perf_counter() - t3},
-                     **scorer.score(quantized)})
+                     **scorer.score(quantized)}
         del quantized
-    return rows
+        yield row  # the caller saves it before the next budget is quantized
 
 
 def run_uniform(original, calib, name: str, scorer: Scorer) -> dict:

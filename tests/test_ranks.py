@@ -22,8 +22,9 @@ from test_resume import model_dir  # noqa: F401  (a fixture: a 12-block random L
 WORKER = Path(__file__).with_name("_ranks_worker.py")
 
 
-def _run(out: Path, ranks: int, spec: str, cache: Path) -> dict[str, bytes]:
-    env = dict(os.environ, AMPQ_CACHE=str(cache), OMP_NUM_THREADS="1", AMPQ_RANK_TIMEOUT="120")
+def _run(out: Path, ranks: int, spec: str, cache: Path, dtype: str = "float32") -> dict[str, bytes]:
+    env = dict(os.environ, AMPQ_CACHE=str(cache), OMP_NUM_THREADS="1", AMPQ_RANK_TIMEOUT="120",
+               AMPQ_CALIB_DTYPE=dtype)
     if ranks == 1:
         cmd = [sys.executable, str(WORKER), str(out), spec]
     else:
@@ -34,13 +35,14 @@ def _run(out: Path, ranks: int, spec: str, cache: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
 
 
-@pytest.mark.parametrize("spec", ["budget", "gptq"])
-def test_checkpoint_bytes_do_not_depend_on_the_rank_count(tmp_path, spec):
+@pytest.mark.parametrize("spec,dtype", [("budget", "float32"), ("gptq", "float32"), ("budget", "bfloat16")])
+def test_checkpoint_bytes_do_not_depend_on_the_rank_count(tmp_path, spec, dtype):
     # budget: sensitivity (Fisher passes, Hessians, GPTQ and clip candidates) spread over ranks, then
-    # quantization; gptq: GPTQ with bias correction, each group's linears spread over ranks
-    one = _run(tmp_path / "one", 1, spec, tmp_path / "cache1")
-    two = _run(tmp_path / "two", 2, spec, tmp_path / "cache2")
-    three = _run(tmp_path / "three", 3, spec, tmp_path / "cache3")
+    # quantization; gptq: GPTQ with bias correction, each group's linears spread over ranks;
+    # bfloat16: the calibration passes as a processor with bf16 matrix instructions runs them
+    one = _run(tmp_path / "one", 1, spec, tmp_path / "cache1", dtype)
+    two = _run(tmp_path / "two", 2, spec, tmp_path / "cache2", dtype)
+    three = _run(tmp_path / "three", 3, spec, tmp_path / "cache3", dtype)
     assert one.keys() == two.keys() == three.keys() and "ampq.json" in one
     for name in one:
         assert one[name] == two[name] == three[name], name

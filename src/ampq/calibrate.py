@@ -6,10 +6,19 @@ batch. Each block is fed the outputs of the previous block *after* that block wa
 later layers correct for the error of earlier ones. Within a block, linears are grouped by the input
 they share (q/k/v, gate/up, ...) and handled in the order they run, each group measured after the
 groups before it were quantized.
+
+The passes that gather statistics multiply in bf16 where the hardware does so natively (a GPU with
+bf16 support, a CPU with AMX or AVX512-BF16), as calibration of a bf16 model on a GPU always does:
+those passes are most of the time of GPTQ and of the sensitivity measurement, and bf16 runs them
+several times faster there. The statistics themselves (X^T X, sums) are accumulated in float32
+from what the layer received. ``AMPQ_CALIB_DTYPE=float32`` (or ``bfloat16``) decides instead;
+:func:`autocast_dtype` says what a device gets.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +26,7 @@ from torch import nn
 
 from ampq.errors import AmpqError
 from ampq.kernels import dequantized_weights_cached
+from ampq.kernels.cpu_bf16 import native as cpu_multiplies_bf16
 from ampq.models import decoder_blocks
 from ampq.placement import Placement
 from ampq.ranks import Ranks
@@ -49,10 +59,11 @@ class LayerStats:
 
     @staticmethod
     def partial(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One batch's (x^T x, sum, absmax, count)."""
+        """One batch's (x^T x, sum, absmax, count), in float32 also inside a bf16 statistics pass."""
         x = x.reshape(-1, x.shape[-1]).float()
         count = torch.tensor([x.shape[0]], dtype=torch.float64, device=x.device)
-        return x.t() @ x, x.sum(0, dtype=torch.float64), x.abs().amax(0), count
+        with torch.autocast(x.device.type, enabled=False):
+            return x.t() @ x, x.sum(0, dtype=torch.float64), x.abs().amax(0), count
 
     def fold(self, partial, ranks: Ranks | None = None) -> None:
         """Add one round of batches, this rank's ``partial`` (None: no batch this round) and, under
@@ -75,6 +86,24 @@ class LayerStats:
 # an expert the router sent fewer calibration tokens is rounded to nearest rather than given GPTQ
 # or clip search: a Hessian of a handful of tokens fits the error feedback to those tokens alone
 MIN_EXPERT_TOKENS = 32
+
+
+CALIB_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+
+
+def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
+    """The dtype the statistics passes multiply in on ``device`` (None: the model's own)."""
+    device = torch.device(device)
+    forced = os.environ.get("AMPQ_CALIB_DTYPE", "auto")
+    if forced != "auto":
+        if forced not in CALIB_DTYPES:
+            raise AmpqError(f"AMPQ_CALIB_DTYPE={forced!r} is not one of auto, {', '.join(CALIB_DTYPES)}")
+        return CALIB_DTYPES[forced] if device.type in ("cpu", "cuda") else None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_multiplies_bf16() else None
+    return None
 
 
 class _Stop(Exception):
@@ -103,6 +132,7 @@ class Calibration:
         # one tensor per batch of this rank; a store with a byte limit spills the rest to disk (--max-memory)
         self.inputs = store if store is not None else self.placement.activation_store()
         self.kwargs: list[dict] = []
+        self.autocast = autocast_dtype(self.device)
         self._capture(tokens, batch_size)
 
     def on_device(self):
@@ -135,9 +165,17 @@ class Calibration:
         if len(self.inputs) != len(self.batches):
             raise AmpqError("could not capture the first block's inputs; is this a decoder-only language model?")
 
-    def _run(self, block: nn.Module, i: int) -> torch.Tensor:
-        out = block(self.inputs[i], **self.kwargs[i])
-        return out[0] if isinstance(out, tuple) else out
+    def fast(self):
+        """A context in which the statistics passes run: autocast to :attr:`autocast` where it is set."""
+        return torch.autocast(self.device.type, self.autocast) if self.autocast else contextlib.nullcontext()
+
+    def _run(self, block: nn.Module, i: int, fast: bool = False) -> torch.Tensor:
+        """Block ``block`` on batch ``i``; ``fast``: in :attr:`autocast`'s dtype (the statistics
+        passes; AWQ's checks that a fold keeps the block's function compare float32 outputs)."""
+        with self.fast() if fast else contextlib.nullcontext():
+            out = block(self.inputs[i], **self.kwargs[i])
+        out = out[0] if isinstance(out, tuple) else out
+        return out.to(self.inputs[i].dtype) if fast else out
 
     @torch.inference_mode()
     @dequantized_weights_cached()
@@ -171,14 +209,14 @@ class Calibration:
         for i in range(len(self.inputs)):
             self._visit(block, name, i, visit)
 
-    def _visit(self, block: nn.Module, name: str, i: int, visit) -> None:
+    def _visit(self, block: nn.Module, name: str, i: int, visit, fast: bool = False) -> None:
         def record(mod, args):
             visit(args[0])
             raise _Stop
 
         handle = block.get_submodule(name).register_forward_pre_hook(record)
         try:
-            self._run(block, i)
+            self._run(block, i, fast)
         except _Stop:
             pass
         finally:
@@ -204,9 +242,9 @@ class Calibration:
                 partials.clear()
                 if k < len(self.inputs):
                     if advance:
-                        self.inputs[k] = self._run(block, k)
-                    else:
-                        self._visit(block, groups[-1][0], k, lambda x: None)  # stops at the last group's input
+                        self.inputs[k] = self._run(block, k, fast=True)
+                    else:  # stops at the last group's input
+                        self._visit(block, groups[-1][0], k, lambda x: None, fast=True)
                 for name, stats in acc.items():
                     stats.fold(partials.get(name), self.ranks)
         finally:
@@ -265,7 +303,7 @@ class Calibration:
         """Replace the stored inputs by the (quantized) block's outputs: the next block's inputs
         (batch by batch, in place: a batch's input is not needed once its output exists)."""
         for i in range(len(self.inputs)):
-            self.inputs[i] = self._run(block, i)
+            self.inputs[i] = self._run(block, i, fast=True)
 
 
 def _model_device(model: nn.Module) -> torch.device:

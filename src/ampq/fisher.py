@@ -90,9 +90,10 @@ def _forward(cal: Calibration, kwargs, progress: bool):
         for j in range(len(cal.inputs)):
             x = cal.inputs[j]
             store.append(x)
-            out = block(x, **kwargs[j])
+            with cal.fast():
+                out = block(x, **kwargs[j])
             tuple_out = isinstance(out, tuple)
-            cal.inputs[j] = out[0] if tuple_out else out
+            cal.inputs[j] = (out[0] if tuple_out else out).to(x.dtype)
         saved.append(store)
     return saved, tuple_out
 
@@ -121,6 +122,7 @@ def _head_gradients(model, cal: Calibration, tokens, batch_size: int, seed: int,
             for k, (prefix, _) in enumerate(blocks):
                 replace_module(model, prefix, _StandIn(given if k == len(blocks) - 1 else None, tuple_out))
             ids = tokens[b * batch_size:(b + 1) * batch_size]
+            # in the model's own dtype whatever the blocks ran in: the labels are sampled from these logits
             with placement.onload(model), torch.enable_grad():
                 out = model(ids.to(placement.device), use_cache=False)
                 generator = torch.Generator(device=placement.device).manual_seed(seed + b)
@@ -184,10 +186,10 @@ def _backward(model, cal: Calibration, saved, kwargs, grads, names: list[str], e
                     partial.clear()
                     if k < len(grads):
                         x = saved[i][k].detach().clone().requires_grad_(True)
-                        with torch.enable_grad():
+                        with torch.enable_grad(), cal.fast():
                             out = block(x, **kwargs[k])
                             out = out[0] if isinstance(out, tuple) else out
-                            out.backward(grads[k])
+                            out.backward(grads[k].to(out.dtype))
                         grads[k] = x.grad
                     for n, t in totals.items():
                         ranks.fold([t], [partial[n]] if n in partial else None)
