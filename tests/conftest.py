@@ -6,12 +6,11 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-@pytest.fixture(autouse=True)
-def float32_calibration(monkeypatch):
-    """Calibration passes in float32 whatever the processor: most tests compare the pipeline's
-    arithmetic with a float32 reference bit for bit. tests/test_calibration_dtype.py covers the
-    bf16 passes a processor with bf16 matrix instructions gets by default (``AMPQ_CALIB_DTYPE``)."""
-    monkeypatch.setenv("AMPQ_CALIB_DTYPE", "float32")
+# Calibration passes in float32 whatever the processor, for the whole session (module fixtures
+# quantize too): most tests compare the pipeline's arithmetic with a float32 reference bit for bit.
+# tests/test_calibration_dtype.py covers the bf16 passes a processor with bf16 matrix instructions
+# gets by default.
+os.environ["AMPQ_CALIB_DTYPE"] = "float32"
 
 
 @pytest.fixture(scope="session")
