@@ -73,15 +73,26 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=8, help="evaluation windows of 512 tokens per text")
     args = p.parse_args()
     forced = os.environ.get("AMPQ_CALIB_DTYPE")
-    rows = [r for m in args.models.split(",") for r in run_model(m.strip(), args.calib_windows, args.windows)]
+    models = [m.strip() for m in args.models.split(",")]
+    rows = [r for m in models for r in run_model(m, args.calib_windows, args.windows)]
     if forced is None:
         os.environ.pop("AMPQ_CALIB_DTYPE", None)
     m = machine()
+    for r in rows:
+        r["command"], r["calib_windows"], r["eval_windows"] = m["command"], args.calib_windows, args.windows
+        r["torch_threads"] = m["torch_threads"]
+    # other models' rows from earlier runs stay (each model's two dtypes come from one run)
+    out = RESULTS / "calib_dtype.json"
+    kept = [r for r in json.loads(out.read_text())["rows"] if r["model"] not in models] if out.exists() else []
+    write(kept + rows, m)
+
+
+def write(rows: list[dict], m: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic.write_text(RESULTS / "calib_dtype.json", json.dumps({"machine": m, "rows": rows}, indent=1))
-    lines = [f"On {describe(m)}, torch threads: {m['torch_threads']}; calibration {args.calib_windows} windows of 512 tokens "
-             f"(`mix`), Fisher on 8 of them; GPTQ int4-g128 scored on {args.windows} held-out windows of 512 tokens "
-             "per text. Command: `" + m["command"] + "`.", "",
+    lines = [f"On {describe(m)}; calibration `mix` windows of 512 tokens, the "
+             "Fisher pass on 8 of them; GPTQ int4-g128 scored on held-out windows of 512 tokens per text; each model's "
+             "two rows from one run (its command below).", "",
              "| model | calibration passes | Fisher s | GPTQ s | ppl wiki (original) | KL wiki | ppl c4 (original) | KL c4 |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -90,9 +101,12 @@ def main() -> None:
                      f"{w['perplexity']:.3f} ({w['original']:.3f}) | {w['kl']:.4f} | {c['perplexity']:.3f} "
                      f"({c['original']:.3f}) | {c['kl']:.4f} |")
     lines += ["", "Relative difference of a layer's Fisher weights (median / largest over the linears), bf16 against "
-              "float32, and, for scale, float32 with other sampled labels (seed 1 against 0):"]
+              "float32, and, for scale, float32 with other sampled labels (seed 1 against 0):", ""]
     lines += [f"- {r['model']}: bf16 {r['fisher_bf16_difference']['median']:.3f} / {r['fisher_bf16_difference']['max']:.3f}; "
-              f"other labels {r['fisher_seed_difference']['median']:.3f} / {r['fisher_seed_difference']['max']:.3f}"
+              f"other labels {r['fisher_seed_difference']['median']:.3f} / {r['fisher_seed_difference']['max']:.3f}; "
+              f"{r.get('calib_windows', 32)} calibration windows, {r.get('eval_windows', 8)} evaluation windows per text, "
+              f"{r.get('torch_threads', '?')} torch threads, "
+              f"`{r.get('command', 'python benchmarks/calib_dtype.py --models ' + r['model'])}`"
               for r in rows if "fisher_bf16_difference" in r]
     atomic.write_text(RESULTS / "calib_dtype.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
