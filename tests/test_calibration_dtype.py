@@ -12,6 +12,7 @@ from ampq.fisher import output_fisher
 from ampq.kernels import cpu_bf16
 from ampq.report import block_linear_names
 from test_model_io import tiny_llama
+from test_resume import model_dir  # noqa: F401  (a fixture: a 12-block random Llama with a tokenizer)
 
 TOKENS = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(3))
 
@@ -98,3 +99,15 @@ def test_fisher_weights_in_bf16_stay_close_to_float32(monkeypatch):
         # squared gradients: twice the relative error of the gradients, and labels sampled from
         # logits that moved by bf16's rounding
         assert 0 < rel < 0.1, (n, rel)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_run_says_when_its_passes_run_in_bf16(model_dir, monkeypatch, capsys, dtype):  # noqa: F811
+    import ampq
+    from ampq.data import Text
+
+    monkeypatch.setenv("AMPQ_CALIB_DTYPE", dtype)
+    model, tok = ampq.load_model(str(model_dir))
+    ampq.quantize(model, "int4-g32", algorithm="gptq", calibration=Text("wiki", windows=2, window=32), tokenizer=tok)
+    line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("calibration: "))
+    assert ("multiply in bf16" in line) == (dtype == "bfloat16"), line

@@ -21,6 +21,7 @@ from torch import nn
 
 from ampq.version import __version__
 from ampq.algorithms import NEEDS_CALIBRATION
+from ampq.calibrate import autocast_dtype
 from ampq.coverage import coverage
 from ampq.data import Text, Windows, sized_for, windows_of
 from ampq.errors import AmpqError
@@ -150,7 +151,9 @@ def quantize(model: nn.Module, spec: Spec | None, *, calibration: Text | str | W
             chosen = "" if isinstance(given, Text) and given.windows else (
                 " (default: twice the widest linear's inputs in tokens, an expert's per routed token, at least 32; "
                 "--calib-windows sets another)")
-            print(f"calibration: {calibration.describe()}{chosen}", file=sys.stderr)
+            fast = ("; its passes multiply in bf16 here (AMPQ_CALIB_DTYPE=float32 runs them in float32)"
+                    if autocast_dtype(placement.device) is not None else "")
+            print(f"calibration: {calibration.describe()}{chosen}{fast}", file=sys.stderr)
 
     formats = spec.format if isinstance(spec, Scheme) else spec
     if isinstance(spec, Budget):
