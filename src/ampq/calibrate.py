@@ -172,10 +172,11 @@ class Calibration:
     def _run(self, block: nn.Module, i: int, fast: bool = False) -> torch.Tensor:
         """Block ``block`` on batch ``i``; ``fast``: in :attr:`autocast`'s dtype (the statistics
         passes; AWQ's checks that a fold keeps the block's function compare float32 outputs)."""
+        x = self.inputs[i]  # read once: a store under --max-memory reads a spilled batch from disk
         with self.fast() if fast else contextlib.nullcontext():
-            out = block(self.inputs[i], **self.kwargs[i])
+            out = block(x, **self.kwargs[i])
         out = out[0] if isinstance(out, tuple) else out
-        return out.to(self.inputs[i].dtype) if fast else out
+        return out.to(x.dtype) if fast else out
 
     @torch.inference_mode()
     @dequantized_weights_cached()
