@@ -237,6 +237,15 @@ def quality() -> str:
     data = load(rel)
     rows = data["rows"]
     texts = [k for k in rows[0] if isinstance(rows[0][k], dict) and "perplexity" in rows[0][k]]
+
+    def damp(r):  # benchmarks/quality.py's gptq_damp, without importing ampq here
+        return None if r["kind"] != "ampq" and "gptq" not in r.get("algorithm", "") else r.get("gptq_damp", 0.01)
+    damps = {damp(r) for r in rows} - {None}
+
+    def label(r):
+        notes = ([f"GPTQ damp {damp(r):g}"] if len(damps) > 1 and damp(r) is not None else []) + \
+                (["bf16 calibration"] if r.get("calibration_dtype") == "bfloat16" else [])
+        return f" ({', '.join(notes)})" if notes else ""
     out = [source(rel), ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = sorted((r for r in rows if r["model"] == model), key=lambda r: (r["kind"] != "uniform", r["bits_per_weight"]))
@@ -252,7 +261,7 @@ def quality() -> str:
             # the allocator's own estimate beside what was measured: how far the damage model under-predicts
             predicted = (f"{num(r['predicted_kl'], 4)} (x{r[texts[0]]['kl'] / r['predicted_kl']:.1f})"
                          if r.get("predicted_kl") else "")
-            name = f"{r['name']} @ {r['budget']}" if r["kind"] == "ampq" else r["name"]
+            name = (f"{r['name']} @ {r['budget']}" if r["kind"] == "ampq" else r["name"]) + label(r)
             out.append(row([name, num(r["bits_per_weight"]), *ppl, *(num(r[t]["kl"], 4) for t in texts), predicted]))
         out.append("")
     return "\n".join(out).rstrip()
@@ -295,6 +304,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "clip-search": md_whole("clip_search/clip_search.md", "clip_search/clip_search.json"),
     "first-run": md_whole("first_run/first_run.md", "first_run/first_run.json"),
     "calib-dtype": md_whole("calib_dtype/calib_dtype.md", "calib_dtype/calib_dtype.json"),
+    "gptq-damp": md_whole("gptq_damp/gptq_damp.md", "gptq_damp/gptq_damp.json"),
     "compile-switch": md_whole("compile_switch/compile_switch.md", "compile_switch/compile_switch.json"),
 }
 

@@ -31,6 +31,7 @@ from _machine import machine  # noqa: E402
 
 import ampq  # noqa: E402
 from ampq import atomic  # noqa: E402
+from ampq.algorithms.gptq import DAMP  # noqa: E402
 from ampq.pipeline import planner  # noqa: E402
 from ampq.data import make_windows  # noqa: E402
 from ampq.evaluation import Reference, evaluate  # noqa: E402
@@ -82,6 +83,16 @@ UNIFORM = {
     "int8-ch-sym": ("int8-ch-sym", "rtn", {}),
     "int8-ch": ("int8-ch", "rtn", {}),
 }
+
+
+OLD_DAMP = 0.01  # GPTQ's dampening in rows made before the key was recorded
+
+
+def gptq_damp(row: dict) -> float | None:
+    """The dampening a row's GPTQ ran with; None for a row without GPTQ (AMPQ's candidates are GPTQ)."""
+    if row["kind"] != "ampq" and "gptq" not in row.get("algorithm", ""):
+        return None
+    return row.get("gptq_damp", OLD_DAMP)
 
 
 def load_rows(path: Path) -> list[dict]:
@@ -167,9 +178,11 @@ def run_uniform(original, calib, name: str, scorer: Scorer) -> dict:
 def merge(out: Path, files: list[Path], note: str | None) -> None:
     data = [json.loads(f.read_text()) for f in files]
     rows = load_rows(out)
-    keys = {(r["model"], r["name"], r.get("budget"), r["calib"], r["eval_windows"]) for r in rows}
+    def key(r):
+        return r["model"], r["name"], r.get("budget"), r["calib"], r["eval_windows"], gptq_damp(r)
+    keys = {key(r) for r in rows}
     for d in data:
-        rows += [r for r in d["rows"] if (r["model"], r["name"], r.get("budget"), r["calib"], r["eval_windows"]) not in keys]
+        rows += [r for r in d["rows"] if key(r) not in keys]
     # the commands that made the rows already there are kept, each once
     before = json.loads(out.read_text()).get("command", "") if out.exists() else ""
     commands = [c for c in before.split(" ; ") if c] + [d["command"] for d in data]
@@ -210,13 +223,15 @@ def main() -> None:
 
     def have(model_name, **key):
         return any(r["model"] == model_name and r["calib"] == args.calib and r["eval_windows"] == args.windows
-                   and all(r.get(k) == v for k, v in key.items()) for r in rows)
+                   and gptq_damp(r) in (None, DAMP) and all(r.get(k) == v for k, v in key.items()) for r in rows)
 
     for model_name in args.models.split(","):
         original, tok = ampq.load_model(model_name)
         scorer = Scorer(original, tok, args.texts.split(","), args.windows)
+        # GPTQ's dampening and the calibration passes' dtype: rows made before either changed stay
+        # in the table beside the new ones (rows without the keys: 1% and float32)
         common = {"model": model_name, "calib": args.calib, "calib_windows": args.calib_windows,
-                  "eval_windows": args.windows}
+                  "eval_windows": args.windows, "gptq_damp": DAMP, "calibration_dtype": machine()["calibration_dtype"]}
         calibs = {}
 
         def calibration(text):

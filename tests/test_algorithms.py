@@ -7,7 +7,7 @@ import torch
 import ampq
 from ampq.algorithms.bias_correction import corrected_bias
 from ampq.algorithms.clip import search_clip
-from ampq.algorithms.gptq import gptq, gptq_many
+from ampq.algorithms.gptq import DAMP, gptq, gptq_many
 from ampq.algorithms.rtn import rtn
 from ampq.calibrate import Calibration, LayerStats
 from ampq.data import make_windows
@@ -99,7 +99,7 @@ def test_bias_correction_removes_the_mean_shift(real_layers):
         assert shift_after < shift_before, sub
 
 
-def gptq_paper(w, h, fmt, damp=0.01):
+def gptq_paper(w, h, fmt, damp=DAMP):
     """The published algorithm, column by column, float64, no lazy batches: per-channel parameters
     fitted up front, group parameters when the group's first column is reached."""
     w, h = w.double().clone(), h.double().clone()

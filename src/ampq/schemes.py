@@ -39,7 +39,7 @@ class Scheme:
 
 SCHEMES = {s.name: s for s in [
     Scheme("rtn", "int4-g128", "round to nearest, no calibration"),
-    Scheme("gptq", "int4-g128", "GPTQ: Hessian error feedback, 1% dampening, blocks of 128 columns, "
+    Scheme("gptq", "int4-g128", "GPTQ: Hessian error feedback, 10% dampening, blocks of 128 columns, "
            "act-order with static groups", "gptq"),
     Scheme("gptq-in-order", "int4-g128", "GPTQ visiting columns in order, each group fitted when reached",
            "gptq", options={"act_order": False}),

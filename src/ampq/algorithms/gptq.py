@@ -2,7 +2,11 @@
 error over the columns not yet quantized, weighted by the inverse Hessian of the layer's output
 error, H = 2 X^T X / n.
 
-Dampening (a share of the mean diagonal added to it) keeps H invertible; lazy batch updates apply
+Dampening (a share of the mean diagonal added to it) keeps H invertible and, at 10% (:data:`DAMP`),
+keeps the error feedback from fitting the calibration Hessian's noise: 1%, the paper's value, left
+layers with few calibration tokens per input (the last MLP down-projections) with a lower error on the
+calibration text than round to nearest but a higher one on held-out text (benchmarks/gptq_damp.py,
+docs/schemes.md). Lazy batch updates apply
 the error of a block of columns to the rest at once. Group parameters are fitted when the group's
 first column is reached, on the weights as the error feedback has left them. With ``act_order`` (the
 default: lower Hessian-weighted error than in-order on real SmolLM2 layers, see
@@ -20,6 +24,9 @@ import torch
 
 from ampq.algorithms.rtn import input_importance
 from ampq.formats import Format, Params
+
+# Decided across the built-in models by the held-out error of each layer (benchmarks/gptq_damp.py)
+DAMP = 0.1
 
 
 def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -61,7 +68,7 @@ def _prepared_hessian(stats, damp: float, act_order: bool, dtype: torch.dtype):
 
 
 def gptq(weight: torch.Tensor, fmt: Format, stats, clip: float | torch.Tensor = 1.0, *,
-         damp: float = 0.01, block_size: int = 128, act_order: bool = True,
+         damp: float = DAMP, block_size: int = 128, act_order: bool = True,
          dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, Params]:
     out_features, cols = weight.shape
     w = weight.to(dtype).clone()
@@ -124,7 +131,7 @@ class Solved(NamedTuple):
     params: Params
 
 
-def gptq_many(jobs: list[tuple[torch.Tensor, Format, float | torch.Tensor]], stats, *, damp: float = 0.01,
+def gptq_many(jobs: list[tuple[torch.Tensor, Format, float | torch.Tensor]], stats, *, damp: float = DAMP,
               block_size: int = 128, act_order: bool = True, dtype: torch.dtype = torch.float32,
               codes: bool = False, max_bytes: int = SWEEP_BYTES) -> list[Solved | None]:
     """What :func:`gptq` gives for several (weight, format, clip) jobs whose layers share one

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ampq.algorithms.gptq import DAMP
 from ampq.allocate import allocate, reachable
 from ampq.builtin import cache_dir
 from ampq.data import Text, Windows, as_text, calibration_windows, sized_for
@@ -44,7 +45,8 @@ def tie_groups(layers: list[str]) -> list[list[str]]:
 
 
 def table_key(source: str | None, candidates: list[str], calib: dict) -> str:
-    blob = json.dumps({"source": source, "candidates": candidates, "calib": calib}, sort_keys=True)
+    # GPTQ's dampening changes every GPTQ candidate's damage: a table measured with another is stale
+    blob = json.dumps({"source": source, "candidates": candidates, "calib": calib, "gptq_damp": DAMP}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
