@@ -13,7 +13,6 @@ Writes benchmarks/results/clip_search/clip_search.json (rows appended per model)
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,10 +20,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _machine import describe, machine  # noqa: E402
+from _machine import describe  # noqa: E402
+from _rows import measure_models, write_table  # noqa: E402
 
 import ampq  # noqa: E402
-from ampq import atomic  # noqa: E402
 from ampq.algorithms.clip import search_clip  # noqa: E402
 from ampq.algorithms.gptq import gptq  # noqa: E402
 from ampq.calibrate import LayerStats  # noqa: E402
@@ -100,15 +99,9 @@ def main() -> None:
     args = p.parse_args()
     if not args.table:
         formats = args.formats.split(",")
-        result = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
-        for model_name in args.models.split(","):
-            row = measure(model_name, formats, args.blocks, args.calib_windows)
-            result = {"machine": machine(), "command": " ".join(["python", *sys.argv]),
-                      "rows": [r for r in result["rows"] if r["model"] != model_name] + [row]}
-            atomic.write_text(args.out, json.dumps(result, indent=1))
-    result = json.loads(args.out.read_text())
-    atomic.write_text(args.out.with_suffix(".md"), markdown(result))
-    print(markdown(result))
+        measure_models(args.out, args.models.split(","), lambda m: measure(m, formats, args.blocks, args.calib_windows), markdown)
+    else:
+        write_table(args.out, markdown)
 
 
 def markdown(result: dict) -> str:

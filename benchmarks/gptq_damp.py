@@ -18,7 +18,6 @@ Writes benchmarks/results/gptq_damp/gptq_damp.json (rows kept per model) and its
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,11 +25,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _machine import describe, machine  # noqa: E402
+from _machine import describe  # noqa: E402
+from _rows import measure_models, write_table  # noqa: E402
 from clip_search import block_linears  # noqa: E402
 
 import ampq  # noqa: E402
-from ampq import atomic  # noqa: E402
 from ampq.algorithms.gptq import DAMP, gptq  # noqa: E402
 from ampq.calibrate import LayerStats, autocast_dtype  # noqa: E402
 from ampq.data import make_windows  # noqa: E402
@@ -186,16 +185,9 @@ def main() -> None:
     args = p.parse_args()
     if not args.table:
         damps = tuple(float(d) for d in args.damps.split(","))
-        result = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        for model_name in args.models.split(","):
-            row = measure(model_name, args.format, args.blocks, args.calib_windows, damps, args.kl_windows)
-            result = {"machine": machine(), "command": " ".join(["python", *sys.argv]),
-                      "rows": [r for r in result["rows"] if r["model"] != model_name] + [row]}
-            atomic.write_text(args.out, json.dumps(result, indent=1))
-    result = json.loads(args.out.read_text())
-    atomic.write_text(args.out.with_suffix(".md"), markdown(result))
-    print(markdown(result))
+        measure_models(args.out, args.models.split(","), lambda m: measure(m, args.format, args.blocks, args.calib_windows, damps, args.kl_windows), markdown)
+    else:
+        write_table(args.out, markdown)
 
 
 if __name__ == "__main__":
