@@ -28,6 +28,7 @@ from ampq.experts import is_experts
 from ampq.formats import get_format
 from ampq.models import replace_module
 from ampq.nested import NestedLinear, ResidualSource
+from ampq.nested_experts import summed_damage
 from ampq.nn import QuantLinear, quantized_linears
 from ampq.quant_embedding import QuantEmbedding, quantized_embeddings
 from ampq.quant_experts import QuantExperts, quantized_projections
@@ -88,10 +89,9 @@ def experts_entry(experts: QuantExperts, name: str, keep_spare: bool = False) ->
     if len(set(algorithms)) > 1:
         entry["expert_algorithms"] = algorithms
     if isinstance(first, NestedLinear):
-        known = None if any(m.damage is None for m in layers) else first.levels if keep_spare else first.level + 1
-        nested = {"residuals": [_residual_entry(r) for r in first.residuals],
-                  "damage": [sum(m.damage[k] for m in layers) for k in range(known)] if known else None,
-                  "expert_damage": [list(m.damage[:known]) for m in layers] if known else None}
+        damage = summed_damage(layers, first.levels if keep_spare else first.level + 1)
+        nested = {"residuals": [_residual_entry(r) for r in first.residuals], "damage": damage,
+                  "expert_damage": [list(m.damage[:len(damage)]) for m in layers] if damage else None}
         if keep_spare:
             nested.update(formats=list(first.residual_formats),
                           spare={str(k): _residual_entry(r) for k, r in first.spare.items()})

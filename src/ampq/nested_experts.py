@@ -48,9 +48,7 @@ class NestedProjection:
     def damage(self) -> list[float] | None:
         """Each level's estimated damage, summed over the experts (each weighted by the tokens
         routed to it, so the sum is the projection's share of the KL per token)."""
-        if any(m.damage is None for m in self.layers):
-            return None
-        return [sum(m.damage[k] for m in self.layers) for k in range(self.levels)]
+        return summed_damage(self.layers, self.levels)
 
     def level_bytes(self, level: int) -> int:
         return sum(m.level_bytes(level) for m in self.layers)
@@ -61,6 +59,14 @@ class NestedProjection:
     def set_level(self, level: int) -> None:
         for m in self.layers:
             m.set_level(level)
+
+
+def summed_damage(layers: list[NestedLinear], levels: int) -> list[float] | None:
+    """The first ``levels`` levels' damage of one projection: each expert's, summed; None when an
+    expert's is unknown."""
+    if any(m.damage is None for m in layers):
+        return None
+    return [sum(m.damage[k] for m in layers) for k in range(levels)]
 
 
 def is_nested_projection(experts: QuantExperts, name: str) -> bool:
