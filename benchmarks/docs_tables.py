@@ -267,8 +267,51 @@ def quality() -> str:
     return "\n".join(out).rstrip()
 
 
+def quality_criterion() -> str:
+    """Issue 22's test, row by row: each AMPQ row of benchmarks/quality.py against the uniform rows of
+    the same model no larger than it (1% slack, for partial groups; every dampening and calibration dtype measured counts: each is a
+    scheme a user can run), per text: the best one's perplexity increase, AMPQ's over it, and whether
+    AMPQ's KL is the lowest. The aim: at most 0.5x and the lowest KL at 4.25 bits; at other budgets
+    never worse than the best uniform scheme no larger (ratio at most 1)."""
+    rel = "quality/quality.json"
+    rows = load(rel)["rows"]
+    texts = [k for k in rows[0] if isinstance(rows[0][k], dict) and "perplexity" in rows[0][k]]
+
+    def increase(r, t):
+        return r[t]["perplexity"] / r[t + "_original"] - 1
+
+    def damp(r):
+        return None if r["kind"] != "ampq" else r.get("gptq_damp", 0.01)
+    out = [source(rel), "", "Each AMPQ row against the uniform rows of the table above no larger than it (up to 1% "
+           "more bits: the group-128 layouts, 4.25 bits where the widths are multiples of 128, count at 4.25; every "
+           "dampening and calibration measured counts). Ratio: AMPQ's perplexity increase over the best uniform "
+           "row's on that text (the aim: at most 0.5 at 4.25 bits, at most 1 at the other budgets); KL lowest: AMPQ's "
+           "KL below every such uniform row's on both texts.", "",
+           row(["model", "AMPQ row", "bits/weight", *(f"best uniform on {t}" for t in texts),
+                *(f"ratio {t}" for t in texts), "KL lowest", "aim met"]),
+           "|" + "---|" * (5 + 2 * len(texts))]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        for a in sorted((r for r in mine if r["kind"] == "ampq"), key=lambda r: (r["budget"], r["name"])):
+            peers = [u for u in mine if u["kind"] == "uniform" and u["bits_per_weight"] <= 1.01 * a["bits_per_weight"]]
+            if not peers:
+                continue
+            best = {t: min(peers, key=lambda u: increase(u, t)) for t in texts}
+            ratios = {t: increase(a, t) / increase(best[t], t) if increase(best[t], t) > 0 else None for t in texts}
+            lowest = all(a[t]["kl"] < min(u[t]["kl"] for u in peers) for t in texts)
+            aim = 0.5 if abs(a["budget"] - 4.25) < 1e-9 else 1.0
+            met = lowest and all(x is not None and x <= aim for x in ratios.values())
+            name = f"{a['name']} @ {a['budget']}" + (f" (damp {damp(a):g})" if damp(a) is not None else "")
+            out.append(row([model, name, num(a["bits_per_weight"]),
+                            *(f"{best[t]['name']} (+{100 * increase(best[t], t):.1f}%)" for t in texts),
+                            *("-" if ratios[t] is None else f"{ratios[t]:.2f}" for t in texts),
+                            "yes" if lowest else "no", "yes" if met else "**no**"]))
+    return "\n".join(out).rstrip()
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "quality": quality,
+    "quality-criterion": quality_criterion,
     "pareto-smollm2-135m": lambda: pareto_for("smollm2-135m"),
     "pareto-qwen2.5-coder-0.5b": lambda: pareto_for("qwen2.5-coder-0.5b"),
     "pareto-all": md_nth("pareto/pareto.md", "pareto/pareto.json", 0),
