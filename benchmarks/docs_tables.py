@@ -348,6 +348,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "first-run": md_whole("first_run/first_run.md", "first_run/first_run.json"),
     "calib-dtype": md_whole("calib_dtype/calib_dtype.md", "calib_dtype/calib_dtype.json"),
     "gptq-damp": md_whole("gptq_damp/gptq_damp.md", "gptq_damp/gptq_damp.json"),
+    "gptq-damp-int3": md_whole("gptq_damp/gptq_damp-int3.md", "gptq_damp/gptq_damp-int3.json"),
     "damage-scale": md_whole("damage_scale/damage_scale.md", "damage_scale/damage_scale.json"),
     "compile-switch": md_whole("compile_switch/compile_switch.md", "compile_switch/compile_switch.json"),
 }
