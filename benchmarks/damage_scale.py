@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _machine import describe  # noqa: E402
-from _rows import measure_models, write_table  # noqa: E402
+from _rows import measure_models  # noqa: E402
 
 import ampq  # noqa: E402
 from ampq.algorithms.gptq import DAMP  # noqa: E402

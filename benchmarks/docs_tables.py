@@ -230,6 +230,12 @@ def sensitivity_speed(model: str) -> Callable[[], str]:
     return table
 
 
+def gptq_damp(r: dict) -> float | None:
+    """benchmarks/quality.py's gptq_damp, without importing ampq here: a row's GPTQ dampening (rows
+    made before it was recorded: 1%), None for a row without GPTQ."""
+    return None if r["kind"] != "ampq" and "gptq" not in r.get("algorithm", "") else r.get("gptq_damp", 0.01)
+
+
 def quality() -> str:
     """Every row of benchmarks/quality.py, per model: size, perplexity increase over the original on
     each text, KL to the original."""
@@ -238,12 +244,10 @@ def quality() -> str:
     rows = data["rows"]
     texts = [k for k in rows[0] if isinstance(rows[0][k], dict) and "perplexity" in rows[0][k]]
 
-    def damp(r):  # benchmarks/quality.py's gptq_damp, without importing ampq here
-        return None if r["kind"] != "ampq" and "gptq" not in r.get("algorithm", "") else r.get("gptq_damp", 0.01)
-    damps = {damp(r) for r in rows} - {None}
+    damps = {gptq_damp(r) for r in rows} - {None}
 
     def label(r):
-        notes = ([f"GPTQ damp {damp(r):g}"] if len(damps) > 1 and damp(r) is not None else []) + \
+        notes = ([f"GPTQ damp {gptq_damp(r):g}"] if len(damps) > 1 and gptq_damp(r) is not None else []) + \
                 (["bf16 calibration"] if r.get("calibration_dtype") == "bfloat16" else [])
         return f" ({', '.join(notes)})" if notes else ""
     out = [source(rel), ""]
@@ -269,8 +273,8 @@ def quality() -> str:
 
 def quality_criterion() -> str:
     """Issue 22's test, row by row: each AMPQ row of benchmarks/quality.py against the uniform rows of
-    the same model no larger than it (1% slack, for partial groups; every dampening and calibration dtype measured counts: each is a
-    scheme a user can run), per text: the best one's perplexity increase, AMPQ's over it, and whether
+    the same model no larger than it (1% slack, for partial groups; every dampening and calibration
+    dtype measured counts: each is a scheme a user can run), per text: the best one's perplexity increase, AMPQ's over it, and whether
     AMPQ's KL is the lowest. The aim: at most 0.5x and the lowest KL at 4.25 bits; at other budgets
     never worse than the best uniform scheme no larger (ratio at most 1)."""
     rel = "quality/quality.json"
@@ -280,8 +284,6 @@ def quality_criterion() -> str:
     def increase(r, t):
         return r[t]["perplexity"] / r[t + "_original"] - 1
 
-    def damp(r):
-        return None if r["kind"] != "ampq" else r.get("gptq_damp", 0.01)
     out = [source(rel), "", "Each AMPQ row against the uniform rows of the table above no larger than it (up to 1% "
            "more bits: the group-128 layouts, 4.25 bits where the widths are multiples of 128, count at 4.25; every "
            "dampening and calibration measured counts). Ratio: AMPQ's perplexity increase over the best uniform "
@@ -301,7 +303,7 @@ def quality_criterion() -> str:
             lowest = all(a[t]["kl"] < min(u[t]["kl"] for u in peers) for t in texts)
             aim = 0.5 if abs(a["budget"] - 4.25) < 1e-9 else 1.0
             met = lowest and all(x is not None and x <= aim for x in ratios.values())
-            name = f"{a['name']} @ {a['budget']}" + (f" (damp {damp(a):g})" if damp(a) is not None else "")
+            name = f"{a['name']} @ {a['budget']} (damp {gptq_damp(a):g})"
             out.append(row([model, name, num(a["bits_per_weight"]),
                             *(f"{best[t]['name']} (+{100 * increase(best[t], t):.1f}%)" for t in texts),
                             *("-" if ratios[t] is None else f"{ratios[t]:.2f}" for t in texts),
